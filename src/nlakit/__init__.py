@@ -1,0 +1,28 @@
+"""nlakit: Natural Language Autoencoders for language-model activations."""
+
+__version__ = "0.1.0"
+
+from .errors import NLAError  # noqa: E402
+from .models import load_model  # noqa: E402
+
+__all__ = ["NLAError", "load_model", "extract", "ActivationStore", "load_corpus", "metrics"]
+
+
+def __getattr__(name):  # lazy: `import nlakit` stays fast for the CLI and helpers
+    if name == "extract":
+        from .activations import extract
+
+        return extract
+    if name == "ActivationStore":
+        from .store import ActivationStore
+
+        return ActivationStore
+    if name == "load_corpus":
+        from .corpus import load_corpus
+
+        return load_corpus
+    if name == "metrics":
+        from . import metrics
+
+        return metrics
+    raise AttributeError(name)

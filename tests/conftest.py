@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random model (fast unit tests) and the embedded SmolLM2 (end-to-end)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from nlakit.testing import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """(model, tokenizer) of the tiny random Llama (4 blocks, d=64)."""
+    from nlakit import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny, tmp_path_factory):
+    """An activation store of the tiny model over 40 built-in documentation documents."""
+    from nlakit.activations import extract
+    from nlakit.corpus import load_corpus
+
+    corpus = load_corpus("builtin:docs", tokenizer=tiny[1], max_docs=40)
+    return extract(tiny, corpus, tmp_path_factory.mktemp("store") / "acts", layer=2,
+                   positions_per_doc=5, min_position=20, max_tokens_per_doc=256,
+                   progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded SmolLM2-135M-Instruct (dequantized once into the nlakit cache)."""
+    from nlakit import load_model
+
+    return load_model("smollm2-135m")
