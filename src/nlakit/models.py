@@ -238,6 +238,8 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str
 
 def decoder_stack(model: nn.Module) -> nn.Module:
     """The transformer body without the LM head (``model.model`` for Llama/Qwen/Gemma)."""
+    if hasattr(model, "get_base_model"):  # a peft wrapper
+        model = model.get_base_model()
     if hasattr(model, "get_decoder"):
         dec = model.get_decoder()
         if dec is not None:
@@ -301,9 +303,9 @@ class _StopForward(Exception):
     """Raised by a hook after block K so later blocks are never computed."""
 
 
-@torch.no_grad()
 def forward_to_layer(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
+    *, grad: bool = False,
 ) -> torch.Tensor:
     """Output of decoder block ``layer`` (= ``hidden_states[layer + 1]``), shape [b, t, d].
 
@@ -318,7 +320,9 @@ def forward_to_layer(
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        decoder_stack(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        with torch.set_grad_enabled(grad):
+            decoder_stack(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False)
     except _StopForward:
         pass
     finally:

@@ -1,0 +1,1 @@
+"""Training stages: supervised warm start (`sft`) and reinforcement learning (`rl`)."""

@@ -1,0 +1,130 @@
+"""AV: marker choice and verification, injection, SFT batches, generation and parsing."""
+
+import pytest
+import torch
+
+from nlakit import NLAError
+from nlakit.verbalizer import (
+    DEFAULT_AV_TEMPLATE, Injection, Verbalizer, choose_marker, format_target, locate_marker,
+    marker_for, nice_injection_scale, parse_explanation, render_av_prompt,
+)
+
+
+def test_marker_is_single_token_once_with_tag_neighbours(tiny):
+    _, tok = tiny
+    marker = choose_marker(tok)
+    assert tok(marker.char, add_special_tokens=False)["input_ids"] == [marker.token_id]
+    ids = render_av_prompt(tok, DEFAULT_AV_TEMPLATE, marker.char)
+    i = locate_marker(ids, marker)
+    assert ids.count(marker.token_id) == 1
+    assert tok.decode([ids[i - 1]]).endswith(">") and tok.decode([ids[i + 1]]).startswith("<")
+
+
+def test_marker_override_and_bad_override(tiny):
+    _, tok = tiny
+    assert choose_marker(tok, override="~").char == "~"
+    with pytest.raises(NLAError, match="tokens"):
+        choose_marker(tok, override="µ")  # two bytes, two tokens in the tiny vocabulary
+
+
+def test_locate_marker_rejects_drifted_neighbours(tiny):
+    _, tok = tiny
+    m = marker_for(tok, DEFAULT_AV_TEMPLATE, "~")
+    ids = render_av_prompt(tok, "Look: [{injection_char}] now", "~")
+    with pytest.raises(NLAError, match="neighbours"):
+        locate_marker(ids, m)
+
+
+def test_injection_overwrites_marker_embedding_with_scaled_vector(tiny):
+    model, tok = tiny
+    marker = choose_marker(tok)
+    av = Verbalizer(model, tok, marker, injection_scale=7.0)
+    ids = torch.tensor([av.prompt_ids, av.prompt_ids])
+    pos = locate_marker(av.prompt_ids, marker)
+    v = torch.randn(2, 64)
+    embed = model.get_input_embeddings()
+    plain = embed(ids)
+    with av.injection.active(v):
+        injected = embed(ids)
+    expected = v / v.norm(dim=-1, keepdim=True) * 7.0
+    assert torch.allclose(injected[:, pos], expected, atol=1e-5)
+    other = torch.ones(ids.shape[1], dtype=torch.bool)
+    other[pos] = False
+    assert torch.equal(injected[:, other], plain[:, other])
+    # a hook that found no marker must refuse instead of silently not injecting
+    with av.injection.active(v), pytest.raises(NLAError, match="marker"):
+        embed(torch.tensor([[5, 6, 7, 8]] * 2))
+
+
+def test_injected_vector_changes_the_output(tiny):
+    model, tok = tiny
+    av = Verbalizer(model, tok, choose_marker(tok), injection_scale=20.0)
+    batch = av.sft_batch(["some explanation"] * 2)
+    torch.manual_seed(0)
+    v = torch.randn(2, 64)
+    a = av.sft_loss(v, batch)
+    b = av.sft_loss(-v, batch)
+    assert not torch.isclose(a, b)
+
+
+def test_sft_batch_masks_everything_but_the_response(tiny):
+    model, tok = tiny
+    av = Verbalizer(model, tok, choose_marker(tok), 10.0)
+    batch = av.sft_batch(["short", "a somewhat longer explanation"])
+    n_prompt = len(av.prompt_ids)
+    assert (batch["labels"][:, :n_prompt] == -100).all()
+    for row in range(2):
+        resp = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert resp[-1] == tok.eos_token_id
+        assert tok.decode(resp[:-1]) == format_target(["short", "a somewhat longer explanation"][row])
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
+
+
+def test_generate_shapes_determinism_and_bad_vectors(tiny):
+    model, tok = tiny
+    av = Verbalizer(model, tok, choose_marker(tok), 10.0)
+    v = torch.randn(3, 64)
+    out = av.generate(v, n=2, max_new_tokens=6, seed=1, batch_size=4)
+    assert len(out) == 6 and all(e.n_tokens <= 6 for e in out)
+    again = av.generate(v, n=2, max_new_tokens=6, seed=1, batch_size=4)
+    assert [e.raw for e in out] == [e.raw for e in again]
+    greedy = av.generate(v[:1], temperature=0, max_new_tokens=6)
+    assert greedy[0].raw == av.generate(v[:1], temperature=0, max_new_tokens=6)[0].raw
+    with pytest.raises(NLAError, match="size"):
+        av.generate(torch.randn(2, 10))
+    with pytest.raises(NLAError, match="NaN"):
+        av.generate(torch.full((1, 64), float("nan")))
+    with pytest.raises(NLAError, match="zeros"):
+        av.generate(torch.zeros(1, 64))
+
+
+def test_batched_generation_matches_one_at_a_time(tiny):
+    model, tok = tiny
+    av = Verbalizer(model, tok, choose_marker(tok), 10.0)
+    v = torch.randn(4, 64)
+    batched = [e.raw for e in av.generate(v, temperature=0, max_new_tokens=8)]
+    single = [av.generate(v[i : i + 1], temperature=0, max_new_tokens=8)[0].raw for i in range(4)]
+    assert batched == single
+
+
+def test_parse_explanation():
+    assert parse_explanation("<explanation>\nfoo bar\n</explanation>") == ("foo bar", True)
+    assert parse_explanation("<explanation>\nfoo bar") == ("foo bar", False)
+    assert parse_explanation("foo</explanation> trailing") == ("foo", True)
+
+
+def test_nice_injection_scale():
+    assert nice_injection_scale(233.0) == 250.0
+    assert nice_injection_scale(140.0) == 150.0
+    assert nice_injection_scale(71000.0) == 75000.0
+    assert nice_injection_scale(233.0) > 233.0
+    with pytest.raises(NLAError):
+        nice_injection_scale(0.0)
+
+
+def test_injection_class_rejects_wrong_batch(tiny):
+    model, tok = tiny
+    av = Verbalizer(model, tok, choose_marker(tok), 10.0)
+    inj = Injection(model, av.marker, 5.0)
+    with inj.active(torch.randn(3, 64)), pytest.raises(NLAError, match="vectors for a batch"):
+        model.get_input_embeddings()(torch.tensor([av.prompt_ids] * 2))
