@@ -79,6 +79,86 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from dataclasses import fields
+
+    from .train.sft import SFTConfig, train_sft
+
+    known = {f.name for f in fields(SFTConfig)}
+    values = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    if args.full:
+        values["lora_rank"] = 0
+    summary = train_sft(args.role, args.data, args.out, SFTConfig(**values), acts=args.acts,
+                        overwrite=args.overwrite)
+    if summary is not None:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .nla import NLA
+
+    nla = NLA.load(args.nla, device=args.device) if args.nla else NLA.load(
+        av=args.av, ar=args.ar, device=args.device)
+    if args.positions in ("last", "all"):
+        positions = args.positions
+    else:
+        try:
+            positions = [int(p) for p in args.positions.split(",")]
+        except ValueError:
+            raise NLAError(f"--positions must be last, all or comma-separated integers, got "
+                           f"{args.positions!r}") from None
+    rows = nla.explain_text(args.text, positions, best_of=args.best_of,
+                            max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps([{k: v for k, v in vars(r).items() if k != "reconstruction"}
+                          for r in rows], indent=2, ensure_ascii=False))
+        return 0
+    print(f"{'pos':>4}  {'token':<14} {'fve_nrm':>7} {'cos':>6}  explanation")
+    for r in rows:
+        flag = "" if r.complete else " [unfinished]"
+        text = " ".join(r.explanation.split())
+        print(f"{r.position:>4}  {r.token!r:<14} {r.fve_nrm:>7.3f} {r.cos:>6.3f}  {text}{flag}")
+    print(f"(fve_nrm denominator: rawvar {nla.dataset_stats.get('rawvar', float('nan')):.4f} "
+          "of the training store)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .nla import NLA
+
+    nla = NLA.load(args.nla)
+    path = nla.save(args.out, layout=args.layout)
+    print(f"wrote {path / 'av'} and {path / 'ar'} ({args.layout} layout)")
+    return 0
+
+
+def cmd_label(args) -> int:
+    from .labels import label_store
+
+    names = ("model", "dtype", "device", "batch_size", "temperature", "top_p", "max_new_tokens",
+             "seed", "max_prefix_chars", "top_k", "base_url", "api_model", "api_key_env",
+             "concurrency", "max_requests", "max_retries", "timeout")
+    options = {name: getattr(args, name) for name in names}
+    options["max_tokens"] = args.max_new_tokens  # the openai name of the same cap
+    options["no_api_key"] = args.no_api_key or None
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    labels = label_store(args.acts, args.labeller, args.out, splits=splits,
+                         max_rows=args.max_rows, progress=not args.no_progress, **options)
+    meta = labels.meta
+    counts = meta["counts"]
+    print(f"labels     {labels.path}")
+    print(f"labeller   {meta['labeller']['kind']}  "
+          f"{meta['labeller'].get('model') or meta['labeller'].get('api_model')}  "
+          f"prompt {meta['labeller']['prompt_version']}")
+    print(f"rows       {counts['rows']} ({', '.join(meta['splits'])}): kept {counts['kept']}, "
+          f"dropped {counts['dropped']} {counts['dropped_by_reason'] or ''}")
+    print(f"cache      {counts['from_cache']} from cache, {counts['labelled_now']} labelled now"
+          + (f" at {meta['labelling_rows_per_s']} rows/s" if meta["labelling_rows_per_s"]
+             else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -110,6 +190,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print the whole meta.yaml as JSON")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("train", help="supervised warm start of the AV or the AR")
+    p.add_argument("role", choices=["av", "ar"])
+    p.add_argument("--data", required=True, help="labelled set from `nlakit label`")
+    p.add_argument("--acts", default=None, help="activation store (default: the labels' store)")
+    p.add_argument("--out", required=True,
+                   help="NLA directory: writes OUT/av or OUT/ar (train both into one dir)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per process per step")
+    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 16)")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--keep-adapters", action="store_true",
+                   help="AV: save LoRA adapters instead of merged weights")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--eval-rows", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-response-tokens", type=int, default=None)
+    p.add_argument("--control", choices=["shuffled"], default=None,
+                   help="AV control: train on vectors permuted across rows")
+    p.add_argument("--injection-scale", type=float, default=None)
+    p.add_argument("--marker", default=None, help="override the injection marker character")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("explain", help="explain tokens of a text with a trained NLA")
+    p.add_argument("text")
+    p.add_argument("--nla", default=None, help="NLA directory (holding av/ and ar/)")
+    p.add_argument("--av", default=None, help="AV directory (official layout)")
+    p.add_argument("--ar", default=None, help="AR directory (official layout)")
+    p.add_argument("--positions", default="last", help="last, all, or indices like 3,7,-1")
+    p.add_argument("--best-of", type=int, default=1,
+                   help="sample N explanations per token and keep the AR's favourite")
+    p.add_argument("--max-new-tokens", type=int, default=150)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("export", help="write an NLA in the official two-directory layout")
+    p.add_argument("--nla", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--layout", choices=["official", "nlakit"], default="official")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("label", help="warm-start labels for SFT rows (local model, "
+                                     "OpenAI-compatible API, or grounded context labels)")
+    p.add_argument("--acts", required=True, help="activation store directory")
+    p.add_argument("--labeller", required=True,
+                   help="local, openai, context, or a registered/entry-point labeller")
+    p.add_argument("--out", required=True, help="output label-set directory")
+    p.add_argument("--splits", default="av_sft,ar_sft",
+                   help="comma-separated splits to label (default: %(default)s)")
+    p.add_argument("--max-rows", type=int, default=None, help="at most this many rows per split")
+    p.add_argument("--model", default=None,
+                   help="local/context: model to run (default: the store's target model)")
+    p.add_argument("--dtype", default=None, help="local/context: float32, bfloat16, auto ...")
+    p.add_argument("--device", default=None, help="local/context: cpu, cuda, auto")
+    p.add_argument("--batch-size", type=int, default=None, help="local/context: rows per batch")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="local/openai sampling temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="local/openai nucleus sampling")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="local/openai: cap on generated tokens (default 64 local, 200 openai)")
+    p.add_argument("--seed", type=int, default=None, help="local: sampling seed")
+    p.add_argument("--max-prefix-chars", type=int, default=None,
+                   help="local/openai: show the labeller at most the last N characters of the "
+                        "prefix (default 300 local, 2000 openai)")
+    p.add_argument("--top-k", type=int, default=None, help="context: predictions shown (3)")
+    p.add_argument("--base-url", default=None,
+                   help="openai: endpoint base, e.g. https://api.openai.com/v1 or "
+                        "http://127.0.0.1:8000/v1")
+    p.add_argument("--api-model", default=None, help="openai: model name at the endpoint")
+    p.add_argument("--api-key-env", default=None,
+                   help="openai: environment variable holding the key (default OPENAI_API_KEY)")
+    p.add_argument("--no-api-key", action="store_true",
+                   help="openai: send no key (local servers without authentication)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="openai: concurrent requests (default 8)")
+    p.add_argument("--max-requests", type=int, default=None,
+                   help="openai: hard budget of HTTP requests for this run (retries count)")
+    p.add_argument("--max-retries", type=int, default=None,
+                   help="openai: retries per request on 429/5xx/timeouts (default 5)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="openai: seconds per request (default 60)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_label)
     return parser
 
 

@@ -1,0 +1,226 @@
+"""The ``context`` labeller: deterministic warm-start labels grounded in the target model.
+
+No language model writes these labels. Each one states three features: the kind of text (simple
+rules, `text_kind`), the last few words of the context (quoted), and the target model's own
+top-k next-token predictions with probabilities from its real output logits at the sampled
+position (`top_next_tokens`). They are an honest, learnable warm start for a small model on a
+CPU and later a baseline.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from .errors import NLAError
+from .labels import Labeller, LabelRow, _store_model_spec, _weights_id
+from .models import decoder_stack
+
+_CODE_LINE = re.compile(
+    r"^\s*(def |class |import |from \S+ import|return\b|if .*:$|elif |else:|for .*:$|while "
+    r".*:$|try:|except\b|with .*:$|>>> |\.\.\. |#include|function\b|var |let |const |public |"
+    r"private |[{}]\s*$)|[;{]\s*$|\w+\(.*\)\s*$|^\s*\w+(\.\w+)*\s*=[^=]", re.MULTILINE)
+_LIST_LINE = re.compile(r"^\s*(?:[-*\u2022+]|\d+[.)])\s+\S")
+_DIALOGUE = re.compile(r"<\|im_start\|>|<start_of_turn>|^\s*(user|assistant|system|human|ai|"
+                       r"q|a|speaker \w+)\s*:", re.IGNORECASE | re.MULTILINE)
+_TAG = re.compile(r"</?[a-zA-Z][\w-]*(\s[^<>]*)?>")
+
+
+def text_kind(text: str) -> str:
+    """Kind of text at the end of a prefix by simple rules: dialogue, code, list, table, markup
+    or prose (checked in that order on the last ~600 characters)."""
+    tail = text[-600:]
+    if _DIALOGUE.search(tail):
+        return "dialogue"
+    if tail.count("```") % 2 == 1:
+        return "code"
+    lines = [ln for ln in tail.splitlines() if ln.strip()][-8:]
+    if not lines:
+        return "prose"
+    code = sum(bool(_CODE_LINE.search(ln)) for ln in lines)
+    if code / len(lines) >= 0.4 or lines[-1].lstrip().startswith((">>>", "...")):
+        return "code"
+    if sum(bool(_LIST_LINE.match(ln)) for ln in lines[-4:]) >= 2:
+        return "list"
+    if sum(ln.count("|") >= 2 for ln in lines[-4:]) >= 2:
+        return "table"
+    if len(_TAG.findall(tail)) >= 3:
+        return "markup"
+    return "prose"
+
+
+def _visible(text: str) -> str:
+    """A token or quote on one line: newlines and tabs shown as \\n and \\t."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def last_words(text: str, n: int = 6, max_chars: int = 60) -> str:
+    """The last ``n`` whitespace-separated words of ``text`` (at most ``max_chars``)."""
+    words = re.findall(r"\S+\s*", text)
+    tail = "".join(words[-n:]) if words else text
+    tail = tail.strip() or text[-max_chars:]
+    return tail[-max_chars:]
+
+
+@torch.no_grad()
+def top_next_tokens(model, batch_ids: Sequence[Sequence[int]], k: int = 3,
+                    pad_id: int = 0, read_at: Sequence[Sequence[int]] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's top-k next-token predictions after each sequence of token ids.
+
+    Right-pads the batch, runs the decoder, takes each row's last real token (from the
+    attention mask) and applies the LM head (with final-logit soft-capping where the
+    architecture has it). Returns (probs [b, k] float32, ids [b, k] int64), probabilities from a
+    float32 softmax over the whole vocabulary.
+    read_at: per sequence, the token indices to predict after (default: its last token); the
+    results are then one row per index, in order — one forward serves every sampled position
+    of a document.
+    """
+    if any(len(ids) == 0 for ids in batch_ids):
+        raise NLAError("top_next_tokens got an empty token sequence")
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids in batch_ids)
+    ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+    for i, seq in enumerate(batch_ids):
+        ids[i, :len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[i, :len(seq)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = decoder_stack(model)(input_ids=ids, attention_mask=mask,
+                                  use_cache=False).last_hidden_state
+    if read_at is None:
+        rows = torch.arange(len(batch_ids), device=device)
+        cols = mask.sum(dim=1) - 1
+    else:
+        pairs = [(i, p) for i, ps in enumerate(read_at) for p in ps]
+        if any(not 0 <= p < len(batch_ids[i]) for i, p in pairs):
+            raise NLAError("top_next_tokens: a read position lies outside its sequence")
+        rows = torch.tensor([i for i, _ in pairs], device=device)
+        cols = torch.tensor([p for _, p in pairs], device=device)
+    h = hidden[rows, cols]
+    logits = model.get_output_embeddings()(h).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    probs = torch.softmax(logits, dim=-1)
+    top = probs.topk(k, dim=-1)
+    return top.values.cpu(), top.indices.cpu()
+
+
+class ContextLabeller(Labeller):
+    """Deterministic labels grounded in the target model (no language model writes them).
+
+    Three features: the kind of text (rules of `text_kind`), the last few words of the context
+    (quoted), and the target model's own top-k next-token predictions with probabilities from
+    its real output logits at the sampled position.
+
+    The store keeps the decoded prefix, not token ids; the prefix is re-tokenised the way
+    extraction tokenises documents (BOS unless the text starts with it). Re-tokenisation can
+    differ from the original ids in rare cases; how often it matched the stored position and
+    token id is counted in ``stats`` and recorded in meta.yaml.
+    """
+
+    kind = "context"
+    prompt_version = "context-v1"
+
+    def __init__(self, model: str, *, dtype: str | None = None, device: str | None = None,
+                 batch_size: int = 32, top_k: int = 3, n_words: int = 6,
+                 loaded: tuple | None = None):
+        self.model_spec = model
+        self.dtype, self.device = dtype, device
+        self.batch_size, self.top_k, self.n_words = int(batch_size), int(top_k), int(n_words)
+        if self.top_k < 1:
+            raise NLAError(f"top_k must be >= 1, got {top_k}")
+        self._weights = _weights_id(model)
+        self._loaded = loaded  # an already loaded (model, tokenizer) of this spec
+        self.stats = {"retokenized": 0, "retokenized_exact": 0}
+
+    @classmethod
+    def from_options(cls, store, options):
+        keys = ("dtype", "device", "batch_size", "top_k", "n_words")
+        return cls(_store_model_spec(store, options), **{k: options[k] for k in keys
+                                                         if k in options})
+
+    def identity(self) -> dict:
+        return {"kind": self.kind, "model": self.model_spec, "weights_hash": self._weights,
+                "prompt_version": self.prompt_version,
+                "settings": {"top_k": self.top_k, "n_words": self.n_words}}
+
+    def provenance(self) -> dict:
+        return {**self.identity(), "batch_size": self.batch_size,
+                "retokenization": dict(self.stats)}
+
+    def _load(self):
+        if self._loaded is None:
+            from .models import load_model
+
+            self._loaded = load_model(self.model_spec, dtype=self.dtype, device=self.device)
+        return self._loaded
+
+    def prepare(self) -> None:
+        self._load()
+
+    def token_ids(self, prefix: str) -> list[int]:
+        """Token ids for a store prefix, tokenised as extraction tokenises documents."""
+        _, tok = self._load()
+        bos = tok.bos_token
+        add_special = not (bos and prefix.startswith(bos))
+        return tok(prefix, add_special_tokens=add_special)["input_ids"]
+
+    def explain(self, prefix: str, probs: Sequence[float], tokens: Sequence[str]) -> str:
+        preds = ", ".join(f"'{_visible(t)}' ({p:.0%})" for t, p in zip(tokens, probs))
+        return ("<explanation>\n"
+                f"Kind of text: {text_kind(prefix)}.\n"
+                f"The text ends with \"{_visible(last_words(prefix, self.n_words))}\".\n"
+                f"The model expects next: {preds}.\n"
+                "</explanation>")
+
+    def label_batch(self, rows: list[LabelRow]) -> list[str]:
+        """One forward per document: the longest prefix of a document in the batch serves
+        every row of that document whose stored position and token id it reproduces; a row it
+        does not reproduce gets a sequence of its own."""
+        model, tok = self._load()
+        seqs: list[list[int]] = []
+        reads: list[list[int]] = []
+        slot: dict[int, tuple[int, int]] = {}  # row index -> (sequence, read index)
+        by_doc: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_doc.setdefault(r.doc_id, []).append(i)
+        for members in by_doc.values():
+            longest = max(members, key=lambda i: rows[i].position)
+            ids = self.token_ids(rows[longest].prefix)
+            shared = len(seqs)
+            seqs.append(ids)
+            reads.append([])
+            for i in members:
+                r = rows[i]
+                self.stats["retokenized"] += int(r.position >= 0)
+                fits = 0 <= r.position < len(ids) and ids[r.position] == r.token_id
+                own = None if fits else self.token_ids(r.prefix)
+                if fits or (r.position >= 0 and own[-1:] == [r.token_id]
+                            and len(own) == r.position + 1):
+                    self.stats["retokenized_exact"] += int(r.position >= 0)
+                if fits:
+                    slot[i] = (shared, len(reads[shared]))
+                    reads[shared].append(r.position)
+                else:
+                    slot[i] = (len(seqs), 0)
+                    seqs.append(own)
+                    reads.append([len(own) - 1])
+        probs, top_ids = top_next_tokens(model, seqs, self.top_k, pad_id=tok.pad_token_id or 0,
+                                         read_at=reads)
+        offsets = [0]
+        for rd in reads:
+            offsets.append(offsets[-1] + len(rd))
+        out = []
+        for i, r in enumerate(rows):
+            s_i, j = slot[i]
+            flat = offsets[s_i] + j
+            out.append(self.explain(r.prefix, probs[flat].tolist(),
+                                    [tok.decode([int(t)]) for t in top_ids[flat]]))
+        return out
+
+    def close(self) -> None:
+        self._loaded = None
