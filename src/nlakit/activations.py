@@ -101,8 +101,12 @@ def _tokenize(tokenizer, doc: Document, max_tokens: int) -> list[int]:
                      max_length=max_tokens)["input_ids"]
 
 
-def _prefix_text(tokenizer, ids: list[int]) -> str:
-    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+def _prefix_text(tokenizer, ids: list[int], text: str = "") -> str:
+    # Drop a BOS the tokenizer added, but keep one the document itself starts with (a chat
+    # transcript's first turn marker, e.g. SmolLM2's <|im_start|>): the prefix is document text.
+    bos = tokenizer.bos_token
+    if (ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+            and not (bos and text.startswith(bos))):
         ids = ids[1:]
     return tokenizer.decode(ids, skip_special_tokens=False)
 
@@ -170,6 +174,10 @@ def _prepare_out_dir(out: Path, config: dict, overwrite: bool) -> bool:
                 f"{', '.join(diff)}); pass --overwrite to replace it or choose another --out")
         existing = None
     if overwrite and existing is None and out.exists():
+        looks_like_store = any((out / n).exists() for n in (META_FILE, PROGRESS_FILE, PARTS_DIR))
+        if any(out.iterdir()) and not looks_like_store:
+            raise ConfigMismatchError(f"refusing to delete {out}: --overwrite replaces an nlakit "
+                                      "store, and this directory holds something else")
         shutil.rmtree(out)
     if existing is not None and meta_path.is_file():
         return True
@@ -266,7 +274,7 @@ def _write_shard(part, chunk, model, tokenizer, layer, schema, special, pad_id,
             rows["position"].append(pos)
             rows["token_id"].append(t.ids[pos])
             rows["token_text"].append(tokenizer.decode([t.ids[pos]]))
-            rows["prefix"].append(_prefix_text(tokenizer, t.ids[: pos + 1]))
+            rows["prefix"].append(_prefix_text(tokenizer, t.ids[: pos + 1], t.doc.text))
             rows["vector"].append(vectors[t.index][j])
     # row_id is global and stable: document index * positions_per_doc + rank within document
     rows["row_id"] = [i * positions_per_doc + r for i, r in _ranks(rows["doc_index"])]

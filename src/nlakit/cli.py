@@ -82,6 +82,11 @@ def cmd_info(args) -> int:
 def cmd_train(args) -> int:
     from dataclasses import fields
 
+    if args.role == "rl":
+        return cmd_train_rl(args)
+    if args.data is None:
+        raise NLAError(f"`nlakit train {args.role}` needs --data (a labelled set from "
+                       "`nlakit label`)")
     from .train.sft import SFTConfig, train_sft
 
     known = {f.name for f in fields(SFTConfig)}
@@ -90,6 +95,29 @@ def cmd_train(args) -> int:
         values["lora_rank"] = 0
     summary = train_sft(args.role, args.data, args.out, SFTConfig(**values), acts=args.acts,
                         overwrite=args.overwrite)
+    if summary is not None:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_train_rl(args) -> int:
+    from dataclasses import fields
+
+    from .train.rl import RLConfig, train_rl
+
+    if not args.nla or not args.acts:
+        raise NLAError("`nlakit train rl` needs --nla (the SFT NLA directory) and --acts (the "
+                       "activation store with rl and heldout splits)")
+    known = {f.name for f in fields(RLConfig)}
+    values = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    if args.full:
+        values["lora_rank"] = 0
+    if args.ar_full:
+        values["ar_lora_rank"] = 0
+    if args.no_failure_penalty:
+        values["failure_reward"] = None
+    summary = train_rl(args.nla, args.acts, args.out, RLConfig(**values), resume=args.resume,
+                       overwrite=args.overwrite)
     if summary is not None:
         print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -159,6 +187,142 @@ def cmd_label(args) -> int:
     return 0
 
 
+def _load_nla_args(args):
+    from .nla import NLA
+
+    if args.nla:
+        return NLA.load(args.nla, device=args.device)
+    return NLA.load(av=args.av, ar=args.ar, device=args.device)
+
+
+def _out_paths(args, default_name: str):
+    from pathlib import Path
+
+    if args.json:
+        json_path = Path(args.json)
+    elif args.report:
+        json_path = Path(args.report).with_name(default_name)
+    else:
+        json_path = Path(default_name)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    return json_path
+
+
+def cmd_eval(args) -> int:
+    import time
+
+    from .evaluate import EvalConfig, evaluate, format_table, write_eval_json
+    from .store import ActivationStore
+
+    t0 = time.perf_counter()
+    nla = _load_nla_args(args)
+    store = ActivationStore(args.acts)
+    control = None
+    if args.control:
+        from .nla import NLA
+
+        control = NLA.load(av=args.control, ar=args.ar or f"{args.nla}/ar", device=args.device)
+    try:
+        quotes = tuple(int(x) for x in args.quote.split(",") if x.strip())
+    except ValueError:
+        raise NLAError(f"--quote must be comma-separated token counts, got {args.quote!r}") from None
+    cfg = EvalConfig(split=args.split, max_rows=args.max_rows,
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                     quote_tokens=quotes, best_of=args.best_of, seed=args.seed,
+                     n_boot=args.n_boot)
+    result = evaluate(nla, store, cfg, labels=args.labels, control_av=control)
+    result.data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
+    json_path = write_eval_json(result, _out_paths(args, "eval.json"))
+    print(format_table(result.data))
+    print(f"wrote {json_path}")
+    if args.report:
+        from .report import write_report
+
+        html, md = write_report(args.report, eval_data=result.data, title="nlakit eval")
+        print(f"wrote {html} and {md}")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    import time
+
+    from .audit import AuditConfig, audit, format_table, make_paraphraser
+    from .fileio import write_json
+    from .store import ActivationStore
+
+    t0 = time.perf_counter()
+    nla = _load_nla_args(args)
+    store = ActivationStore(args.acts)
+    para = None
+    if args.paraphraser != "none":
+        para = make_paraphraser(args.paraphraser, per_unit=args.paraphrase_per_line,
+                                model=args.paraphraser_model,
+                                device=args.device, batch_size=args.batch_size,
+                                max_new_tokens=args.paraphrase_max_new_tokens,
+                                max_tokens=args.paraphrase_max_new_tokens,
+                                base_url=args.base_url, api_model=args.api_model,
+                                api_key_env=args.api_key_env,
+                                no_api_key=args.no_api_key or None,
+                                max_requests=args.max_requests)
+    given = None
+    if args.explanations:
+        from pathlib import Path
+
+        data = json.loads(Path(args.explanations).read_text())
+        given = {int(r["row_id"]): r["explanation"] for r in data.get("rows", [])}
+    cfg = AuditConfig(split=args.split, max_rows=args.max_rows,
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      seed=args.seed, n_boot=args.n_boot)
+    data = audit(nla, store, cfg, paraphraser=para, explanations=given)
+    data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
+    json_path = _out_paths(args, "audit.json")
+    write_json(json_path, data)
+    print(format_table(data))
+    print(f"wrote {json_path}")
+    if args.report:
+        from .report import write_report
+
+        eval_data = None
+        if args.eval_json:
+            from pathlib import Path
+
+            eval_data = json.loads(Path(args.eval_json).read_text())
+        html, md = write_report(args.report, eval_data=eval_data, audit_data=data,
+                                title="nlakit audit" if eval_data is None else "nlakit report")
+        print(f"wrote {html} and {md}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .report import write_report
+
+    ev = json.loads(Path(args.eval).read_text()) if args.eval else None
+    au = json.loads(Path(args.audit).read_text()) if args.audit else None
+    html, md = write_report(args.out, eval_data=ev, audit_data=au, title=args.title)
+    print(f"wrote {html} and {md}")
+    return 0
+
+
+def _add_eval_common(p) -> None:
+    p.add_argument("--nla", default=None, help="NLA directory (holding av/ and ar/)")
+    p.add_argument("--av", default=None, help="AV directory (official layout)")
+    p.add_argument("--ar", default=None, help="AR directory (official layout)")
+    p.add_argument("--acts", required=True, help="activation store of the NLA's layer")
+    p.add_argument("--split", default="heldout", help="a split name or all (default heldout)")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="evaluate about this many rows, choosing whole documents (seeded)")
+    p.add_argument("--max-new-tokens", type=int, default=150, help="explanation length cap")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="result JSON (default: next to --report)")
+    p.add_argument("--report", default=None,
+                   help="write a self-contained HTML report here (and a .md summary beside it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -190,9 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print the whole meta.yaml as JSON")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("train", help="supervised warm start of the AV or the AR")
-    p.add_argument("role", choices=["av", "ar"])
-    p.add_argument("--data", required=True, help="labelled set from `nlakit label`")
+    p = sub.add_parser("train", help="supervised warm start of the AV or the AR, or RL (GRPO) "
+                                     "of an NLA")
+    p.add_argument("role", choices=["av", "ar", "rl"])
+    p.add_argument("--data", default=None, help="av/ar: labelled set from `nlakit label` "
+                                                "(required for av and ar)")
     p.add_argument("--acts", default=None, help="activation store (default: the labels' store)")
     p.add_argument("--out", required=True,
                    help="NLA directory: writes OUT/av or OUT/ar (train both into one dir)")
@@ -216,6 +382,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--marker", default=None, help="override the injection marker character")
     p.add_argument("--dtype", default=None)
     p.add_argument("--overwrite", action="store_true", help="discard an earlier checkpoint")
+    rl = p.add_argument_group("rl (GRPO on the AV, AR trained alongside)")
+    rl.add_argument("--nla", default=None, help="rl: the starting NLA directory (SFT warm start)")
+    rl.add_argument("--resume", action="store_true", help="rl: continue the checkpoint in --out")
+    rl.add_argument("--group-size", type=int, default=None,
+                    help="rl: explanations sampled per activation (default 4 CPU, 8 GPU)")
+    rl.add_argument("--av-lr", type=float, default=None, help="rl: AV learning rate (1e-5)")
+    rl.add_argument("--ar-lr", type=float, default=None, help="rl: AR learning rate (5e-5)")
+    rl.add_argument("--ar-lora-rank", type=int, default=None, help="rl: AR body LoRA rank (16)")
+    rl.add_argument("--ar-full", action="store_true", help="rl: full fine-tuning of the AR body")
+    rl.add_argument("--temperature", type=float, default=None, help="rl: sampling temperature")
+    rl.add_argument("--top-p", type=float, default=None, help="rl: nucleus sampling (1.0)")
+    rl.add_argument("--max-new-tokens", type=int, default=None,
+                    help="rl: response cap in tokens; hitting it scores -2 (default 150)")
+    rl.add_argument("--reward", choices=["negmse", "neglog", "contrastive"], default=None,
+                    help="rl: -mse_nrm (default), -log mse_nrm, or InfoNCE over the batch")
+    rl.add_argument("--contrastive-temperature", type=float, default=None)
+    rl.add_argument("--no-failure-penalty", action="store_true",
+                    help="rl: do not replace the reward of failed samples with -2")
+    rl.add_argument("--length-penalty", type=float, default=None,
+                    help="rl: reward lost by a response of full cap length (default 0)")
+    rl.add_argument("--kl-coef", type=float, default=None, help="rl: KL coefficient (0.01)")
+    rl.add_argument("--kl-estimator", choices=["k1", "k3"], default=None)
+    rl.add_argument("--clip", type=float, default=None, help="rl: ratio clip (0.2)")
+    rl.add_argument("--truncate-explanations", action="store_true", default=None,
+                    help="rl: matryoshka - score a random-length prefix of each explanation")
+    rl.add_argument("--truncate-min-tokens", type=int, default=None)
+    rl.add_argument("--max-grad-norm", type=float, default=None)
+    rl.add_argument("--eval-max-new-tokens", type=int, default=None)
+    rl.add_argument("--rollout-batch-size", type=int, default=None,
+                    help="rl: sequences per generation batch (default 64)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("explain", help="explain tokens of a text with a trained NLA")
@@ -279,6 +475,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="openai: seconds per request (default 60)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("eval", help="score an NLA against baselines with document-level CIs")
+    _add_eval_common(p)
+    p.add_argument("--quote", default="8,32",
+                   help="quote baseline lengths in tokens, comma-separated (default %(default)s)")
+    p.add_argument("--best-of", type=int, default=1,
+                   help="also score best-of-N sampled explanations reranked by the AR")
+    p.add_argument("--labels", default=None, help="label set for the label baseline")
+    p.add_argument("--control", default=None,
+                   help="control AV directory (trained on shuffled activations)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("audit", help="robustness of reconstruction under meaning-preserving "
+                                     "edits of the explanations")
+    _add_eval_common(p)
+    p.add_argument("--paraphraser", choices=["rules", "local", "openai", "none"],
+                   default="rules", help="paraphraser for the paraphrase test (default rules)")
+    p.add_argument("--paraphraser-model", default=None, help="local: model spec")
+    p.add_argument("--paraphrase-max-new-tokens", type=int, default=160)
+    p.add_argument("--paraphrase-per-line", action="store_true",
+                   help="paraphrase each line/sentence separately (keeps structure with small "
+                        "paraphraser models)")
+    p.add_argument("--base-url", default=None, help="openai: endpoint base URL")
+    p.add_argument("--api-model", default=None, help="openai: model name")
+    p.add_argument("--api-key-env", default=None, help="openai: env var with the key")
+    p.add_argument("--no-api-key", action="store_true", help="openai: send no key")
+    p.add_argument("--max-requests", type=int, default=None, help="openai: request budget")
+    p.add_argument("--explanations", default=None,
+                   help="eval.json whose explanations to audit (same rows) instead of "
+                        "generating them again")
+    p.add_argument("--eval-json", default=None,
+                   help="include this eval.json in the --report")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("report", help="HTML + Markdown report from eval/audit JSON files")
+    p.add_argument("--eval", default=None, help="eval.json")
+    p.add_argument("--audit", default=None, help="audit.json")
+    p.add_argument("--out", required=True, help="report.html (report.md is written beside it)")
+    p.add_argument("--title", default="nlakit report")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -68,7 +68,8 @@ def render_chat(messages: list[dict], tokenizer) -> str:
 
 def _row_to_doc(row: dict, doc_id: str, text_field: str, tokenizer, where: str) -> Document:
     if "messages" in row and text_field not in row:
-        return Document(doc_id, render_chat(row["messages"], tokenizer), "chat")
+        return Document(str(row.get("id", doc_id)), render_chat(row["messages"], tokenizer),
+                        "chat")
     if text_field not in row:
         raise NLAError(f"{where}: no field {text_field!r} (found {sorted(row)}); pass "
                        "--text-field NAME or give chat rows a 'messages' list")

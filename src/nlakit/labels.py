@@ -249,6 +249,11 @@ class Labeller:
         """What meta.yaml records about the labeller (identity plus non-key details)."""
         return dict(self.identity())
 
+    def batch_order(self, row: LabelRow):
+        """Sort key of rows to label: rows with close keys share a batch. By default similar
+        prefix lengths (less padding in generation)."""
+        return len(row.prefix)
+
     def label_batch(self, rows: list[LabelRow]) -> list[str | LabelFailure]:
         raise NotImplementedError
 
@@ -563,7 +568,7 @@ def label_store(acts, labeller: Labeller | str, out: str | Path, *,
     failures: dict[int, LabelFailure] = {}
     cached = sum(k in raws for k in keys)
     todo = sorted({k: i for i, k in enumerate(keys) if k not in raws}.values(),
-                  key=lambda i: len(rows[i].prefix))  # similar lengths share a batch
+                  key=lambda i: labeller.batch_order(rows[i]))
     duplicates = {i for i, k in enumerate(keys) if k not in raws} - set(todo)
     name = json.dumps(identity, sort_keys=True)
     if todo:

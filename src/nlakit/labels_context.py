@@ -177,6 +177,9 @@ class ContextLabeller(Labeller):
                 f"The model expects next: {preds}.\n"
                 "</explanation>")
 
+    def batch_order(self, row: LabelRow):
+        return (row.doc_id, row.position)  # a document's rows together: one forward serves all
+
     def label_batch(self, rows: list[LabelRow]) -> list[str]:
         """One forward per document: the longest prefix of a document in the batch serves
         every row of that document whose stored position and token id it reproduces; a row it

@@ -175,6 +175,7 @@ class Explanation:
     raw: str  # everything the AV generated
     n_tokens: int  # generated tokens
     hit_cap: bool = False  # stopped by max_new_tokens
+    token_ids: list[int] | None = None  # the generated ids (incl. a final EOS), for RL
 
 
 def parse_explanation(raw: str) -> tuple[str, bool]:
@@ -278,5 +279,5 @@ class Verbalizer:
                 raw = self.tokenizer.decode(row[:n_tok], skip_special_tokens=True)
                 text, complete = parse_explanation(raw)
                 hit_cap = n_tok >= max_new_tokens and row[n_tok - 1] != self.eos_id
-                results.append(Explanation(text, complete, raw, n_tok, hit_cap))
+                results.append(Explanation(text, complete, raw, n_tok, hit_cap, row[:n_tok]))
         return results

@@ -200,7 +200,7 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
               overwrite: bool = False, progress: bool = True) -> dict:
     """Train the AV (`role="av"`, on the av_sft split) or the AR (`"ar"`, on ar_sft) and write
     ``out_dir/av`` or ``out_dir/ar`` (an NLA half; train both into one dir to get an NLA).
-    Returns a summary with the final evaluation."""
+    Returns a summary with the final evaluation (None on processes other than the main one)."""
     from accelerate import Accelerator
 
     if role not in ("av", "ar"):
@@ -213,7 +213,9 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
     out_dir = Path(out_dir)
     train_dir = out_dir / f".train-{role}"
     role_dir = out_dir / role
-    acc = Accelerator()
+    # cpu=True when there is no GPU: only then does accelerate form a gloo process group from
+    # torchrun / `accelerate launch` environment variables on a CPU-only machine.
+    acc = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
 
     split = "av_sft" if role == "av" else "ar_sft"
@@ -234,6 +236,12 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
     if overwrite and acc.is_main_process:
         shutil.rmtree(train_dir, ignore_errors=True)
     acc.wait_for_everyone()
+    done_path = train_dir / "summary.json"
+    if done_path.is_file() and (role_dir / "nla_meta.yaml").is_file():
+        previous = json.loads(done_path.read_text())
+        if previous.get("config_hash") == config_hash:
+            log.info("%s already holds this training's result; nothing to do", role_dir)
+            return previous if acc.is_main_process else None
 
     model, tok = load_model(store.meta["model"]["spec"], dtype=cfg.dtype, device=str(acc.device))
     want = store.meta["model"].get("weights_hash")
@@ -262,7 +270,6 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
                                                "labels": str(labels_dir),
                                                "processes": acc.num_processes})
     t0 = time.time()
-    tokens = 0
     bar = tqdm(total=n_steps, initial=start, desc=f"train {role}", unit="step",
                disable=not (progress and acc.is_main_process))
     history = []
@@ -280,7 +287,6 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
                 loss = task.loss(module, vectors, r.texts) / cfg.grad_accum
                 acc.backward(loss)
             step_loss += loss.detach()
-            tokens += sum(len(t) for t in r.texts) // 4  # rough, for the throughput line only
         grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
         grads_ok = bool(acc.reduce(torch.tensor(float(grads_ok), device=acc.device),
                                    "min") > 0)
@@ -314,8 +320,10 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
                "train_rows": len(train_rows), "eval_rows": len(eval_rows),
                "eval_source": eval_source, "control": cfg.control,
                "seconds": round(time.time() - t0, 1), "processes": acc.num_processes,
-               "final": history[-1] if history else {}}
+               "config_hash": config_hash, "final": history[-1] if history else {}}
     if acc.is_main_process:
+        # checkpoint first: exporting merges LoRA into the weights in place
+        _save_checkpoint(train_dir, n_steps, acc.unwrap_model(module), optimizer, config_hash)
         provenance = {"labels": str(Path(labels_dir).resolve()), "acts": str(store.path.resolve()),
                       "config": asdict(cfg), "summary": {k: v for k, v in summary.items()
                                                          if k != "final"},
@@ -324,10 +332,9 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
                       "nlakit_version": __version__}
         task.module = acc.unwrap_model(module)
         task.export(role_dir, provenance)
-        _save_checkpoint(train_dir, n_steps, task.module, optimizer, config_hash)
-        write_json(train_dir / "summary.json", summary)
+        write_json(done_path, summary)
     acc.wait_for_everyone()
-    return summary
+    return summary if acc.is_main_process else None
 
 
 class _null:

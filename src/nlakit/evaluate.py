@@ -1,0 +1,432 @@
+"""Held-out evaluation of an NLA against null baselines and controls (`nlakit eval`).
+
+Every method produces one prediction per evaluated row; each is scored against the row's true
+activation with the same per-row metrics, and summarised as a mean with a *document-level*
+bootstrap 95% CI (rows of a document are correlated). Methods:
+
+  nla              the AV's greedy explanation, read by the AR
+  nla_best_of_N    N sampled explanations (temperature 1), the one the AR reconstructs best
+                   (reranking uses the true vector: an upper bound of what reranking buys)
+  mean_direction   the constant μ̂ = E ĝ / ||E ĝ|| over the *evaluated rows themselves*
+                   (so fve_meannorm = 0 exactly, fve_nrm = 1 − meannorm/rawvar): a pipeline check.
+                   It is fitted in-sample: on a --max-rows subset it can beat the split's rawvar
+  mean_direction_train  the mean direction of the training splits: the out-of-sample constant
+  wrong_document   row i scored against the NLA explanation of a row of *another document*
+  quote_N          the AR fed the literal last N tokens of the row's context
+  label            the AR fed the warm-start label (written from the text alone), where one exists
+  control          explanations from a control AV (trained on shuffled activations), same AR
+
+Denominators (stated in the output): fve_nrm = 1 − mse_nrm / rawvar with rawvar of the store's
+statistics for the evaluated split ("all" for all splits); fve_meannorm = 1 − mse_nrm / meannorm
+with meannorm = 2(1 − ||E ĝ||) of the evaluated rows (the mse_nrm of the mean_direction method).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics
+from .errors import NLAError
+from .fileio import stable_seed, write_json
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("fve_nrm", "mse_nrm", "cos", "fve_meannorm")
+DEFAULT_QUOTE_TOKENS = (8, 32)
+PREFIX_CHARS_KEPT = 400  # characters of the source text kept per row for reports
+
+
+@dataclass
+class EvalRows:
+    """The rows under evaluation (document-complete), with their true vectors [n, d]."""
+
+    split: str
+    row_ids: np.ndarray
+    doc_ids: np.ndarray  # str labels, one per row
+    positions: np.ndarray
+    prefixes: list[str]
+    vectors: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.row_ids.size)
+
+    @property
+    def n_docs(self) -> int:
+        return int(np.unique(self.doc_ids).size)
+
+
+def select_rows(store, split: str = "heldout", max_rows: int | None = None,
+                seed: int = 0) -> EvalRows:
+    """Rows of `split` ("all" for every split). With max_rows, whole documents are chosen in a
+    seeded (deterministic) order until the next document would exceed max_rows (at least one
+    document is always taken), so the document-level bootstrap stays valid."""
+    table = store.table(split, columns=["row_id", "doc_id", "position", "prefix", "vector"])
+    if table.num_rows == 0:
+        raise NLAError(f"split {split!r} of {store.path} has no rows")
+    doc_ids = np.asarray(table.column("doc_id").to_pylist(), dtype=object)
+    keep = np.arange(table.num_rows)
+    if max_rows is not None:
+        if max_rows < 1:
+            raise NLAError(f"--max-rows must be >= 1, got {max_rows}")
+        docs = sorted(set(doc_ids.tolist()), key=lambda d: stable_seed(seed, "eval-docs", d))
+        sizes = {d: int(n) for d, n in zip(*np.unique(doc_ids, return_counts=True))}
+        chosen, total = set(), 0
+        for d in docs:
+            if chosen and total + sizes[d] > max_rows:
+                continue
+            chosen.add(d)
+            total += sizes[d]
+            if total >= max_rows:
+                break
+        keep = np.asarray([i for i, d in enumerate(doc_ids) if d in chosen])
+    from .store import vectors_from_arrow
+
+    table = table.take(keep)
+    return EvalRows(
+        split=split,
+        row_ids=np.asarray(table.column("row_id").to_pylist(), dtype=np.int64),
+        doc_ids=np.asarray(table.column("doc_id").to_pylist(), dtype=object),
+        positions=np.asarray(table.column("position").to_pylist(), dtype=np.int64),
+        prefixes=table.column("prefix").to_pylist(),
+        vectors=torch.from_numpy(vectors_from_arrow(table.column("vector"),
+                                                    store.d_model).copy()),
+    )
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Denominators:
+    rawvar: float  # fve_nrm denominator
+    meannorm: float  # fve_meannorm denominator
+    rawvar_source: str
+    meannorm_source: str
+
+
+def denominators(store, rows: EvalRows) -> Denominators:
+    """rawvar of the store's statistics for the split; meannorm of the evaluated rows."""
+    try:
+        rawvar = float(store.stats(rows.split)["rawvar"])
+        src = f"store statistics of split {rows.split!r} ({store.stats(rows.split)['n']} rows)"
+    except NLAError:
+        rawvar = metrics.rawvar(rows.vectors)
+        src = f"the {len(rows)} evaluated rows (the store has no statistics for {rows.split!r})"
+    meannorm = metrics.meannorm(rows.vectors)
+    return Denominators(rawvar, meannorm, src,
+                        f"the {len(rows)} evaluated rows: 2(1 - ||E g_hat||), the mse_nrm of "
+                        "their mean direction")
+
+
+def row_metrics(pred: torch.Tensor, target: torch.Tensor, den: Denominators) -> dict:
+    """Per-row float64 numpy arrays of the four metrics."""
+    mse = metrics.mse_nrm(pred, target).double()
+    return {"mse_nrm": mse.numpy(), "cos": (1 - mse / 2).numpy(),
+            "fve_nrm": (1 - mse / den.rawvar).numpy(),
+            "fve_meannorm": (1 - mse / den.meannorm).numpy()}
+
+
+def summarize(per_row: dict, groups, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """{metric: {"mean", "ci", "n", "n_groups"}} with document-level bootstrap CIs."""
+    return {k: metrics.bootstrap_ci(per_row[k], groups=groups, n_boot=n_boot, seed=seed)
+            for k in METRIC_NAMES if k in per_row}
+
+
+# ---- baselines ---------------------------------------------------------------------------
+
+
+def mean_direction_prediction(vectors: torch.Tensor) -> torch.Tensor:
+    """The unit mean direction μ̂ = E ĝ / ||E ĝ|| of `vectors`, repeated for each row. [n, d]"""
+    m = metrics.mean_unit_direction(vectors)
+    if float(m.norm()) == 0:
+        raise NLAError("the evaluated vectors have no mean direction (E g_hat = 0)")
+    return (m / m.norm()).expand(vectors.shape[0], -1).clone()
+
+
+def training_mean_direction(store, split: str, training=("av_sft", "ar_sft", "rl")):
+    """(E ĝ over the training splits other than `split` [d], their names), or None when the
+    store has none (or `split` is "all", whose rows include them)."""
+    if split == "all":
+        return None
+    names = [s for s in training if s != split and s in store.meta.get("stats", {})
+             and store.stats(s).get("n", 0) > 0]
+    if not names:
+        return None
+    total = sum(store.stats(s)["n"] for s in names)
+    mu = sum(store.mean_unit_direction(s).double() * store.stats(s)["n"] for s in names) / total
+    return mu.float(), names
+
+
+def wrong_document_index(doc_ids, seed: int = 0) -> np.ndarray:
+    """idx[i]: a row of a *different* document whose explanation row i is scored with.
+
+    Documents are put in a seeded random cycle; every row of document k borrows, in order and
+    wrapping around, the rows of the next document in the cycle. Needs >= 2 documents."""
+    doc_ids = np.asarray(doc_ids, dtype=object)
+    docs = sorted(set(doc_ids.tolist()), key=lambda d: stable_seed(seed, "wrong-doc", d))
+    if len(docs) < 2:
+        raise NLAError("the wrong-document baseline needs rows from at least 2 documents")
+    rows_of = {d: np.flatnonzero(doc_ids == d) for d in docs}
+    idx = np.empty(doc_ids.size, dtype=np.int64)
+    for k, d in enumerate(docs):
+        donor = rows_of[docs[(k + 1) % len(docs)]]
+        mine = rows_of[d]
+        idx[mine] = donor[np.arange(mine.size) % donor.size]
+    return idx
+
+
+def quote_text(prefix: str, tokenizer, n: int) -> tuple[str, int]:
+    """The literal last `n` tokens of `prefix` under `tokenizer`, decoded, and how many tokens
+    that is (fewer only when the whole prefix is shorter)."""
+    if n < 1:
+        raise NLAError(f"quote length must be >= 1 token, got {n}")
+    ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    tail = ids[-n:]
+    return tokenizer.decode(tail, skip_special_tokens=False), len(tail)
+
+
+def best_of_n(nla, vectors: torch.Tensor, n: int, *, max_new_tokens: int, batch_size: int,
+              seed: int):
+    """For each vector, the sampled explanation (of n, temperature 1) with the lowest mse_nrm
+    under the AR. Returns (explanations, predictions [m, d])."""
+    exps = nla.explain(vectors, n=n, temperature=1.0, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, seed=seed)
+    pred = nla.reconstruct([e.text for e in exps], batch_size=batch_size)
+    mse = metrics.mse_nrm(pred, vectors.repeat_interleave(n, 0)).view(-1, n)
+    pick = torch.arange(vectors.shape[0]) * n + mse.argmin(1)
+    return [exps[int(j)] for j in pick], pred[pick]
+
+
+# ---- the evaluation ----------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    split: str = "heldout"
+    max_rows: int | None = None
+    max_new_tokens: int = 150
+    batch_size: int = 16
+    quote_tokens: tuple[int, ...] = DEFAULT_QUOTE_TOKENS
+    best_of: int = 1
+    seed: int = 0
+    n_boot: int = 1000
+
+
+@dataclass
+class EvalResult:
+    data: dict  # the JSON document
+    explanations: list = field(default_factory=list)
+
+
+def _labels_for(labels, store, rows: EvalRows) -> tuple[np.ndarray, list[str]] | None:
+    """(indices into rows, label texts) of the evaluated rows that have a warm-start label."""
+    from .labels import LabelSet
+
+    ls = labels if isinstance(labels, LabelSet) else LabelSet(labels)
+    ls.check_store(store)
+    splits = ls.splits if rows.split == "all" else [rows.split]
+    if not any(s in ls.splits for s in splits):
+        return None
+    table = ls.table(None)
+    by_row = dict(zip(table.column("row_id").to_pylist(), table.column("label").to_pylist()))
+    idx = [i for i, r in enumerate(rows.row_ids.tolist()) if r in by_row]
+    if not idx:
+        return None
+    return np.asarray(idx), [by_row[int(rows.row_ids[i])] for i in idx]
+
+
+def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
+             control_av=None, progress: bool = True) -> EvalResult:
+    """Run every method on the chosen rows; return the JSON-ready result (see module doc).
+
+    labels: a LabelSet or its directory (label baseline; skipped when None or no row has one).
+    control_av: a Verbalizer (or an NLA whose AV is used) trained on shuffled activations."""
+    cfg = config or EvalConfig()
+    if store.d_model != nla.d_model:
+        raise NLAError(f"the store holds d_model {store.d_model} vectors, the NLA {nla.d_model}")
+    if store.layer != nla.layer:
+        raise NLAError(f"the store holds layer {store.layer} activations but the NLA rebuilds "
+                       f"layer {nla.layer}; evaluate on a store of the same layer")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    rows = select_rows(store, cfg.split, cfg.max_rows, cfg.seed)
+    den = denominators(store, rows)
+    v, groups = rows.vectors, rows.doc_ids
+    methods: dict[str, dict] = {}
+    per_row: dict[str, dict] = {}
+    notes: dict[str, str] = {}
+
+    def record(name: str, pred: torch.Tensor, idx: np.ndarray | None = None, note: str = ""):
+        target = v if idx is None else v[torch.as_tensor(idx)]
+        g = groups if idx is None else groups[idx]
+        pr = row_metrics(pred, target, den)
+        methods[name] = summarize(pr, g, n_boot=cfg.n_boot, seed=cfg.seed)
+        methods[name]["n_rows"] = int(target.shape[0])
+        methods[name]["n_docs"] = int(np.unique(g).size)
+        if note:
+            methods[name]["note"] = note
+        full = {k: np.full(len(rows), np.nan) for k in pr}
+        for k, a in pr.items():
+            if idx is None:
+                full[k] = a
+            else:
+                full[k][idx] = a
+        per_row[name] = full
+
+    # the NLA, greedy
+    t = time.perf_counter()
+    exps = nla.explain(v, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                       batch_size=cfg.batch_size)
+    timings["nla_generate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pred_nla = nla.reconstruct([e.text for e in exps], batch_size=cfg.batch_size)
+    timings["nla_reconstruct"] = time.perf_counter() - t
+    record("nla", pred_nla, note="greedy explanation read by the AR")
+
+    if cfg.best_of > 1:
+        t = time.perf_counter()
+        _, pred_best = best_of_n(nla, v, cfg.best_of, max_new_tokens=cfg.max_new_tokens,
+                                 batch_size=cfg.batch_size, seed=cfg.seed)
+        timings[f"nla_best_of_{cfg.best_of}"] = time.perf_counter() - t
+        record(f"nla_best_of_{cfg.best_of}", pred_best,
+               note=f"best of {cfg.best_of} samples (temperature 1) by the AR's mse_nrm against "
+                    "the true vector (an oracle rerank: an upper bound for reranking)")
+
+    record("mean_direction", mean_direction_prediction(v),
+           note="constant E g_hat/||E g_hat|| of the evaluated rows themselves: fve_meannorm "
+                "is 0 by construction")
+
+    train = training_mean_direction(store, rows.split)
+    if train is not None:
+        mu, names = train
+        record("mean_direction_train", (mu / mu.norm()).expand(len(rows), -1).clone(),
+               note=f"constant mean direction of the training splits ({'+'.join(names)}), "
+                    "not fitted to the evaluated rows: the honest out-of-sample constant")
+
+    if rows.n_docs >= 2:
+        wd = wrong_document_index(groups, cfg.seed)
+        record("wrong_document", pred_nla[torch.as_tensor(wd)],
+               note="each row scored with the NLA explanation of a row of another document")
+    else:
+        notes["wrong_document"] = "skipped: needs at least 2 documents"
+
+    tok = nla.ar.tokenizer
+    quote_counts = {}
+    for n in cfg.quote_tokens:
+        t = time.perf_counter()
+        quoted = [quote_text(p, tok, int(n)) for p in rows.prefixes]
+        quote_counts[n] = [c for _, c in quoted]
+        pred = nla.reconstruct([q for q, _ in quoted], batch_size=cfg.batch_size)
+        timings[f"quote_{n}"] = time.perf_counter() - t
+        short = sum(c < n for c in quote_counts[n])
+        record(f"quote_{n}", pred, note=f"AR fed the last {n} tokens of the context (AR "
+               f"tokenizer)" + (f"; {short} rows had fewer tokens" if short else ""))
+
+    if labels is not None:
+        t = time.perf_counter()
+        found = _labels_for(labels, store, rows)
+        if found is None:
+            notes["label"] = "skipped: no evaluated row has a warm-start label"
+        else:
+            idx, texts = found
+            record("label", nla.reconstruct(texts, batch_size=cfg.batch_size), idx,
+                   note=f"AR fed the warm-start label written from the text alone "
+                        f"({idx.size} of {len(rows)} rows have one)")
+        timings["label"] = time.perf_counter() - t
+    else:
+        notes["label"] = "skipped: no label set given"
+
+    if control_av is not None:
+        cav = getattr(control_av, "av", control_av)
+        t = time.perf_counter()
+        cexps = cav.generate(v, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                             batch_size=cfg.batch_size)
+        record("control", nla.reconstruct([e.text for e in cexps], batch_size=cfg.batch_size),
+               note="greedy explanation of the shuffled-activation control AV, same AR")
+        timings["control"] = time.perf_counter() - t
+    else:
+        notes["control"] = "skipped: no control AV given"
+
+    m = float(metrics.mean_unit_direction(v).norm())
+    md_mse = float(np.mean(per_row["mean_direction"]["mse_nrm"]))
+    rawvar_rows = metrics.rawvar(v)
+    sanity = {
+        "norm_mean_unit_direction": m,
+        "mean_direction_mse_nrm": md_mse,
+        "meannorm_rows": den.meannorm,
+        "rawvar_rows": rawvar_rows,
+        "expected_mean_direction_fve_nrm_rows": 1 - 2 / (1 + m),
+        "measured_mean_direction_fve_nrm_rows": 1 - md_mse / rawvar_rows,
+    }
+    sanity["ok"] = bool(abs(sanity["expected_mean_direction_fve_nrm_rows"]
+                            - sanity["measured_mean_direction_fve_nrm_rows"]) < 1e-4
+                        and abs(methods["mean_direction"]["fve_meannorm"]["mean"]) < 1e-5)
+    timings["total"] = time.perf_counter() - t0
+    n_complete = sum(e.complete for e in exps)
+    data = {
+        "kind": "nlakit_eval",
+        "split": rows.split, "n_rows": len(rows), "n_docs": rows.n_docs,
+        "layer": int(nla.layer), "d_model": int(nla.d_model),
+        "store": str(store.path), "model": store.meta.get("model", {}).get("spec"),
+        "rawvar": den.rawvar, "meannorm": den.meannorm,
+        "denominator": {"fve_nrm": f"rawvar = {den.rawvar:.6f} from {den.rawvar_source}",
+                        "fve_meannorm": f"meannorm = {den.meannorm:.6f} from "
+                                        f"{den.meannorm_source}"},
+        "ci": f"95% percentile bootstrap over documents ({cfg.n_boot} resamples)",
+        "config": {"max_rows": cfg.max_rows, "max_new_tokens": cfg.max_new_tokens,
+                   "quote_tokens": list(cfg.quote_tokens), "best_of": cfg.best_of,
+                   "seed": cfg.seed, "batch_size": cfg.batch_size},
+        "methods": methods,
+        "skipped": notes,
+        "sanity": sanity,
+        "explanations": {"complete": n_complete, "hit_cap": sum(e.hit_cap for e in exps),
+                         "mean_tokens": float(np.mean([e.n_tokens for e in exps]))},
+        "timings_s": {k: round(x, 3) for k, x in timings.items()},
+        "rows": [
+            {"row_id": int(rows.row_ids[i]), "doc_id": str(rows.doc_ids[i]),
+             "position": int(rows.positions[i]),
+             "prefix_tail": rows.prefixes[i][-PREFIX_CHARS_KEPT:],
+             "explanation": exps[i].text, "complete": bool(exps[i].complete),
+             "n_tokens": int(exps[i].n_tokens),
+             "fve_nrm": {k: _num(per_row[k]["fve_nrm"][i]) for k in per_row},
+             "cos": _num(per_row["nla"]["cos"][i])}
+            for i in range(len(rows))
+        ],
+    }
+    return EvalResult(data, exps)
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return None if np.isnan(x) else x
+
+
+def write_eval_json(result: EvalResult | dict, path: str | Path) -> Path:
+    data = result.data if isinstance(result, EvalResult) else result
+    write_json(path, data)
+    return Path(path)
+
+
+def format_table(data: dict) -> str:
+    """A plain-text table of the methods' means and CIs, with split, rows and denominators."""
+    lines = [(f"split {data['split']}: {data['n_rows']} rows, {data['n_docs']} documents, "
+             f"layer {data['layer']}; {data['ci']}"),
+             f"fve_nrm denominator: {data['denominator']['fve_nrm']}",
+             f"fve_meannorm denominator: {data['denominator']['fve_meannorm']}",
+             (f"{'method':<18} {'rows':>5}  {'fve_nrm [95% CI]':<26} {'mse_nrm [95% CI]':<26} "
+             f"{'cos [95% CI]':<26} {'fve_meannorm':>12}")]
+    for name, m in data["methods"].items():
+        def cell(k, m=m):
+            s = m[k]
+            return f"{s['mean']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"
+        lines.append(f"{name:<18} {m['n_rows']:>5}  {cell('fve_nrm'):<26} {cell('mse_nrm'):<26} "
+                     f"{cell('cos'):<26} {m['fve_meannorm']['mean']:>+12.3f}")
+    for name, why in data.get("skipped", {}).items():
+        lines.append(f"{name:<18} {why}")
+    return "\n".join(lines)

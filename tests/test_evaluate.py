@@ -1,0 +1,173 @@
+"""`nlakit eval`: row selection, each baseline's defining property, the JSON shape, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nlakit import NLAError, metrics
+from nlakit.evaluate import (
+    EvalConfig,
+    denominators,
+    evaluate,
+    format_table,
+    mean_direction_prediction,
+    quote_text,
+    row_metrics,
+    select_rows,
+    wrong_document_index,
+)
+from nlakit.labels import Labeller, label_store
+from nlakit.nla import NLA
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NLAKIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny, tiny_store):
+    return NLA.from_target(tiny, tiny_store.layer, injection_scale=10.0,
+                           dataset_stats={"rawvar": tiny_store.stats()["rawvar"]})
+
+
+class Echo(Labeller):
+    """A deterministic labeller from the text alone: two lines quoting the end of the prefix."""
+
+    kind = "echo-eval"
+
+    def label_batch(self, rows):
+        return [f"<explanation>\nthe text ends with {r.prefix[-12:]!r}\n"
+                f"row of document {r.doc_id}\n</explanation>" for r in rows]
+
+
+def test_select_rows_takes_whole_documents_deterministically(tiny_store):
+    full = select_rows(tiny_store, "all")
+    a = select_rows(tiny_store, "all", max_rows=12, seed=3)
+    b = select_rows(tiny_store, "all", max_rows=12, seed=3)
+    assert a.row_ids.tolist() == b.row_ids.tolist()
+    assert 1 <= len(a) <= 12
+    for d in set(a.doc_ids.tolist()):  # every chosen document is complete
+        assert (a.doc_ids == d).sum() == (full.doc_ids == d).sum()
+    c = select_rows(tiny_store, "all", max_rows=12, seed=4)
+    assert set(c.doc_ids.tolist()) != set(a.doc_ids.tolist()) or len(full) <= 12
+    with pytest.raises(NLAError, match="unknown split"):
+        select_rows(tiny_store, "nope")
+
+
+def test_mean_direction_is_the_meannorm_baseline(tiny_store):
+    rows = select_rows(tiny_store, "all", max_rows=30)
+    den = denominators(tiny_store, rows)
+    pred = mean_direction_prediction(rows.vectors)
+    pr = row_metrics(pred, rows.vectors, den)
+    assert abs(pr["fve_meannorm"].mean()) < 1e-6
+    m = float(metrics.mean_unit_direction(rows.vectors).norm())
+    own = 1 - pr["mse_nrm"].mean() / metrics.rawvar(rows.vectors)
+    assert own == pytest.approx(1 - 2 / (1 + m), abs=1e-5)
+    assert own < 0
+    # no other constant direction does better than the mean direction
+    other = torch.nn.functional.normalize(pred + 0.1 * torch.randn(1, pred.shape[1]), dim=-1)
+    assert metrics.mse_nrm(other, rows.vectors).mean() > metrics.mse_nrm(pred, rows.vectors).mean()
+
+
+def test_wrong_document_never_pairs_a_row_with_its_own_document():
+    docs = np.asarray(["a"] * 5 + ["b"] * 1 + ["c"] * 3 + ["d"] * 2, dtype=object)
+    for seed in range(5):
+        idx = wrong_document_index(docs, seed)
+        assert (docs[idx] != docs).all()
+        assert idx.shape == docs.shape
+    with pytest.raises(NLAError, match="2 documents"):
+        wrong_document_index(np.asarray(["a", "a"], dtype=object))
+
+
+def test_quote_uses_exactly_n_tokens(tiny):
+    _, tok = tiny
+    prefix = "The quick brown fox jumps over the lazy dog, then returns home to sleep."
+    ids = tok(prefix, add_special_tokens=False)["input_ids"]
+    for n in (1, 3, 7):
+        text, used = quote_text(prefix, tok, n)
+        assert used == n
+        assert prefix.endswith(text)
+        assert tok(text, add_special_tokens=False)["input_ids"] == ids[-n:]
+    text, used = quote_text(prefix, tok, len(ids) + 10)
+    assert used == len(ids) and text == prefix
+
+
+def test_evaluate_all_methods_on_tiny(untrained, tiny_store, tmp_path):
+    labels = label_store(tiny_store, Echo(), tmp_path / "labels", splits=["heldout"],
+                         progress=False)
+    control = NLA.from_target((untrained.av.model, untrained.av.tokenizer), tiny_store.layer,
+                              injection_scale=3.0)
+    cfg = EvalConfig(split="heldout", max_new_tokens=4, quote_tokens=(2, 5), best_of=2,
+                     n_boot=200, batch_size=8)
+    res = evaluate(untrained, tiny_store, cfg, labels=labels, control_av=control)
+    d = res.data
+    n = tiny_store.num_rows("heldout")
+    assert d["split"] == "heldout" and d["n_rows"] == n and d["layer"] == tiny_store.layer
+    assert set(d["methods"]) == {"nla", "nla_best_of_2", "mean_direction",
+                                 "mean_direction_train", "wrong_document", "quote_2", "quote_5",
+                                 "label", "control"}
+    # the in-sample mean direction is the best constant: the training one cannot beat it
+    assert (d["methods"]["mean_direction_train"]["mse_nrm"]["mean"]
+            >= d["methods"]["mean_direction"]["mse_nrm"]["mean"] - 1e-9)
+    for m in d["methods"].values():
+        for k in ("fve_nrm", "mse_nrm", "cos", "fve_meannorm"):
+            assert set(m[k]) >= {"mean", "ci"} and m[k]["ci"][0] <= m[k]["mean"] <= m[k]["ci"][1]
+    assert d["rawvar"] == pytest.approx(tiny_store.stats("heldout")["rawvar"])
+    assert abs(d["methods"]["mean_direction"]["fve_meannorm"]["mean"]) < 1e-6
+    assert d["sanity"]["ok"]
+    assert d["methods"]["label"]["n_rows"] == n
+    # mse, cos and fve agree: mse = 2(1 - cos); fve = 1 - mse / rawvar
+    nla = d["methods"]["nla"]
+    assert nla["mse_nrm"]["mean"] == pytest.approx(2 * (1 - nla["cos"]["mean"]), abs=1e-6)
+    assert nla["fve_nrm"]["mean"] == pytest.approx(1 - nla["mse_nrm"]["mean"] / d["rawvar"],
+                                                   abs=1e-6)
+    # the NLA's per-row scores are reproducible with nla.score
+    texts = [r["explanation"] for r in d["rows"]]
+    vecs = select_rows(tiny_store, "heldout").vectors
+    again = untrained.score(texts, vecs, rawvar=d["rawvar"])["fve_nrm"]
+    assert np.allclose(again.numpy(), [r["fve_nrm"]["nla"] for r in d["rows"]], atol=1e-4)
+    table = format_table(d)
+    assert "quote_5" in table and "rawvar" in table
+    json.dumps(d)  # serialisable
+
+
+def test_label_baseline_skipped_without_labels_and_single_doc_errors(untrained, tiny_store):
+    cfg = EvalConfig(split="heldout", max_rows=1, max_new_tokens=2, quote_tokens=(3,),
+                     n_boot=50)
+    d = evaluate(untrained, tiny_store, cfg).data
+    assert d["n_docs"] == 1
+    assert "wrong_document" not in d["methods"] and "wrong_document" in d["skipped"]
+    assert "label" in d["skipped"] and "control" in d["skipped"]
+
+
+def test_eval_cli_writes_json_and_report(untrained, tiny_store, tmp_path, capsys):
+    from nlakit.cli import main
+
+    root = untrained.save(tmp_path / "nla")
+    report = tmp_path / "out" / "report.html"
+    rc = main(["eval", "--nla", str(root), "--acts", str(tiny_store.path), "--split", "all",
+               "--max-rows", "15", "--max-new-tokens", "3", "--quote", "4", "--n-boot", "100",
+               "--report", str(report)])
+    assert rc == 0
+    data = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert data["split"] == "all" and data["n_rows"] <= 15
+    assert data["rawvar"] == pytest.approx(tiny_store.stats("all")["rawvar"])
+    assert {"nla", "mean_direction", "quote_4"} <= set(data["methods"])
+    assert report.is_file() and report.with_suffix(".md").is_file()
+    out = capsys.readouterr().out
+    assert "mean_direction" in out and "denominator" in out
+
+
+def test_best_of_n_keeps_the_sample_the_ar_reconstructs_best(untrained, tiny_store):
+    from nlakit.evaluate import best_of_n
+
+    v = select_rows(tiny_store, "heldout", max_rows=6).vectors
+    exps = untrained.explain(v, n=3, temperature=1.0, max_new_tokens=4, seed=7)
+    mse = metrics.mse_nrm(untrained.reconstruct([e.text for e in exps]),
+                          v.repeat_interleave(3, 0)).view(-1, 3)
+    picked, pred = best_of_n(untrained, v, 3, max_new_tokens=4, batch_size=32, seed=7)
+    assert len(picked) == v.shape[0]
+    assert torch.allclose(metrics.mse_nrm(pred, v), mse.min(1).values, atol=1e-5)

@@ -1,0 +1,269 @@
+"""GRPO RL on the tiny model: reward functions, log-probs, the loop, exact resume, 2 processes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nlakit import NLAError
+from nlakit.nla import NLA
+from nlakit.train import rewards as R
+from nlakit.train.rl import RLConfig, _pad_responses, _prefixes, response_logprobs, train_rl
+
+# ---- pure reward functions -----------------------------------------------------------------
+
+
+def test_negmse_and_neglog_follow_the_cosine():
+    g = torch.randn(5, 16)
+    p = g + 0.3 * torch.randn(5, 16)
+    cos = torch.nn.functional.cosine_similarity(p, g)
+    assert torch.allclose(R.negmse(p, g), -2 * (1 - cos), atol=1e-5)
+    assert torch.allclose(R.neglog(p, g, eps=0.0), -torch.log(2 * (1 - cos)), atol=1e-4)
+    assert float(R.negmse(g, g).max()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_contrastive_pays_for_own_activation_over_others():
+    acts = torch.randn(3, 32)
+    owner = torch.tensor([0, 0, 1, 1, 2, 2])
+    own = acts[owner] + 0.05 * torch.randn(6, 32)
+    wrong = acts[(owner + 1) % 3]
+    r_own = R.contrastive(own, acts, owner)
+    r_wrong = R.contrastive(wrong, acts, owner)
+    assert (r_own <= 0).all() and (r_own > r_wrong).all()
+    # adding the same direction to every activation and prediction changes nothing much: the
+    # reward is relative to the batch; with 3 candidates chance level is log(1/3)
+    mean_pred = acts.mean(0, keepdim=True).expand(6, -1)
+    assert float(R.contrastive(mean_pred, acts, owner).mean()) < float(r_own.mean())
+    with pytest.raises(NLAError, match="at least 2"):
+        R.contrastive(own[:2], acts[:1], torch.zeros(2))
+    via = R.compute_rewards("contrastive", own, acts, 2)
+    assert torch.allclose(via, r_own)
+
+
+def test_failures_length_penalty_and_group_advantages():
+    r = torch.tensor([-0.5, -1.0, -0.2, -0.3])
+    failed = torch.tensor([False, True, False, False])
+    assert R.apply_failures(r, failed).tolist() == pytest.approx([-0.5, -2.0, -0.2, -0.3])
+    assert torch.equal(R.apply_failures(r, failed, None), r)
+    pen = R.length_penalty(r, torch.tensor([150, 75, 0, 30]), 150, 0.1)
+    assert pen.tolist() == pytest.approx([-0.6, -1.05, -0.2, -0.32])
+    adv = R.group_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), 3)
+    assert adv[:3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-5)
+    assert adv[3:].tolist() == [0.0, 0.0, 0.0]  # equal rewards: no signal, no NaN
+    with pytest.raises(NLAError, match="group size"):
+        R.group_advantages(torch.zeros(4), 1)
+    with pytest.raises(NLAError, match="groups of 3"):
+        R.group_advantages(torch.zeros(4), 3)
+
+
+def test_clipped_policy_loss_clips_the_right_side():
+    mask = torch.ones(1, 1)
+    old = torch.zeros(1, 1)
+    for adv, ratio, grad_zero in ((1.0, 1.5, True), (1.0, 1.1, False), (-1.0, 1.5, False),
+                                  (-1.0, 0.5, True), (1.0, 0.5, False)):
+        logp = torch.full((1, 1), math.log(ratio), requires_grad=True)
+        loss, info = R.clipped_policy_loss(logp, old, torch.tensor([adv]), mask, 0.2)
+        loss.backward()
+        clipped_ratio = min(max(ratio, 0.8), 1.2)
+        assert float(loss.detach()) == pytest.approx(-min(ratio * adv, clipped_ratio * adv), rel=1e-5)
+        assert (float(logp.grad) == 0.0) == grad_zero, (adv, ratio)
+        assert info["clip_fraction"] == (1.0 if grad_zero else 0.0)
+    # padding tokens never count: a masked token with a huge ratio changes nothing
+    logp = torch.tensor([[0.0, 5.0]])
+    loss, _ = R.clipped_policy_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]),
+                                    torch.tensor([[1, 0]]), 0.2)
+    assert float(loss) == pytest.approx(-1.0)
+
+
+def test_kl_estimators_and_truncation_lengths():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.0, -1.0, -1.5])
+    assert R.kl_per_token(logp, ref, "k1").tolist() == pytest.approx([0.0, -1.0, 1.0])
+    k3 = R.kl_per_token(logp, ref, "k3")
+    assert float(k3[0]) == 0.0 and (k3 >= 0).all() and float(k3[1]) > 0
+    with pytest.raises(NLAError, match="KL estimator"):
+        R.kl_per_token(logp, ref, "k2")
+    lengths = R.truncate_lengths(5, 4, 30, 3, torch.Generator().manual_seed(0))
+    groups = lengths.view(5, 4)
+    assert (groups == groups[:, :1]).all() and lengths.min() >= 3 and lengths.max() <= 30
+    assert len(set(groups[:, 0].tolist())) > 1
+
+
+# ---- the loop on the tiny model -----------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # two contended cores: one intra-op thread is several times faster than oversubscription
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sft_nla(tiny, tiny_store, tmp_path_factory):
+    """An untrained tiny NLA standing in for an SFT checkpoint."""
+    path = tmp_path_factory.mktemp("sft") / "nla"
+    NLA.from_target(tiny, 2, injection_scale=10.0,
+                    dataset_stats=tiny_store.stats("all")).save(path)
+    return path
+
+
+def _cfg(**kw):
+    base = dict(max_steps=3, batch_size=2, group_size=3, max_new_tokens=10, eval_every=2,
+                eval_rows=4, save_every=2, lora_rank=4, ar_lora_rank=4, av_lr=1e-3,
+                ar_lr=1e-3, failure_reward=None)  # random model: every sample fails otherwise
+    base.update(kw)
+    return RLConfig(**base)
+
+
+def _rows(out):
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def _stable(row):
+    return {k: v for k, v in row.items() if not k.startswith("time_")}
+
+
+def test_response_logprobs_ignore_padding(sft_nla, tiny):
+    nla = NLA.load(sft_nla, target=tiny)
+    av = nla.av
+    vecs = torch.randn(2, 64)
+    exps = av.generate(vecs, n=1, temperature=1.0, max_new_tokens=8, seed=3)
+    short = exps[0].token_ids[:3]
+    ids, mask = _pad_responses([short, exps[1].token_ids], av.pad_id)
+    both = response_logprobs(av.model, av, vecs, ids, mask)
+    alone = response_logprobs(av.model, av, vecs[:1], ids[:1, :3], mask[:1, :3])
+    assert torch.allclose(both[0, :3], alone[0], atol=1e-5)
+    assert (both[0, 3:] == 0).all() and (both[1] < 0).all()
+    # the injected vector matters: another vector gives other log-probs for the same tokens
+    other = response_logprobs(av.model, av, -vecs, ids, mask)
+    assert not torch.allclose(other[1], both[1], atol=1e-4)
+    assert _prefixes(av.tokenizer, ["one two three four five"], torch.tensor([2]))[0] \
+        == av.tokenizer.decode(av.tokenizer("one two three four five")["input_ids"][:2])
+
+
+def test_rl_learns_logs_and_exports_a_loadable_nla(sft_nla, tiny_store, tiny, tmp_path):
+    out = tmp_path / "rl"
+    summary = train_rl(sft_nla, tiny_store.path, out, _cfg(), progress=False)
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in ("reward_mean", "reward_std", "fve_nrm", "kl", "response_len",
+                    "failure_rate", "truncation_rate", "policy_loss", "ar_loss",
+                    "av_grad_norm", "ar_grad_norm", "time_rollout_s", "time_scoring_s",
+                    "time_av_update_s", "time_ar_update_s"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), key
+        assert r["samples"] == 6 and not r["skipped"]
+        assert 1 <= r["response_len"] <= 10
+    assert rows[0]["kl"] == 0.0  # a fresh LoRA is exactly the SFT policy
+    assert rows[2]["kl"] != 0.0  # ... and moves away from it
+    assert "heldout_fve_nrm" in rows[1] and "heldout_fve_nrm" in rows[2]
+    assert "heldout_fve_nrm" not in rows[0]
+    assert len(rows[1]["examples"]) == 3
+    assert summary["final"]["step"] == 3 and summary["replicas_in_sync"]
+    before, after = NLA.load(sft_nla, target=tiny), NLA.load(out, target=tiny)
+    assert not torch.equal(before.ar.head.weight, after.ar.head.weight)
+    w0 = before.av.model.model.layers[0].self_attn.q_proj.weight
+    w1 = after.av.model.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(w0, w1), "the RL adapters were not merged into the exported AV"
+    assert after.av_meta["nlakit"]["provenance"]["rl"]["summary"]["steps"] == 3
+    assert len(after.explain(torch.randn(1, 64), max_new_tokens=5)) == 1
+    official = after.save(tmp_path / "official", layout="official")
+    assert NLA.load(av=official / "av", ar=official / "ar").d_model == 64
+
+
+def test_kill_and_resume_reaches_the_same_state(sft_nla, tiny_store, tmp_path, monkeypatch):
+    cfg = _cfg(max_steps=4, eval_every=3, reward="neglog", truncate_explanations=True)
+    train_rl(sft_nla, tiny_store.path, tmp_path / "straight", cfg, progress=False)
+
+    import nlakit.train.rl as rl
+
+    real = R.group_advantages
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # inside step 4, after the step-2 checkpoint and a logged step 3
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rl.R, "group_advantages", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(sft_nla, tiny_store.path, tmp_path / "resumed", cfg, progress=False)
+    assert not (tmp_path / "resumed" / "ar").exists(), "a half-trained NLA was exported"
+    assert [r["step"] for r in _rows(tmp_path / "resumed")] == [1, 2, 3]
+    monkeypatch.setattr(rl.R, "group_advantages", real)
+    with pytest.raises(NLAError, match="--resume"):
+        train_rl(sft_nla, tiny_store.path, tmp_path / "resumed", cfg, progress=False)
+    summary = train_rl(sft_nla, tiny_store.path, tmp_path / "resumed", cfg, resume=True,
+                       progress=False)
+    assert summary["resumed_from"] == 2
+    straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # step 3 of the dead run was replaced
+    assert [_stable(r) for r in resumed] == [_stable(r) for r in straight]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight" / "ar" / "value_head.safetensors"))["weight"]
+    b = load_file(str(tmp_path / "resumed" / "ar" / "value_head.safetensors"))["weight"]
+    assert torch.equal(a, b)
+    with pytest.raises(NLAError, match="different RL configuration"):
+        train_rl(sft_nla, tiny_store.path, tmp_path / "resumed", _cfg(max_steps=5),
+                 resume=True, progress=False)
+
+
+def test_non_finite_step_is_skipped(sft_nla, tiny_store, tmp_path, monkeypatch, tiny):
+    import nlakit.train.rl as rl
+
+    monkeypatch.setattr(rl.R, "group_advantages",
+                        lambda r, g, eps=1e-6: torch.full_like(r, float("nan")))
+    train_rl(sft_nla, tiny_store.path, tmp_path / "nan", _cfg(max_steps=1, eval_every=100),
+             progress=False)
+    row = _rows(tmp_path / "nan")[0]
+    assert row["skipped"] and math.isnan(row["av_grad_norm"])
+    before, after = NLA.load(sft_nla, target=tiny), NLA.load(tmp_path / "nan", target=tiny)
+    assert torch.equal(before.ar.head.weight, after.ar.head.weight)
+    assert all(torch.equal(p, q) for p, q in zip(before.av.model.parameters(),
+                                                  after.av.model.parameters()))
+
+
+def test_contrastive_k3_full_and_failure_penalty(sft_nla, tiny_store, tmp_path):
+    cfg = _cfg(max_steps=1, reward="contrastive", kl_estimator="k3", lora_rank=0,
+               failure_reward=-2.0, length_penalty=0.5, eval_every=100)
+    train_rl(sft_nla, tiny_store.path, tmp_path / "c", cfg, progress=False)
+    row = _rows(tmp_path / "c")[0]
+    # a random model never closes its tag within 10 tokens: every sample fails and scores -2
+    assert row["failure_rate"] == 1.0 and row["reward_mean"] == pytest.approx(-2.0)
+    assert row["raw_reward_mean"] <= 0  # InfoNCE log-probabilities
+    assert row["kl"] == 0.0  # the full-copy reference equals the policy at step 1
+    with pytest.raises(NLAError, match="contrastive"):
+        train_rl(sft_nla, tiny_store.path, tmp_path / "x", _cfg(reward="contrastive",
+                                                                 batch_size=1))
+    with pytest.raises(NLAError, match="must differ"):
+        train_rl(sft_nla, tiny_store.path, sft_nla, _cfg())
+
+
+def test_two_processes_agree_and_export(sft_nla, tiny_store, tmp_path, tiny):
+    """torchrun, 2 gloo processes: each rolls out its own activations, DDP keeps replicas equal."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "two"
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29571", "-m", "nlakit.cli",
+           "train", "rl", "--nla", str(sft_nla), "--acts", str(tiny_store.path), "--out",
+           str(out), "--max-steps", "2", "--batch-size", "2", "--group-size", "2",
+           "--max-new-tokens", "8", "--eval-every", "2", "--eval-rows", "2", "--lora-rank", "4",
+           "--ar-lora-rank", "4", "--av-lr", "1e-3", "--ar-lr", "1e-3", "--no-failure-penalty"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["samples"] == 8  # 2 procs x 2 x 2
+    summary = json.loads((out / ".train-rl" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["replicas_in_sync"]
+    assert len(summary["replica_checksums"]) == 2
+    nla = NLA.load(out, target=tiny)
+    assert nla.layer == 2 and "heldout_fve_nrm" in rows[-1]
