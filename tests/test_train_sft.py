@@ -130,3 +130,22 @@ def test_two_processes_match_one(labels_dir, tmp_path):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     summary = json.loads((tmp_path / "two" / ".train-ar" / "summary.json").read_text())
     assert summary["processes"] == 2
+
+
+def test_kept_adapters_load_like_merged_weights(labels_dir, tmp_path, tiny):
+    """--keep-adapters saves LoRA adapters over the target; loading them gives the same AV as
+    the merged export of the same training."""
+    cfg = dict(lr=1e-2, batch_size=4, max_steps=2)
+    train_sft("av", labels_dir, tmp_path / "merged", SFTConfig(**cfg), progress=False)
+    train_sft("av", labels_dir, tmp_path / "adapter", SFTConfig(**cfg, keep_adapters=True),
+              progress=False)
+    train_sft("ar", labels_dir, tmp_path / "merged", SFTConfig(**cfg), progress=False)
+    import shutil
+
+    shutil.copytree(tmp_path / "merged" / "ar", tmp_path / "adapter" / "ar")
+    assert (tmp_path / "adapter" / "av" / "adapter_config.json").is_file()
+    assert not (tmp_path / "adapter" / "av" / "model.safetensors").exists()
+    v = torch.randn(3, 64)
+    merged = NLA.load(tmp_path / "merged", target=tiny).explain(v, max_new_tokens=12)
+    adapter = NLA.load(tmp_path / "adapter", target=tiny).explain(v, max_new_tokens=12)
+    assert [e.raw for e in merged] == [e.raw for e in adapter]

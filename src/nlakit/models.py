@@ -179,8 +179,8 @@ def _materialize_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve_device(device: str | None) -> torch.device:
-    device = device or "cpu"
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    device = str(device or "cpu")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -200,7 +200,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str | None = None):
+def load_model(spec: str, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None):
     """Load a target model and its tokenizer from a spec (see module doc).
 
     Returns ``(model, tokenizer)``; the model is in eval mode with gradients disabled and carries
