@@ -25,9 +25,9 @@ demo: $(STAMP)
 		--max-tokens-per-doc 384 --out $(DEMO_OUT)/acts
 	$(BIN)/nlakit label --acts $(DEMO_OUT)/acts --labeller context \
 		--splits av_sft,ar_sft,heldout --out $(DEMO_OUT)/labels
-	$(BIN)/nlakit train av --data $(DEMO_OUT)/labels --out $(DEMO_OUT)/nla --max-steps 40 \
+	$(BIN)/nlakit train av --data $(DEMO_OUT)/labels --out $(DEMO_OUT)/nla --max-steps 30 \
 		--eval-every 20 --save-every 10
-	$(BIN)/nlakit train ar --data $(DEMO_OUT)/labels --out $(DEMO_OUT)/nla --max-steps 40 \
+	$(BIN)/nlakit train ar --data $(DEMO_OUT)/labels --out $(DEMO_OUT)/nla --max-steps 30 \
 		--eval-every 20 --save-every 10
 	$(BIN)/nlakit explain --nla $(DEMO_OUT)/nla --max-new-tokens 60 --positions -3,-2,-1 \
 		"The Python language reference says that an assignment statement evaluates the expression list and"

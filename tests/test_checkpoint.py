@@ -57,7 +57,7 @@ def test_official_pair_loads_with_legacy_role_names(saved, tmp_path, tiny):
     av, ar = tmp_path / "release_av", tmp_path / "release_ar"
     shutil.copytree(saved / "av", av)
     shutil.copytree(saved / "ar", ar)
-    for d, old, new, tkey in ((av, "av", "actor", "av"), (ar, "ar", "critic", "ar")):
+    for d, new, tkey in ((av, "actor", "av"), (ar, "critic", "ar")):
         meta = _meta(d)
         meta["role"] = new
         meta["prompt_templates"] = {new: meta["prompt_templates"][tkey]}

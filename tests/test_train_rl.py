@@ -92,6 +92,20 @@ def test_kl_estimators_and_truncation_lengths():
     assert len(set(groups[:, 0].tolist())) > 1
 
 
+def test_sample_next_greedy_temperature_and_top_p():
+    from nlakit.train.rl import _sample_next
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).expand(2000, -1)
+    assert (_sample_next(logits, 0.0, 1.0, gen) == 0).all()
+    full = torch.bincount(_sample_next(logits, 1.0, 1.0, gen), minlength=3) / 2000
+    assert full.tolist() == pytest.approx([0.6, 0.3, 0.1], abs=0.04)
+    nucleus = _sample_next(logits, 1.0, 0.8, gen)  # keeps {0, 1}: 0.6 < 0.8 <= 0.9
+    assert set(nucleus.tolist()) == {0, 1}
+    assert float((nucleus == 0).float().mean()) == pytest.approx(2 / 3, abs=0.05)
+    assert set(_sample_next(logits, 1.0, 0.5, gen).tolist()) == {0}
+
+
 # ---- the loop on the tiny model -----------------------------------------------------------
 
 
@@ -114,9 +128,10 @@ def sft_nla(tiny, tiny_store, tmp_path_factory):
 
 
 def _cfg(**kw):
-    base = dict(max_steps=3, batch_size=2, group_size=3, max_new_tokens=10, eval_every=2,
-                eval_rows=4, save_every=2, lora_rank=4, ar_lora_rank=4, av_lr=1e-3,
-                ar_lr=1e-3, failure_reward=None)  # random model: every sample fails otherwise
+    base = {"max_steps": 3, "batch_size": 2, "group_size": 3, "max_new_tokens": 10,
+            "eval_every": 2, "eval_rows": 4, "save_every": 2, "lora_rank": 4,
+            "ar_lora_rank": 4, "av_lr": 1e-3, "ar_lr": 1e-3,
+            "failure_reward": None}  # a random model fails every sample otherwise
     base.update(kw)
     return RLConfig(**base)
 
@@ -148,7 +163,7 @@ def test_response_logprobs_ignore_padding(sft_nla, tiny):
         == av.tokenizer.decode(av.tokenizer("one two three four five")["input_ids"][:2])
 
 
-def test_rl_learns_logs_and_exports_a_loadable_nla(sft_nla, tiny_store, tiny, tmp_path):
+def test_rl_logs_updates_and_exports_a_loadable_nla(sft_nla, tiny_store, tiny, tmp_path):
     out = tmp_path / "rl"
     summary = train_rl(sft_nla, tiny_store.path, out, _cfg(), progress=False)
     rows = _rows(out)
@@ -182,7 +197,7 @@ def test_kill_and_resume_reaches_the_same_state(sft_nla, tiny_store, tmp_path, m
     cfg = _cfg(max_steps=4, eval_every=3, reward="neglog", truncate_explanations=True)
     train_rl(sft_nla, tiny_store.path, tmp_path / "straight", cfg, progress=False)
 
-    import nlakit.train.rl as rl
+    from nlakit.train import rl
 
     real = R.group_advantages
     calls = {"n": 0}
@@ -218,7 +233,7 @@ def test_kill_and_resume_reaches_the_same_state(sft_nla, tiny_store, tmp_path, m
 
 
 def test_non_finite_step_is_skipped(sft_nla, tiny_store, tmp_path, monkeypatch, tiny):
-    import nlakit.train.rl as rl
+    from nlakit.train import rl
 
     monkeypatch.setattr(rl.R, "group_advantages",
                         lambda r, g, eps=1e-6: torch.full_like(r, float("nan")))
@@ -258,7 +273,8 @@ def test_two_processes_agree_and_export(sft_nla, tiny_store, tmp_path, tiny):
            "--max-new-tokens", "8", "--eval-every", "2", "--eval-rows", "2", "--lora-rank", "4",
            "--ar-lora-rank", "4", "--av-lr", "1e-3", "--ar-lr", "1e-3", "--no-failure-penalty"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["samples"] == 8  # 2 procs x 2 x 2
@@ -267,3 +283,101 @@ def test_two_processes_agree_and_export(sft_nla, tiny_store, tmp_path, tiny):
     assert len(summary["replica_checksums"]) == 2
     nla = NLA.load(out, target=tiny)
     assert nla.layer == 2 and "heldout_fve_nrm" in rows[-1]
+
+
+def test_fast_sampler_and_shared_prefix_match_the_plain_paths(sft_nla, tiny):
+    import copy
+
+    from nlakit.train.rl import fast_generate, shared_prefix_len
+    from nlakit.verbalizer import Verbalizer
+
+    base = NLA.load(sft_nla, target=tiny).av
+    # the random tiny model's greedy output is one repeated token; larger random weights make
+    # rows diverge and sometimes stop early, which is what this test needs
+    model = copy.deepcopy(base.model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    av = Verbalizer(model, base.tokenizer, base.marker, 10.0, base.template)
+    assert shared_prefix_len(av) > 10  # the chat preamble before the marker is shared
+    vecs = torch.randn(6, 64, generator=gen)
+    plain = av.generate(vecs, n=1, temperature=0.0, max_new_tokens=12)
+    fast = fast_generate(av, vecs, n=1, temperature=0.0, max_new_tokens=12, batch_size=4)
+    assert [e.token_ids for e in fast] == [e.token_ids for e in plain]
+    assert [(e.text, e.hit_cap, e.n_tokens) for e in fast] == \
+        [(e.text, e.hit_cap, e.n_tokens) for e in plain]
+    assert len({tuple(e.token_ids) for e in fast}) > 3
+
+    def first(ids, t):
+        return ids.index(t) if t in ids else len(ids)
+
+    # a stand-in EOS that rows reach at different times (or never): rows leave the batch
+    av.eos_id = next(t for e in fast for t in e.token_ids
+                     if len({first(x.token_ids, t) for x in fast}) > 2)
+    plain = av.generate(vecs, n=1, temperature=0.0, max_new_tokens=12)
+    fast = fast_generate(av, vecs, n=1, temperature=0.0, max_new_tokens=12, batch_size=6)
+    assert [e.token_ids for e in fast] == [e.token_ids for e in plain]
+    assert [e.hit_cap for e in fast] == [e.hit_cap for e in plain]
+    assert len({e.n_tokens for e in fast}) > 2
+    sampled = fast_generate(av, vecs, n=4, temperature=1.0, max_new_tokens=8, seed=1)
+    again = fast_generate(av, vecs, n=4, temperature=1.0, max_new_tokens=8, seed=1)
+    assert [e.token_ids for e in sampled] == [e.token_ids for e in again]
+    assert len({tuple(e.token_ids) for e in sampled}) > 1
+
+    # log-probs and their gradients: shared prefix == every row computing its whole prompt
+    model = av.model.requires_grad_(True)
+    ids, mask = _pad_responses([e.token_ids for e in sampled[:6]], av.pad_id)
+    v6 = vecs.repeat_interleave(4, 0)[:6]
+    grads = []
+    for shared in (True, False):
+        model.zero_grad()
+        lp = response_logprobs(model, av, v6, ids, mask, shared_prefix=shared)
+        lp.sum().backward()
+        grads.append((lp.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    rel = float((grads[0][1] - grads[1][1]).norm() / grads[1][1].norm())
+    assert rel < 1e-4, rel  # float32 summation order differs; a wrong gradient is O(1) off
+    assert grads[0][1].abs().sum() > 0
+
+
+def test_sigkill_mid_run_then_resume_matches_a_straight_run(sft_nla, tiny_store, tmp_path):
+    """A real kill (SIGKILL of the CLI process after its step-4 checkpoint), then --resume."""
+    import signal
+    import time
+
+    args = ["train", "rl", "--nla", str(sft_nla), "--acts", str(tiny_store.path),
+            "--max-steps", "16", "--batch-size", "2", "--group-size", "3", "--max-new-tokens",
+            "10", "--eval-every", "5", "--eval-rows", "4", "--save-every", "4",
+            "--lora-rank", "4", "--ar-lora-rank", "4", "--av-lr", "1e-3", "--ar-lr", "1e-3",
+            "--no-failure-penalty"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "nlakit.cli", *args, "--out", str(killed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = killed / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "av").exists()
+    assert 5 <= len(log.read_text().splitlines()) < 16
+    from nlakit.cli import main
+
+    assert main([*args, "--out", str(killed), "--resume"]) == 0
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    straight, resumed = _rows(tmp_path / "straight"), _rows(killed)
+    assert [r["step"] for r in resumed] == list(range(1, 17))
+    assert [_stable(r) for r in resumed] == [_stable(r) for r in straight]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight" / "ar" / "value_head.safetensors"))["weight"]
+    b = load_file(str(killed / "ar" / "value_head.safetensors"))["weight"]
+    assert torch.equal(a, b)
+    summary = json.loads((killed / ".train-rl" / "summary.json").read_text())
+    assert summary["resumed_from"] in (4, 8, 12)

@@ -58,7 +58,7 @@ def test_resume_continues_exactly(labels_dir, tmp_path, monkeypatch):
     cfg = SFTConfig(lr=1e-3, batch_size=4, max_steps=6, eval_every=100, save_every=3)
     train_sft("ar", labels_dir, tmp_path / "straight", cfg, progress=False)
 
-    import nlakit.train.sft as sft
+    from nlakit.train import sft
 
     calls = {"n": 0}
     real_loss = sft._Task.loss
@@ -92,7 +92,8 @@ def test_changed_config_refuses_to_resume(labels_dir, tmp_path):
     head = (tmp_path / "nla" / "ar" / "value_head.safetensors").read_bytes()
     again = train_sft("ar", labels_dir, tmp_path / "nla", cfg, progress=False)
     assert again == first  # a finished run is not repeated ...
-    assert (tmp_path / "nla" / "ar" / "value_head.safetensors").read_bytes() == head  # ... or re-exported
+    # ... nor re-exported
+    assert (tmp_path / "nla" / "ar" / "value_head.safetensors").read_bytes() == head
     with pytest.raises(NLAError, match="different training configuration"):
         train_sft("ar", labels_dir, tmp_path / "nla", SFTConfig(batch_size=4, max_steps=4,
                                                                 save_every=2, lr=1.0),

@@ -5,8 +5,16 @@ import torch
 
 from nlakit import NLAError
 from nlakit.verbalizer import (
-    DEFAULT_AV_TEMPLATE, Injection, Verbalizer, choose_marker, format_target, locate_marker,
-    marker_for, nice_injection_scale, parse_explanation, render_av_prompt,
+    DEFAULT_AV_TEMPLATE,
+    Injection,
+    Verbalizer,
+    choose_marker,
+    format_target,
+    locate_marker,
+    marker_for,
+    nice_injection_scale,
+    parse_explanation,
+    render_av_prompt,
 )
 
 
@@ -76,7 +84,8 @@ def test_sft_batch_masks_everything_but_the_response(tiny):
     for row in range(2):
         resp = batch["labels"][row][batch["labels"][row] != -100].tolist()
         assert resp[-1] == tok.eos_token_id
-        assert tok.decode(resp[:-1]) == format_target(["short", "a somewhat longer explanation"][row])
+        texts = ["short", "a somewhat longer explanation"]
+        assert tok.decode(resp[:-1]) == format_target(texts[row])
     assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
 
 

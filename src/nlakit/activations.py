@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -25,11 +25,24 @@ from . import __version__
 from .corpus import Corpus, Document, load_corpus
 from .errors import ConfigMismatchError, NLAError
 from .fileio import atomic_path, read_yaml, stable_seed, write_yaml
-from .models import check_layer, d_model, forward_to_layer, load_model, num_layers, \
-    special_token_ids
+from .models import (
+    check_layer,
+    d_model,
+    forward_to_layer,
+    load_model,
+    num_layers,
+    special_token_ids,
+)
 from .store import (
-    META_FILE, PARTS_DIR, SPLITS, STATS_FILE, STORE_VERSION, ActivationStore,
-    compute_store_stats, store_schema, write_stats,
+    META_FILE,
+    PARTS_DIR,
+    SPLITS,
+    STATS_FILE,
+    STORE_VERSION,
+    ActivationStore,
+    compute_store_stats,
+    store_schema,
+    write_stats,
 )
 
 log = logging.getLogger(__name__)
@@ -353,4 +366,4 @@ def _finalize(out, parts, config, d, layer, model, fractions) -> ActivationStore
     return ActivationStore(out)
 
 
-__all__ = ["extract", "assign_split", "sample_positions", "SPLITS", "DEFAULT_SPLIT_FRACTIONS"]
+__all__ = ["DEFAULT_SPLIT_FRACTIONS", "SPLITS", "assign_split", "extract", "sample_positions"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import NLAError
-from .fileio import read_yaml, write_yaml
+from .fileio import make_temp_dir, read_yaml, write_yaml
 from .verbalizer import MarkerTokens, locate_marker, render_av_prompt
 
 META_FILE = "nla_meta.yaml"
@@ -141,7 +140,7 @@ def write_dir_atomic(target: Path, write) -> None:
     """Run write(tmp_dir) and swap the result into `target`; a crash never leaves half a dir."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = make_temp_dir(target.parent, target.name)
     try:
         write(tmp)
         if target.exists():

@@ -215,7 +215,14 @@ def cmd_eval(args) -> int:
     from .store import ActivationStore
 
     t0 = time.perf_counter()
-    nla = _load_nla_args(args)
+    if args.baselines_only:
+        from .evaluate import ReconstructorOnly
+
+        if not (args.ar or args.nla):
+            raise NLAError("--baselines-only needs --ar AR_DIR or --nla DIR")
+        nla = ReconstructorOnly.load(args.ar or f"{args.nla}/ar", device=args.device)
+    else:
+        nla = _load_nla_args(args)
     store = ActivationStore(args.acts)
     control = None
     if args.control:
@@ -485,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="label set for the label baseline")
     p.add_argument("--control", default=None,
                    help="control AV directory (trained on shuffled activations)")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="load only the AR and score the baselines (no AV needed)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("audit", help="robustness of reconstruction under meaning-preserving "

@@ -14,9 +14,10 @@ Readers stream: nothing holds the whole corpus in memory.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import NLAError
 

@@ -10,7 +10,7 @@ differ a lot on the same predictions.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

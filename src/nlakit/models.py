@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import NLAError
-from .fileio import file_sha256, stable_hash, write_json
+from .fileio import file_sha256, make_temp_dir, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ def _materialize_gguf(gguf: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = make_temp_dir(target.parent, target.name)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -254,7 +253,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     stack = decoder_stack(model)
     layers = getattr(stack, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise NLAError(f"{type(model).__name__} has no .layers ModuleList; unsupported architecture")
+        raise NLAError(f"{type(model).__name__} has no .layers ModuleList; unsupported "
+                       "architecture")
     return layers
 
 

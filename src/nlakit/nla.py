@@ -9,7 +9,12 @@ import torch
 
 from . import metrics
 from .checkpoint import (
-    ROLE_ALIASES, load_value_head, read_meta, save_ar_dir, save_av_dir, verify_av_tokenizer,
+    ROLE_ALIASES,
+    load_value_head,
+    read_meta,
+    save_ar_dir,
+    save_av_dir,
+    verify_av_tokenizer,
 )
 from .errors import NLAError
 from .fileio import write_yaml
@@ -109,7 +114,7 @@ class NLA:
     @classmethod
     def load(cls, path: str | Path | None = None, *, av: str | Path | None = None,
              ar: str | Path | None = None, device: str | None = None, dtype=None,
-             target=None) -> "NLA":
+             target=None) -> NLA:
         """Load ``NLA.load(NLA_DIR)`` (nlakit layout: NLA_DIR/av, NLA_DIR/ar) or a pair of
         directories in the official release layout: ``NLA.load(av=AV_DIR, ar=AR_DIR)``.
         target: an optional loaded ``(model, tokenizer)`` of the target for `explain_text`."""
@@ -136,7 +141,7 @@ class NLA:
 
     @classmethod
     def from_target(cls, target, layer: int, *, injection_scale: float,
-                    dataset_stats: dict | None = None, marker: str | None = None) -> "NLA":
+                    dataset_stats: dict | None = None, marker: str | None = None) -> NLA:
         """An *untrained* NLA built from a loaded target ``(model, tokenizer)``: the AV is a
         copy of the target, the AR its truncation with an identity head. A starting point for
         training and a reference for tests; its explanations mean nothing yet."""

@@ -51,7 +51,7 @@ class Reconstructor(nn.Module):
 
     @classmethod
     def from_target(cls, model: nn.Module, tokenizer, layer: int,
-                    template: str = DEFAULT_AR_TEMPLATE) -> "Reconstructor":
+                    template: str = DEFAULT_AR_TEMPLATE) -> Reconstructor:
         body = truncate_model(model, layer)
         d = model.get_input_embeddings().weight.shape[1]
         head = nn.Linear(d, d, bias=False)

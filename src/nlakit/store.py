@@ -15,8 +15,8 @@ token), vector (fixed_size_list<float32>[d_model], the raw block-K output).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa

@@ -23,7 +23,7 @@ class Rows:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, idx) -> "Rows":
+    def subset(self, idx) -> Rows:
         idx = list(idx)
         return Rows(self.vectors[idx], [self.texts[i] for i in idx],
                     [self.doc_ids[i] for i in idx], [self.row_ids[i] for i in idx])

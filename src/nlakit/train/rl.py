@@ -48,7 +48,13 @@ from ..errors import ConfigMismatchError, NLAError
 from ..fileio import stable_hash, stable_seed, write_json
 from ..reconstructor import Reconstructor
 from ..store import ActivationStore, vectors_from_arrow
-from ..verbalizer import Verbalizer
+from ..verbalizer import (
+    Explanation,
+    Verbalizer,
+    check_vectors,
+    locate_marker,
+    parse_explanation,
+)
 from . import rewards as R
 from .data import epoch_order
 from .sft import _rng_state, _set_rng_state, _trainable_state
@@ -71,7 +77,8 @@ class RLConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 150  # response cap; hitting it counts as a failure
-    reward: str = "negmse"  # negmse | neglog | contrastive
+    reward: str = "negmse"  # negmse | neglog | contrastive (InfoNCE over the m activations
+    #                          of each process's batch)
     contrastive_temperature: float = 0.1
     failure_reward: float | None = R.FAILURE_REWARD  # None: no penalty for failures
     length_penalty: float = 0.0  # reward lost by a response of full length (linear in tokens)
@@ -82,11 +89,12 @@ class RLConfig:
     truncate_min_tokens: int = 4
     max_grad_norm: float = 1.0
     eval_every: int = 25
-    eval_rows: int = 32
+    eval_rows: int = 32  # 0: no held-out evaluation
     eval_max_new_tokens: int | None = None  # default max_new_tokens
     save_every: int = 25
     rollout_batch_size: int = 64  # sequences per generate() call
     sampler: str = "fast"  # fast: nlakit's batched KV-cache sampler; hf: Verbalizer.generate
+    shared_prefix: bool = True  # compute the prompt tokens before the marker once, not per row
     seed: int = 0
     dtype: str | None = None
 
@@ -114,26 +122,120 @@ def _pad_responses(token_ids: list[list[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+def shared_prefix_len(av: Verbalizer) -> int:
+    """Prompt tokens before the marker's left neighbour. They are the same in every row and,
+    under causal attention, never see the injected vector: computing them once for the whole
+    batch (and repeating their KV cache) gives exactly the per-row result."""
+    return max(0, locate_marker(av.prompt_ids, av.marker) - 1)
+
+
+def _prefix_cache(model, av: Verbalizer, rows: int):
+    """(KV cache of the shared prompt prefix repeated for `rows` rows, prefix length); gradients
+    flow through it when enabled."""
+    k = shared_prefix_len(av)
+    if k == 0:
+        return None, 0
+    prompt = torch.tensor(av.prompt_ids[:k], device=av.device)[None]
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(rows)
+    return cache, k
+
+
 def response_logprobs(model, av: Verbalizer, vectors: torch.Tensor, resp: torch.Tensor,
-                      resp_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+                      resp_mask: torch.Tensor, temperature: float = 1.0,
+                      shared_prefix: bool = True) -> torch.Tensor:
     """Log-probabilities [n, T] of the response tokens under `model` (the AV or a wrapper of
     it) with `vectors` [n, d] injected: a teacher-forced pass over prompt + response. All
     prompts are the same length, responses are right-padded; padding gets log-prob 0. Only the
-    T + 1 last positions go through the LM head."""
+    T + 1 last positions go through the LM head; with `shared_prefix` the prompt tokens before
+    the marker run once for the whole batch."""
     dev = av.device
     n, width = resp.shape
+    cache, k = _prefix_cache(model, av, n) if shared_prefix else (None, 0)
     prompt = torch.tensor(av.prompt_ids, device=dev).expand(n, -1)
-    ids = torch.cat([prompt, resp.to(dev)], 1)
-    mask = torch.cat([torch.ones_like(prompt), resp_mask.to(dev)], 1)
+    ids = torch.cat([prompt[:, k:], resp.to(dev)], 1)
+    mask = torch.cat([torch.ones_like(prompt), resp_mask.to(dev)], 1)  # covers the prefix too
+    extra = {"past_key_values": cache, "use_cache": True} if cache is not None \
+        else {"use_cache": False}
     with av.injection.active(vectors.to(dev)):
-        out = model(input_ids=ids, attention_mask=mask, use_cache=False,
-                    logits_to_keep=width + 1)
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=width + 1, **extra)
     logits = out.logits[:, -(width + 1) : -1].float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), resp.to(dev).reshape(-1),
                             reduction="none").view(n, width)
     return logp * resp_mask.to(dev)
+
+
+def _sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                 gen: torch.Generator) -> torch.Tensor:
+    """One token per row from [a, V] logits: greedy for temperature 0, else softmax(logits/T)
+    restricted to the top-p nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        srt, idx = logits.sort(-1, descending=True)
+        probs = srt.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
+        logits = torch.full_like(logits, float("-inf")).scatter(
+            -1, idx, srt.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+
+
+@torch.no_grad()
+def fast_generate(av: Verbalizer, vectors, *, n: int = 1, temperature: float = 1.0,
+                  top_p: float = 1.0, max_new_tokens: int = 150, batch_size: int = 64,
+                  seed: int = 0) -> list[Explanation]:
+    """`Verbalizer.generate` for rollouts, same output (with token ids), less work:
+    the shared prompt prefix runs once per call; the prompt prefill computes logits for the
+    last position only; decoding is a plain loop over the model with a KV cache and no
+    attention mask (every live row has the same length); rows that wrote EOS leave the batch
+    (their cache rows are dropped), so finished samples cost nothing. Sampling uses its own
+    seeded generator (a different random stream from `generate`'s)."""
+    v = check_vectors(vectors, av.d_model).repeat_interleave(n, 0)
+    if max_new_tokens < 1 or batch_size < 1:
+        raise NLAError("max_new_tokens and batch_size must be >= 1")
+    model, dev, eos = av.model, av.device, av.eos_id
+    gen = torch.Generator(device=dev).manual_seed(int(seed))
+    k = shared_prefix_len(av)
+    prompt = torch.tensor(av.prompt_ids, device=dev)
+    results: list[Explanation] = []
+    for start in range(0, v.shape[0], batch_size):
+        chunk = v[start : start + batch_size]
+        b = chunk.shape[0]
+        cache, _ = _prefix_cache(model, av, b)
+        with av.injection.active(chunk):
+            out = model(input_ids=prompt[k:].expand(b, -1), past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        logits = out.logits[:, -1]
+        tokens = torch.full((b, max_new_tokens), av.pad_id, dtype=torch.long)
+        lengths = torch.full((b,), max_new_tokens, dtype=torch.long)
+        alive = torch.arange(b)
+        for t in range(max_new_tokens):
+            nxt = _sample_next(logits, temperature, top_p, gen)
+            tokens[alive, t] = nxt.cpu()
+            if t == max_new_tokens - 1:
+                break
+            done = (nxt == eos).cpu()
+            if bool(done.any()):
+                lengths[alive[done]] = t + 1
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                alive, nxt = alive[keep], nxt[keep.to(dev)]
+                cache.batch_select_indices(keep.to(dev))
+            out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1]
+        for row, n_tok in zip(tokens.tolist(), lengths.tolist()):
+            ids = row[:n_tok]
+            raw = av.tokenizer.decode(ids, skip_special_tokens=True)
+            text, complete = parse_explanation(raw)
+            hit_cap = n_tok >= max_new_tokens and ids[-1] != eos
+            results.append(Explanation(text, complete, raw, n_tok, hit_cap, ids))
+    return results
 
 
 def sample_rollouts(av: Verbalizer, vectors: torch.Tensor, group_size: int, temperature: float,
@@ -145,8 +247,8 @@ def sample_rollouts(av: Verbalizer, vectors: torch.Tensor, group_size: int, temp
                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     if sampler != "fast":
         raise NLAError(f"unknown sampler {sampler!r}; use fast or hf")
-    return av.generate(vectors, n=group_size, temperature=temperature, top_p=top_p,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    return fast_generate(av, vectors, n=group_size, temperature=temperature, top_p=top_p,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
 
 
 def _prefixes(tokenizer, texts: list[str], lengths: torch.Tensor) -> list[str]:
@@ -162,15 +264,20 @@ def _finite_grads(params) -> bool:
 def _read_log(path: Path) -> list[dict]:
     if not path.is_file():
         return []
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a killed process
+                continue
+    return rows
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     tmp.replace(path)
 
 
@@ -202,11 +309,12 @@ class _TensorBoard:
 
 def train_rl(nla_dir: str | Path, acts: str | Path, out_dir: str | Path,
              cfg: RLConfig | None = None, *, resume: bool = False, overwrite: bool = False,
-             progress: bool = True) -> dict | None:
+             progress: bool = True, export: bool = True) -> dict | None:
     """GRPO on the AV of the NLA at `nla_dir` (usually the SFT warm start) with its AR trained
     alongside, on the ``rl`` split of the activation store `acts`; held-out evaluation on its
     ``heldout`` split. Writes ``out_dir/metrics.jsonl``, a checkpoint under
-    ``out_dir/.train-rl`` and finally the NLA (``out_dir/av``, ``out_dir/ar``).
+    ``out_dir/.train-rl`` and finally the NLA (``out_dir/av``, ``out_dir/ar``; export=False
+    skips it, for benchmarks).
     Returns a summary on the main process (None elsewhere)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -269,7 +377,8 @@ def train_rl(nla_dir: str | Path, acts: str | Path, out_dir: str | Path,
                        f"--batch-size {cfg.batch_size}")
     rl_vectors = store.vectors("rl")
     rawvar = float(store.stats("all")["rawvar"])
-    has_heldout = "heldout" in store.splits and store.num_rows("heldout") > 0
+    has_heldout = cfg.eval_rows > 0 and "heldout" in store.splits \
+        and store.num_rows("heldout") > 0
     if has_heldout:
         held = store.table("heldout", columns=["row_id", "vector", "token_text", "prefix"])
         held = held.slice(0, min(held.num_rows, cfg.eval_rows))
@@ -277,7 +386,7 @@ def train_rl(nla_dir: str | Path, acts: str | Path, out_dir: str | Path,
                                                            store.d_model).copy())
         held_prefix = held.column("prefix").to_pylist()
         held_ids = held.column("row_id").to_pylist()
-    else:
+    elif cfg.eval_rows > 0:
         log.warning("%s has no heldout split: no held-out evaluation", store.path)
 
     # ---- the AV policy: fresh LoRA over the merged SFT AV; reference = adapters disabled ----
@@ -340,8 +449,8 @@ def train_rl(nla_dir: str | Path, acts: str | Path, out_dir: str | Path,
         """Greedy explanations of the first eval_rows held-out rows, scored by the AR."""
         policy.eval()
         ar.eval()
-        exps = av.generate(held_vectors, n=1, temperature=0.0,
-                           max_new_tokens=eval_tokens, batch_size=cfg.rollout_batch_size)
+        exps = sample_rollouts(av, held_vectors, 1, 0.0, 1.0, eval_tokens,
+                               cfg.rollout_batch_size, seed=0, sampler=cfg.sampler)
         pred = ar.reconstruct([e.text for e in exps], batch_size=cfg.rollout_batch_size)
         fve = metrics.fve_nrm(pred, held_vectors, rawvar)
         examples = [{"row_id": int(held_ids[i]), "context": held_prefix[i][-120:],
@@ -415,11 +524,12 @@ def train_rl(nla_dir: str | Path, acts: str | Path, out_dir: str | Path,
             if ref_av is None:
                 with policy.disable_adapter():
                     ref_logp = response_logprobs(policy, av, vec_rep, resp, resp_mask,
-                                                 cfg.temperature)
+                                                 cfg.temperature, cfg.shared_prefix)
             else:
                 ref_logp = response_logprobs(ref_av.model, ref_av, vec_rep, resp, resp_mask,
-                                             cfg.temperature)
-        logp = response_logprobs(av_module, av, vec_rep, resp, resp_mask, cfg.temperature)
+                                             cfg.temperature, cfg.shared_prefix)
+        logp = response_logprobs(av_module, av, vec_rep, resp, resp_mask, cfg.temperature,
+                                 cfg.shared_prefix)
         mask_d = resp_mask.to(logp.device)
         kl_tok = R.kl_per_token(logp.detach(), ref_logp, cfg.kl_estimator)
         shaped = reward
@@ -522,10 +632,12 @@ def train_rl(nla_dir: str | Path, acts: str | Path, out_dir: str | Path,
                "final": {k: v for k, v in last.items() if k not in ("examples", "example")}}
     if acc.is_main_process:
         save_checkpoint(cfg.max_steps)
+    if acc.is_main_process and export:
         _export(nla, acc.unwrap_model(av_module), acc.unwrap_model(ar_module), av, out_dir,
                 {"rl": {"config": asdict(cfg), "from_nla": str(nla_dir.resolve()),
                         "acts": str(store.path.resolve()), "summary": summary,
                         "nlakit_version": __version__}})
+    if acc.is_main_process:
         write_json(train_dir / "summary.json", summary)
     acc.wait_for_everyone()
     return summary if acc.is_main_process else None
