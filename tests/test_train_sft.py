@@ -36,7 +36,7 @@ def _log(out, role):
 def test_av_and_ar_learn_and_form_a_loadable_nla(labels_dir, tmp_path, tiny):
     # full fine-tuning (lora_rank=0) here: LoRA on a d=64 random model learns too slowly to
     # show in a dozen steps; LoRA itself is exercised by the other tests
-    cfg = SFTConfig(lr=1e-3, batch_size=8, max_steps=12, eval_every=4, save_every=100,
+    cfg = SFTConfig(lr=3e-3, batch_size=8, max_steps=12, eval_every=4, save_every=100,
                     lora_rank=0)
     av = train_sft("av", labels_dir, tmp_path / "nla", cfg, progress=False)
     ar = train_sft("ar", labels_dir, tmp_path / "nla", cfg, progress=False)
