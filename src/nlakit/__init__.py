@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from .errors import NLAError  # noqa: E402
-from .models import load_model  # noqa: E402
+from .errors import NLAError
+from .models import load_model
 
-__all__ = ["NLAError", "load_model", "extract", "ActivationStore", "load_corpus", "metrics"]
+__all__ = ["ActivationStore", "NLAError", "extract", "load_corpus", "load_model", "metrics"]
 
 
 def __getattr__(name):  # lazy: `import nlakit` stays fast for the CLI and helpers

@@ -14,8 +14,8 @@ from __future__ import annotations
 import ast
 import json
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .corpus import Corpus, Document, render_chat
 from .errors import NLAError
