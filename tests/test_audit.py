@@ -200,7 +200,8 @@ def test_rules_paraphraser_keeps_quoted_spans_and_per_unit_mode():
     assert '"the model is"' in out and "'the'" in out and out.startswith("This passage")
 
     class Upper(RulesParaphraser):
-        calls = []
+        def __init__(self):
+            self.calls = []
 
         def paraphrase(self, texts):
             self.calls.append(list(texts))
@@ -211,3 +212,29 @@ def test_rules_paraphraser_keeps_quoted_spans_and_per_unit_mode():
     assert p.paraphrase_texts([TEXT, "one line"]) == [TEXT.upper(), "ONE LINE"]
     assert len(p.calls[0]) == 4  # three lines + one
     assert make_paraphraser("rules", per_unit=True).per_unit
+
+
+def test_audit_cli_reuses_eval_explanations_and_writes_combined_report(untrained, tiny_store,
+                                                                        tmp_path, capsys):
+    from nlakit.cli import main
+
+    root = untrained.save(tmp_path / "nla")
+    common = ["--nla", str(root), "--acts", str(tiny_store.path), "--max-rows", "12",
+              "--max-new-tokens", "3", "--n-boot", "50"]
+    assert main(["eval", *common, "--quote", "4", "--json", str(tmp_path / "eval.json")]) == 0
+    report = tmp_path / "rep" / "report.html"
+    assert main(["audit", *common, "--paraphraser", "rules", "--explanations",
+                 str(tmp_path / "eval.json"), "--eval-json", str(tmp_path / "eval.json"),
+                 "--report", str(report)]) == 0
+    data = json.loads((tmp_path / "rep" / "audit.json").read_text())
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert data["explanations_source"].startswith("given")
+    assert data["n_rows"] == ev["n_rows"]
+    assert data["fve_original"]["mean"] == pytest.approx(ev["methods"]["nla"]["fve_nrm"]["mean"],
+                                                         abs=1e-4)
+    html = report.read_text()
+    assert "<h2>Evaluation</h2>" in html and "<h2>Faithfulness audit</h2>" in html
+    assert "paraphrase" in capsys.readouterr().out
+    assert main(["report", "--eval", str(tmp_path / "eval.json"), "--audit",
+                 str(tmp_path / "rep" / "audit.json"), "--out", str(tmp_path / "r2.html")]) == 0
+    assert (tmp_path / "r2.md").is_file()

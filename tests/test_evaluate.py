@@ -171,3 +171,17 @@ def test_best_of_n_keeps_the_sample_the_ar_reconstructs_best(untrained, tiny_sto
     picked, pred = best_of_n(untrained, v, 3, max_new_tokens=4, batch_size=32, seed=7)
     assert len(picked) == v.shape[0]
     assert torch.allclose(metrics.mse_nrm(pred, v), mse.min(1).values, atol=1e-5)
+
+
+def test_baselines_only_needs_no_av(untrained, tiny_store, tmp_path):
+    from nlakit.cli import main
+
+    root = untrained.save(tmp_path / "nla")
+    rc = main(["eval", "--baselines-only", "--ar", str(root / "ar"), "--acts",
+               str(tiny_store.path), "--max-rows", "12", "--quote", "3", "--n-boot", "50",
+               "--report", str(tmp_path / "b" / "r.html")])
+    assert rc == 0
+    d = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert "nla" not in d["methods"] and {"mean_direction", "quote_3"} <= set(d["methods"])
+    assert "nla" in d["skipped"] and "wrong_document" in d["skipped"]
+    assert "<h3>Examples</h3>" in (tmp_path / "b" / "r.html").read_text()

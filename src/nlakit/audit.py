@@ -89,6 +89,13 @@ def ablate_unit(text: str, k: int) -> str | None:
 # ---- paraphrasers -------------------------------------------------------------------------
 
 PARAPHRASE_INSTRUCTION = "Rewrite this text with different words, keeping its meaning:"
+# one worked example keeps small local models on task (answer = the rewrite, nothing else)
+PARAPHRASE_ONE_SHOT = [
+    {"role": "user", "content": f"{PARAPHRASE_INSTRUCTION}\n\nThe text ends with \"the cat "
+                                "sat on\"; the next word is probably a place."},
+    {"role": "assistant", "content": "The passage finishes with \"the cat sat on\", so a "
+                                     "location likely comes next."},
+]
 
 
 class Paraphraser:
@@ -195,7 +202,8 @@ class LocalParaphraser(Paraphraser):
 
     def prompt(self, text: str) -> str:
         _, tok = self._load()
-        msg = [{"role": "user", "content": f"{PARAPHRASE_INSTRUCTION}\n\n{text}"}]
+        msg = [*PARAPHRASE_ONE_SHOT,
+               {"role": "user", "content": f"{PARAPHRASE_INSTRUCTION}\n\n{text}"}]
         return tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
 
     @torch.no_grad()

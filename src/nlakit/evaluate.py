@@ -206,6 +206,36 @@ def best_of_n(nla, vectors: torch.Tensor, n: int, *, max_new_tokens: int, batch_
 # ---- the evaluation ----------------------------------------------------------------------
 
 
+class ReconstructorOnly:
+    """An AR without an AV: enough for the baselines (`nlakit eval --baselines-only`), e.g. to
+    score quote/label baselines of an AR before its AV exists."""
+
+    av = None
+
+    def __init__(self, ar):
+        self.ar = ar
+
+    @property
+    def layer(self) -> int:
+        return self.ar.layer
+
+    @property
+    def d_model(self) -> int:
+        return self.ar.d_model
+
+    def reconstruct(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        return self.ar.reconstruct(texts, batch_size=batch_size)
+
+    @classmethod
+    def load(cls, ar_dir: str | Path, device: str | None = None) -> ReconstructorOnly:
+        from .models import resolve_device, resolve_dtype
+        from .nla import _load_ar
+
+        dev = resolve_device(device)
+        ar, _ = _load_ar(Path(ar_dir), resolve_dtype(None, dev), dev)
+        return cls(ar)
+
+
 @dataclass
 class EvalConfig:
     split: str = "heldout"
@@ -280,16 +310,21 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
         per_row[name] = full
 
     # the NLA, greedy
-    t = time.perf_counter()
-    exps = nla.explain(v, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                       batch_size=cfg.batch_size)
-    timings["nla_generate"] = time.perf_counter() - t
-    t = time.perf_counter()
-    pred_nla = nla.reconstruct([e.text for e in exps], batch_size=cfg.batch_size)
-    timings["nla_reconstruct"] = time.perf_counter() - t
-    record("nla", pred_nla, note="greedy explanation read by the AR")
+    has_av = getattr(nla, "av", None) is not None
+    exps, pred_nla = [], None
+    if has_av:
+        t = time.perf_counter()
+        exps = nla.explain(v, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.batch_size)
+        timings["nla_generate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        pred_nla = nla.reconstruct([e.text for e in exps], batch_size=cfg.batch_size)
+        timings["nla_reconstruct"] = time.perf_counter() - t
+        record("nla", pred_nla, note="greedy explanation read by the AR")
+    else:
+        notes["nla"] = "skipped: no AV (baselines only)"
 
-    if cfg.best_of > 1:
+    if cfg.best_of > 1 and has_av:
         t = time.perf_counter()
         _, pred_best = best_of_n(nla, v, cfg.best_of, max_new_tokens=cfg.max_new_tokens,
                                  batch_size=cfg.batch_size, seed=cfg.seed)
@@ -309,7 +344,9 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
                note=f"constant mean direction of the training splits ({'+'.join(names)}), "
                     "not fitted to the evaluated rows: the honest out-of-sample constant")
 
-    if rows.n_docs >= 2:
+    if not has_av:
+        notes["wrong_document"] = "skipped: needs the NLA's explanations (no AV)"
+    elif rows.n_docs >= 2:
         wd = wrong_document_index(groups, cfg.seed)
         record("wrong_document", pred_nla[torch.as_tensor(wd)],
                note="each row scored with the NLA explanation of a row of another document")
@@ -368,7 +405,6 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
                             - sanity["measured_mean_direction_fve_nrm_rows"]) < 1e-4
                         and abs(methods["mean_direction"]["fve_meannorm"]["mean"]) < 1e-5)
     timings["total"] = time.perf_counter() - t0
-    n_complete = sum(e.complete for e in exps)
     data = {
         "kind": "nlakit_eval",
         "split": rows.split, "n_rows": len(rows), "n_docs": rows.n_docs,
@@ -385,17 +421,20 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
         "methods": methods,
         "skipped": notes,
         "sanity": sanity,
-        "explanations": {"complete": n_complete, "hit_cap": sum(e.hit_cap for e in exps),
-                         "mean_tokens": float(np.mean([e.n_tokens for e in exps]))},
+        "explanations": ({"complete": sum(e.complete for e in exps),
+                          "hit_cap": sum(e.hit_cap for e in exps),
+                          "mean_tokens": float(np.mean([e.n_tokens for e in exps]))}
+                         if exps else None),
         "timings_s": {k: round(x, 3) for k, x in timings.items()},
         "rows": [
             {"row_id": int(rows.row_ids[i]), "doc_id": str(rows.doc_ids[i]),
              "position": int(rows.positions[i]),
              "prefix_tail": rows.prefixes[i][-PREFIX_CHARS_KEPT:],
-             "explanation": exps[i].text, "complete": bool(exps[i].complete),
-             "n_tokens": int(exps[i].n_tokens),
+             "explanation": exps[i].text if exps else None,
+             "complete": bool(exps[i].complete) if exps else None,
+             "n_tokens": int(exps[i].n_tokens) if exps else None,
              "fve_nrm": {k: _num(per_row[k]["fve_nrm"][i]) for k in per_row},
-             "cos": _num(per_row["nla"]["cos"][i])}
+             "cos": _num(per_row["nla"]["cos"][i]) if has_av else None}
             for i in range(len(rows))
         ],
     }
@@ -419,14 +458,14 @@ def format_table(data: dict) -> str:
              f"layer {data['layer']}; {data['ci']}"),
              f"fve_nrm denominator: {data['denominator']['fve_nrm']}",
              f"fve_meannorm denominator: {data['denominator']['fve_meannorm']}",
-             (f"{'method':<18} {'rows':>5}  {'fve_nrm [95% CI]':<26} {'mse_nrm [95% CI]':<26} "
+             (f"{'method':<22} {'rows':>5}  {'fve_nrm [95% CI]':<26} {'mse_nrm [95% CI]':<26} "
              f"{'cos [95% CI]':<26} {'fve_meannorm':>12}")]
     for name, m in data["methods"].items():
         def cell(k, m=m):
             s = m[k]
             return f"{s['mean']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"
-        lines.append(f"{name:<18} {m['n_rows']:>5}  {cell('fve_nrm'):<26} {cell('mse_nrm'):<26} "
+        lines.append(f"{name:<22} {m['n_rows']:>5}  {cell('fve_nrm'):<26} {cell('mse_nrm'):<26} "
                      f"{cell('cos'):<26} {m['fve_meannorm']['mean']:>+12.3f}")
     for name, why in data.get("skipped", {}).items():
-        lines.append(f"{name:<18} {why}")
+        lines.append(f"{name:<22} {why}")
     return "\n".join(lines)

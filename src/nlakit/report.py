@@ -163,6 +163,11 @@ def _eval_html(ev: dict) -> list[str]:
                f"1 − 2/(1 + ||E ĝ||) = {san.get('expected_mean_direction_fve_nrm_rows', float('nan')):+.5f}"
                f" — {'OK' if san.get('ok') else 'MISMATCH'}.</p>")
     out.append(plot_baselines(ev))
+    if "nla" not in ev["methods"]:
+        for sec in SECTIONS_EVAL[1:]:
+            out.append(f"<h3>{sec}</h3><p class='cap'>{_scope(ev)} Not available: this run has "
+                       "no NLA explanations (baselines only).</p>")
+        return out
     out.append(f"<h3>Per-row FVE</h3><p class='cap'>{_scope(ev)}</p>" + plot_histogram(ev))
     out.append(f"<h3>FVE by token position</h3><p class='cap'>{_scope(ev)}</p>"
                + plot_by_position(ev))
