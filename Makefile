@@ -29,7 +29,7 @@ demo: $(STAMP)
 		--eval-every 20 --save-every 10
 	$(BIN)/nlakit train ar --data $(DEMO_OUT)/labels --out $(DEMO_OUT)/nla --max-steps 30 \
 		--eval-every 20 --save-every 10
-	$(BIN)/nlakit explain --nla $(DEMO_OUT)/nla --max-new-tokens 60 --positions -3,-2,-1 \
+	$(BIN)/nlakit explain --nla $(DEMO_OUT)/nla --max-new-tokens 60 --positions=-3,-2,-1 \
 		"The Python language reference says that an assignment statement evaluates the expression list and"
 
 test: $(STAMP)
