@@ -330,6 +330,14 @@ def _add_eval_common(p) -> None:
                    help="write a self-contained HTML report here (and a .md summary beside it)")
 
 
+def cmd_plot(args) -> int:
+    from .plot import plot_log
+
+    drawn = plot_log(args.log, args.out, title=args.title)
+    print(f"wrote {args.out} ({', '.join(drawn)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -524,6 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report.html (report.md is written beside it)")
     p.add_argument("--title", default="nlakit report")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("plot", help="PNG of training curves from metrics.jsonl / log.jsonl")
+    p.add_argument("log", help="a metrics.jsonl / log.jsonl file or the directory holding it")
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
