@@ -9,6 +9,13 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """An nlakit cache of the test's own (label database, hash memos); opt in per module with
+    ``pytestmark = pytest.mark.usefixtures("private_cache")``."""
+    monkeypatch.setenv("NLAKIT_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from nlakit.testing import make_tiny_model_dir

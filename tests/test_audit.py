@@ -24,10 +24,7 @@ from nlakit.evaluate import EvalConfig, evaluate, select_rows
 from nlakit.nla import NLA
 from nlakit.report import SECTIONS_AUDIT, SECTIONS_EVAL, render_markdown, write_report
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NLAKIT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

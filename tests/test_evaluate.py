@@ -21,10 +21,7 @@ from nlakit.evaluate import (
 from nlakit.labels import Labeller, label_store
 from nlakit.nla import NLA
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NLAKIT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

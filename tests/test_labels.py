@@ -26,11 +26,7 @@ from nlakit.labels import (
 )
 from nlakit.labels_context import ContextLabeller, text_kind, top_next_tokens
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Every test gets its own nlakit cache (label database, hash memos)."""
-    monkeypatch.setenv("NLAKIT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 # ---- parsing and rules --------------------------------------------------------------------

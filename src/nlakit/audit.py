@@ -34,6 +34,7 @@ from .evaluate import (
     select_rows,
 )
 from .fileio import stable_seed
+from .models import generate_continuations, require_chat_template
 
 MAX_ABLATED_UNITS = 5
 
@@ -195,9 +196,7 @@ class LocalParaphraser(Paraphraser):
             from .models import load_model
 
             self._loaded = load_model(self.model_spec, dtype=self.dtype, device=self.device)
-        if not getattr(self._loaded[1], "chat_template", None):
-            raise NLAError(f"the local paraphraser needs an instruct model with a chat "
-                           f"template; {self.model_spec!r} has none")
+        require_chat_template(self._loaded[1], self.model_spec, "local paraphraser")
         return self._loaded
 
     def prompt(self, text: str) -> str:
@@ -206,27 +205,14 @@ class LocalParaphraser(Paraphraser):
                {"role": "user", "content": f"{PARAPHRASE_INSTRUCTION}\n\n{text}"}]
         return tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
 
-    @torch.no_grad()
     def paraphrase(self, texts: list[str]) -> list[str | None]:
         model, tok = self._load()
         out: list[str | None] = []
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start : start + self.batch_size]
-            old = tok.padding_side
-            tok.padding_side = "left"
-            try:
-                enc = tok([self.prompt(t) for t in chunk], return_tensors="pt", padding=True,
-                          add_special_tokens=False)
-            finally:
-                tok.padding_side = old
-            dev = next(model.parameters()).device
-            enc = {k: v.to(dev) for k, v in enc.items()}
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            gen = model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, max_length=None)
-            for seq in gen[:, enc["input_ids"].shape[1]:]:
-                s = tok.decode(seq, skip_special_tokens=True).strip()
-                out.append(s or None)
+            new = generate_continuations(model, tok, [self.prompt(t) for t in chunk],
+                                         max_new_tokens=self.max_new_tokens)
+            out.extend(s.strip() or None for s in new)
         return out
 
     def describe(self) -> str:

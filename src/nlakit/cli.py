@@ -79,9 +79,16 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def _config_from_args(config_cls, args, **overrides):
+    """A config dataclass from the CLI arguments that name its fields (None = keep default)."""
     from dataclasses import fields
 
+    known = {f.name for f in fields(config_cls)}
+    values = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    return config_cls(**{**values, **overrides})
+
+
+def cmd_train(args) -> int:
     if args.role == "rl":
         return cmd_train_rl(args)
     if args.data is None:
@@ -89,11 +96,9 @@ def cmd_train(args) -> int:
                        "`nlakit label`)")
     from .train.sft import SFTConfig, train_sft
 
-    known = {f.name for f in fields(SFTConfig)}
-    values = {k: v for k, v in vars(args).items() if k in known and v is not None}
-    if args.full:
-        values["lora_rank"] = 0
-    summary = train_sft(args.role, args.data, args.out, SFTConfig(**values), acts=args.acts,
+    overrides = {"lora_rank": 0} if args.full else {}
+    summary = train_sft(args.role, args.data, args.out,
+                        _config_from_args(SFTConfig, args, **overrides), acts=args.acts,
                         overwrite=args.overwrite)
     if summary is not None:
         print(json.dumps(summary, indent=2, default=str))
@@ -101,22 +106,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_rl(args) -> int:
-    from dataclasses import fields
-
     from .train.rl import RLConfig, train_rl
 
     if not args.nla or not args.acts:
         raise NLAError("`nlakit train rl` needs --nla (the SFT NLA directory) and --acts (the "
                        "activation store with rl and heldout splits)")
-    known = {f.name for f in fields(RLConfig)}
-    values = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    overrides = {}
     if args.full:
-        values["lora_rank"] = 0
+        overrides["lora_rank"] = 0
     if args.ar_full:
-        values["ar_lora_rank"] = 0
+        overrides["ar_lora_rank"] = 0
     if args.no_failure_penalty:
-        values["failure_reward"] = None
-    summary = train_rl(args.nla, args.acts, args.out, RLConfig(**values), resume=args.resume,
+        overrides["failure_reward"] = None
+    summary = train_rl(args.nla, args.acts, args.out,
+                       _config_from_args(RLConfig, args, **overrides), resume=args.resume,
                        overwrite=args.overwrite)
     if summary is not None:
         print(json.dumps(summary, indent=2, default=str))

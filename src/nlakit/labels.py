@@ -40,7 +40,13 @@ import torch
 
 from .errors import ConfigMismatchError, NLAError
 from .fileio import atomic_path, read_yaml, stable_hash, stable_seed, write_yaml
-from .models import cache_dir, resolve_model, weights_hash
+from .models import (
+    cache_dir,
+    generate_continuations,
+    require_chat_template,
+    resolve_model,
+    weights_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -384,9 +390,7 @@ class LocalLabeller(Labeller):
             from .models import load_model
 
             self._loaded = load_model(self.model_spec, dtype=self.dtype, device=self.device)
-        if not getattr(self._loaded[1], "chat_template", None):
-            raise NLAError(f"the local labeller needs an instruct model with a chat template; "
-                           f"{self.model_spec!r} has none")
+        require_chat_template(self._loaded[1], self.model_spec, "local labeller")
         return self._loaded
 
     def prepare(self) -> None:
@@ -399,26 +403,15 @@ class LocalLabeller(Labeller):
                                         tokenize=False, add_generation_prompt=True)
                 + self.PREFILL for r in rows]
 
-    @torch.no_grad()
     def label_batch(self, rows: list[LabelRow]) -> list[str]:
         model, tok = self._load()
-        texts = self.prompts(rows)
-        old_side = tok.padding_side
-        tok.padding_side = "left"  # generation continues every row from its last real token
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = old_side
-        device = next(model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
         sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
                     if self.temperature > 0 else {"do_sample": False})
         torch.manual_seed(stable_seed(self.seed, rows[0].row_id))
-        out = model.generate(
-            **enc, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id,
-            stop_strings=["</explanation>"], tokenizer=tok, max_length=None, **sampling)
-        new = out[:, enc["input_ids"].shape[1]:]
-        return [self.PREFILL + tok.decode(seq, skip_special_tokens=True) for seq in new]
+        new = generate_continuations(model, tok, self.prompts(rows),
+                                     max_new_tokens=self.max_new_tokens, sampling=sampling,
+                                     stop_strings=["</explanation>"])
+        return [self.PREFILL + text for text in new]
 
     def close(self) -> None:
         self._loaded = None

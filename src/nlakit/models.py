@@ -300,6 +300,36 @@ def special_token_ids(tokenizer) -> set[int]:
     return ids
 
 
+def require_chat_template(tokenizer, spec: str, purpose: str) -> None:
+    """NLAError unless the tokenizer can render chat prompts (an instruct model)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise NLAError(f"the {purpose} needs an instruct model with a chat template; {spec!r} "
+                       "has none")
+
+
+@torch.no_grad()
+def generate_continuations(model: nn.Module, tokenizer, prompts: list[str], *,
+                           max_new_tokens: int, sampling: dict | None = None,
+                           stop_strings: list[str] | None = None) -> list[str]:
+    """Batched generation from already-rendered prompts: left-padded (every row continues from
+    its last real token), one `generate` call, the new tokens of each row decoded."""
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old_side
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                         max_length=None, **(sampling or {"do_sample": False}), **extra)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [tokenizer.decode(seq, skip_special_tokens=True) for seq in new]
+
+
 class _StopForward(Exception):
     """Raised by a hook after block K so later blocks are never computed."""
 
