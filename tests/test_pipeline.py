@@ -1,0 +1,114 @@
+"""The one-command pipeline on the tiny random model: every stage runs, a re-run skips them all,
+a changed stage refuses until --from redoes it, and the shipped configs validate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nlakit.errors import ConfigMismatchError, NLAError
+from nlakit.pipeline import STAGES, load_config, plan, run_pipeline
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_config(tmp_path, model_dir, **changes) -> Path:
+    cfg = {
+        "name": "tiny", "model": str(model_dir), "layer": 2, "runs_dir": str(tmp_path / "runs"),
+        "extract": {"corpus": "builtin:docs", "max_docs": 24, "max_tokens_per_doc": 160,
+                    "positions_per_doc": 4, "min_position": 20, "shard_docs": 8},
+        "label": {"labeller": "context", "splits": ["av_sft", "ar_sft", "heldout"]},
+        "train_av": {"max_steps": 2, "batch_size": 4, "eval_every": 2, "eval_rows": 4,
+                     "max_response_tokens": 32},
+        "train_ar": {"max_steps": 2, "batch_size": 4, "eval_every": 2, "eval_rows": 4},
+        "train_rl": {"max_steps": 2, "batch_size": 2, "group_size": 2, "max_new_tokens": 12,
+                     "eval_every": 2, "eval_rows": 2, "save_every": 1},
+        "eval": {"max_rows": 6, "max_new_tokens": 12, "n_boot": 50, "quote_tokens": [4]},
+        "audit": {"max_rows": 6, "max_new_tokens": 12, "n_boot": 50},
+    }
+    for key, value in changes.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir)
+    summary = run_pipeline(config, progress=False)
+    assert [s["stage"] for s in summary["stages"]] == list(STAGES)
+    assert all(s["status"] == "done" for s in summary["stages"])
+    run = tmp_path / "runs" / "tiny"
+    for path in ("acts/meta.yaml", "labels/meta.yaml", "sft/av/nla_meta.yaml",
+                 "sft/ar/nla_meta.yaml", "rl/metrics.jsonl", "nla/av/nla_meta.yaml",
+                 "nla/ar/value_head.safetensors", "eval/eval.json", "audit/audit.json",
+                 "report/report.html", "summary.json"):
+        assert (run / path).is_file(), path
+    ev = json.loads((run / "eval/eval.json").read_text())
+    assert {"nla", "mean_direction", "quote_4", "label"} <= set(ev["methods"])
+    assert summary["eval"]["nla"] == ev["methods"]["nla"]["fve_nrm"]["mean"]
+    # the final NLA is the RL output (hard links), loadable as a normal checkpoint
+    from nlakit.nla import NLA
+
+    nla = NLA.load(run / "nla")
+    assert nla.layer == 2
+    assert (run / "nla/av/model.safetensors").stat().st_ino == \
+        (run / "rl/av/model.safetensors").stat().st_ino
+    # the audit reused the eval's explanations (same rows)
+    au = json.loads((run / "audit/audit.json").read_text())
+    assert au["explanations_source"].startswith("given")
+
+    again = run_pipeline(config, progress=False)
+    assert all(s["status"] == "skipped" for s in again["stages"])
+    assert dict(plan(config)) == {s: "complete" for s in STAGES}
+
+    # a changed stage refuses (naming the setting and the fix); later stages depend on it
+    changed = tiny_config(tmp_path, tiny_model_dir, eval={"max_rows": 8})
+    status = dict(plan(changed))
+    assert status["eval"] == "changed" and status["audit"] == "changed"
+    assert status["train_rl"] == "complete"
+    with pytest.raises(ConfigMismatchError, match=r"max_rows.*--from eval"):
+        run_pipeline(changed, progress=False)
+    redone = run_pipeline(changed, start="eval", progress=False)
+    by_stage = {s["stage"]: s["status"] for s in redone["stages"]}
+    assert by_stage["train_rl"] == "skipped" and by_stage["eval"] == "done"
+    assert by_stage["report"] == "done"
+
+
+def test_pipeline_without_rl_uses_the_sft_checkpoint(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, train_rl={"enabled": False},
+                         audit={"enabled": False})
+    summary = run_pipeline(config, stop="nla", progress=False)
+    by_stage = {s["stage"]: s["status"] for s in summary["stages"]}
+    assert by_stage["train_rl"] == "disabled" and by_stage["nla"] == "done"
+    assert "eval" not in by_stage
+    run = tmp_path / "runs" / "tiny"
+    assert not (run / "rl").exists()
+    assert (run / "nla/av/model.safetensors").stat().st_ino == \
+        (run / "sft/av/model.safetensors").stat().st_ino
+
+
+def test_bad_configs_fail_before_any_work(tmp_path, tiny_model_dir):
+    with pytest.raises(NLAError, match="unknown key.*lrr"):
+        load_config(tiny_config(tmp_path, tiny_model_dir, train_av={"lrr": 1}))
+    with pytest.raises(NLAError, match="reward must be one of"):
+        load_config(tiny_config(tmp_path, tiny_model_dir, train_rl={"reward": "nope"}))
+    with pytest.raises(NLAError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(NLAError, match="KEY=VALUE"):
+        load_config(tiny_config(tmp_path, tiny_model_dir), ["train_av.max_steps"])
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir), ["train_av.max_steps=7",
+                                                              "name=other"])
+    assert cfg.train_av["max_steps"] == 7 and cfg.name == "other"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["cpu-demo", "cpu-reference", "gpu-qwen2.5-0.5b"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.name == name
