@@ -215,7 +215,8 @@ def test_local_labeller_batched_generation_on_tiny(tiny, tiny_store):
 
 # ---- the OpenAI-compatible labeller against a loopback server -----------------------------
 
-GOOD = "<explanation>\n- **Reference documentation** about Python.\nEnds mid-sentence.\n</explanation>"
+GOOD = ("<explanation>\n- **Reference documentation** about Python.\nEnds mid-sentence.\n"
+        "</explanation>")
 
 
 class ChatServer:

@@ -69,7 +69,8 @@ def test_clipped_policy_loss_clips_the_right_side():
         loss, info = R.clipped_policy_loss(logp, old, torch.tensor([adv]), mask, 0.2)
         loss.backward()
         clipped_ratio = min(max(ratio, 0.8), 1.2)
-        assert float(loss.detach()) == pytest.approx(-min(ratio * adv, clipped_ratio * adv), rel=1e-5)
+        expected = -min(ratio * adv, clipped_ratio * adv)
+        assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
         assert (float(logp.grad) == 0.0) == grad_zero, (adv, ratio)
         assert info["clip_fraction"] == (1.0 if grad_zero else 0.0)
     # padding tokens never count: a masked token with a huge ratio changes nothing

@@ -518,7 +518,7 @@ def format_table(data: dict) -> str:
             lines.append(f"ablate {k:<9} {s['n']:>5} {s['n']:>7}  {'':<26} "
                          f"{s['mean']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]")
     lines.append("")
-    for name, r in data["tests"].items():
+    for r in data["tests"].values():
         if "verdict" in r:
             lines.append("- " + r["verdict"])
     if ab and "verdict" in ab:

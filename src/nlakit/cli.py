@@ -236,7 +236,8 @@ def cmd_eval(args) -> int:
     try:
         quotes = tuple(int(x) for x in args.quote.split(",") if x.strip())
     except ValueError:
-        raise NLAError(f"--quote must be comma-separated token counts, got {args.quote!r}") from None
+        raise NLAError(f"--quote must be comma-separated token counts, got "
+                       f"{args.quote!r}") from None
     cfg = EvalConfig(split=args.split, max_rows=args.max_rows,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      quote_tokens=quotes, best_of=args.best_of, seed=args.seed,

@@ -176,7 +176,8 @@ class OpenAILabeller(Labeller):
             retry_after = None
             try:
                 status, data, retry_after = self._post(body)
-            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError, OSError) as e:
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException,
+                    TimeoutError, OSError) as e:
                 reason = getattr(e, "reason", e)
                 kind = ("timeout" if isinstance(reason, (socket.timeout, TimeoutError))
                         else "unreachable")

@@ -160,7 +160,8 @@ def _eval_html(ev: dict) -> list[str]:
     san = ev.get("sanity", {})
     out.append(f"<p class='cap'>Pipeline check: mean direction fve_nrm with the rows' own rawvar "
                f"{san.get('measured_mean_direction_fve_nrm_rows', float('nan')):+.5f}, expected "
-               f"1 − 2/(1 + ||E ĝ||) = {san.get('expected_mean_direction_fve_nrm_rows', float('nan')):+.5f}"
+               f"1 − 2/(1 + ||E ĝ||) = "
+               f"{san.get('expected_mean_direction_fve_nrm_rows', float('nan')):+.5f}"
                f" — {'OK' if san.get('ok') else 'MISMATCH'}.</p>")
     out.append(plot_baselines(ev))
     if "nla" not in ev["methods"]:
