@@ -142,6 +142,11 @@ def _rows(out):
         return [json.loads(line) for line in f]
 
 
+def _updates(out):
+    """The logged RL steps, without the step-0 held-out evaluation of the warm start."""
+    return [r for r in _rows(out) if r["step"] > 0]
+
+
 def _stable(row):
     return {k: v for k, v in row.items() if not k.startswith("time_")}
 
@@ -168,7 +173,11 @@ def test_rl_logs_updates_and_exports_a_loadable_nla(sft_nla, tiny_store, tiny, t
     out = tmp_path / "rl"
     summary = train_rl(sft_nla, tiny_store.path, out, _cfg(), progress=False)
     rows = _rows(out)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    start, rows = rows[0], rows[1:]
+    # step 0 is the warm start's held-out score, before any update
+    assert math.isfinite(start["heldout_fve_nrm"]) and "reward_mean" not in start
+    assert len(start["examples"]) == 3
     for r in rows:
         for key in ("reward_mean", "reward_std", "fve_nrm", "kl", "response_len",
                     "failure_rate", "truncation_rate", "policy_loss", "ar_loss",
@@ -213,7 +222,7 @@ def test_kill_and_resume_reaches_the_same_state(sft_nla, tiny_store, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         train_rl(sft_nla, tiny_store.path, tmp_path / "resumed", cfg, progress=False)
     assert not (tmp_path / "resumed" / "ar").exists(), "a half-trained NLA was exported"
-    assert [r["step"] for r in _rows(tmp_path / "resumed")] == [1, 2, 3]
+    assert [r["step"] for r in _rows(tmp_path / "resumed")] == [0, 1, 2, 3]
     monkeypatch.setattr(rl.R, "group_advantages", real)
     with pytest.raises(NLAError, match="--resume"):
         train_rl(sft_nla, tiny_store.path, tmp_path / "resumed", cfg, progress=False)
@@ -221,7 +230,7 @@ def test_kill_and_resume_reaches_the_same_state(sft_nla, tiny_store, tmp_path, m
                        progress=False)
     assert summary["resumed_from"] == 2
     straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # step 3 of the dead run was replaced
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]  # the dead run's step 3 was replaced
     assert [_stable(r) for r in resumed] == [_stable(r) for r in straight]
     from safetensors.torch import load_file
 
@@ -240,7 +249,7 @@ def test_non_finite_step_is_skipped(sft_nla, tiny_store, tmp_path, monkeypatch, 
                         lambda r, g, eps=1e-6: torch.full_like(r, float("nan")))
     train_rl(sft_nla, tiny_store.path, tmp_path / "nan", _cfg(max_steps=1, eval_every=100),
              progress=False)
-    row = _rows(tmp_path / "nan")[0]
+    row = _updates(tmp_path / "nan")[0]
     assert row["skipped"] and math.isnan(row["av_grad_norm"])
     before, after = NLA.load(sft_nla, target=tiny), NLA.load(tmp_path / "nan", target=tiny)
     assert torch.equal(before.ar.head.weight, after.ar.head.weight)
@@ -252,7 +261,7 @@ def test_contrastive_k3_full_and_failure_penalty(sft_nla, tiny_store, tmp_path):
     cfg = _cfg(max_steps=1, reward="contrastive", kl_estimator="k3", lora_rank=0,
                failure_reward=-2.0, length_penalty=0.5, eval_every=100)
     train_rl(sft_nla, tiny_store.path, tmp_path / "c", cfg, progress=False)
-    row = _rows(tmp_path / "c")[0]
+    row = _updates(tmp_path / "c")[0]
     # a random model never closes its tag within 10 tokens: every sample fails and scores -2
     assert row["failure_rate"] == 1.0 and row["reward_mean"] == pytest.approx(-2.0)
     assert row["raw_reward_mean"] <= 0  # InfoNCE log-probabilities
@@ -278,7 +287,7 @@ def test_two_processes_agree_and_export(sft_nla, tiny_store, tmp_path, tiny):
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _rows(out)
-    assert [r["step"] for r in rows] == [1, 2] and rows[0]["samples"] == 8  # 2 procs x 2 x 2
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["samples"] == 8  # 2 procs x 2 x 2
     summary = json.loads((out / ".train-rl" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["replicas_in_sync"]
     assert len(summary["replica_checksums"]) == 2
@@ -360,20 +369,20 @@ def test_sigkill_mid_run_then_resume_matches_a_straight_run(sft_nla, tiny_store,
     log = killed / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 5:
+        if log.is_file() and len(log.read_text().splitlines()) >= 6:  # step 0 + 5 steps
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "av").exists()
-    assert 5 <= len(log.read_text().splitlines()) < 16
+    assert 6 <= len(log.read_text().splitlines()) < 17
     from nlakit.cli import main
 
     assert main([*args, "--out", str(killed), "--resume"]) == 0
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     straight, resumed = _rows(tmp_path / "straight"), _rows(killed)
-    assert [r["step"] for r in resumed] == list(range(1, 17))
+    assert [r["step"] for r in resumed] == list(range(0, 17))
     assert [_stable(r) for r in resumed] == [_stable(r) for r in straight]
     from safetensors.torch import load_file
 

@@ -476,6 +476,15 @@ def train_rl(nla_dir: str | Path, acts: str | Path, out_dir: str | Path,
                disable=not (progress and acc.is_main_process))
     t_start = time.time()
     last = {}
+    if start == 0 and has_heldout and acc.is_main_process:
+        # step 0: the warm start's held-out score, so every curve starts where RL began
+        t0 = time.perf_counter()
+        record0 = {"step": 0, **evaluate(), "time_eval_s": None}
+        record0["time_eval_s"] = round(time.perf_counter() - t0, 4)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record0, ensure_ascii=False) + "\n")
+        tb.write(record0)
+    acc.wait_for_everyone()
     for step in range(start, cfg.max_steps):
         lo = step * per_step + acc.process_index * m
         vectors = rl_vectors[order[lo : lo + m]]  # [m, d]
