@@ -112,3 +112,28 @@ def test_bad_configs_fail_before_any_work(tmp_path, tiny_model_dir):
 def test_shipped_configs_validate(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.name == name
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    from nlakit.train import rl
+
+    config = tiny_config(tmp_path, tiny_model_dir, train_rl={"max_steps": 3})
+    real, calls = rl.R.group_advantages, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # inside RL step 3, after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rl.R, "group_advantages", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config, progress=False)
+    status = dict(plan(config))
+    assert status["train_av"] == "complete" and status["train_rl"] == "todo"
+    monkeypatch.setattr(rl.R, "group_advantages", real)
+    summary = run_pipeline(config, stop="train_rl", progress=False)
+    by_stage = {s["stage"]: s["status"] for s in summary["stages"]}
+    assert by_stage["train_av"] == "skipped" and by_stage["train_rl"] == "done"
+    rl_summary = json.loads((tmp_path / "runs/tiny/rl/.train-rl/summary.json").read_text())
+    assert rl_summary["resumed_from"] == 2
