@@ -42,7 +42,8 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir):
     config = tiny_config(tmp_path, tiny_model_dir)
     summary = run_pipeline(config, progress=False)
     assert [s["stage"] for s in summary["stages"]] == list(STAGES)
-    assert all(s["status"] == "done" for s in summary["stages"])
+    assert all(s["status"] == ("disabled" if s["stage"] == "train_control" else "done")
+               for s in summary["stages"])
     run = tmp_path / "runs" / "tiny"
     for path in ("acts/meta.yaml", "labels/meta.yaml", "sft/av/nla_meta.yaml",
                  "sft/ar/nla_meta.yaml", "rl/metrics.jsonl", "nla/av/nla_meta.yaml",
@@ -64,8 +65,20 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir):
     assert au["explanations_source"].startswith("given")
 
     again = run_pipeline(config, progress=False)
-    assert all(s["status"] == "skipped" for s in again["stages"])
-    assert dict(plan(config)) == {s: "complete" for s in STAGES}
+    assert all(s["status"] in ("skipped", "disabled") for s in again["stages"])
+    assert dict(plan(config)) == {s: "disabled" if s == "train_control" else "complete"
+                                  for s in STAGES}
+
+    # enabling the shuffled control adds its stage and redoes the eval (now with a control)
+    controlled = tiny_config(tmp_path, tiny_model_dir, train_control={"enabled": True})
+    status = dict(plan(controlled))
+    assert status["train_control"] == "todo" and status["eval"] == "changed"
+    assert status["train_rl"] == "complete"
+    run_pipeline(controlled, start="train_control", progress=False)
+    ev = json.loads((run / "eval/eval.json").read_text())
+    assert "control" in ev["methods"]
+    meta = yaml.safe_load((run / "control/av/nla_meta.yaml").read_text())
+    assert meta["nlakit"]["provenance"]["config"]["control"] == "shuffled"
 
     # a changed stage refuses (naming the setting and the fix); later stages depend on it
     changed = tiny_config(tmp_path, tiny_model_dir, eval={"max_rows": 8})

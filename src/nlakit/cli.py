@@ -340,7 +340,7 @@ def cmd_pipeline(args) -> int:
 
     if args.plan:
         for stage, status in plan(args.config, args.set):
-            print(f"{stage:<10} {status}")
+            print(f"{stage:<13} {status}")
         return 0
     summary = run_pipeline(args.config, overrides=args.set, start=args.start, stop=args.stop,
                            progress=not args.no_progress)

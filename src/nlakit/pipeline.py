@@ -6,6 +6,8 @@ Stages, in order, each writing under ``runs/NAME/`` (NAME = the config's ``name`
   label     -> labels/      warm-start labels of the SFT (and heldout) rows
   train_av  -> sft/av       supervised AV
   train_ar  -> sft/ar       supervised AR
+  train_control -> control/av  the same AV trained on activations shuffled across rows (off
+                            unless ``train_control: {enabled: true}``); the eval's control
   train_rl  -> rl/          GRPO on the AV, AR trained alongside (``train_rl: {enabled: false}``
                             skips it)
   nla       -> nla/         the final NLA checkpoint (hard links to rl/ or sft/)
@@ -40,10 +42,10 @@ from .fileio import read_yaml, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
-STAGES = ("extract", "label", "train_av", "train_ar", "train_rl", "nla", "eval", "audit",
-          "report")
+STAGES = ("extract", "label", "train_av", "train_ar", "train_control", "train_rl", "nla",
+          "eval", "audit", "report")
 STAMP_DIR = ".pipeline"
-TRAINING_STAGES = ("train_av", "train_ar", "train_rl")
+TRAINING_STAGES = ("train_av", "train_ar", "train_control", "train_rl")
 
 # Keys of each section that are not fields of the stage's config dataclass.
 EXTRACT_KEYS = {"corpus": "builtin", "text_field": "text", "blocks": False, "max_docs": None,
@@ -54,6 +56,7 @@ LABEL_KEYS = {"labeller": "context", "splits": ["av_sft", "ar_sft", "heldout"],
 AUDIT_EXTRA = {"enabled": True, "paraphraser": "rules", "paraphraser_options": {}}
 EVAL_EXTRA = {"labels": True}
 RL_EXTRA = {"enabled": True}
+CONTROL_EXTRA = {"enabled": False}
 
 
 @dataclass
@@ -70,6 +73,7 @@ class PipelineConfig:
     label: dict = field(default_factory=dict)
     train_av: dict = field(default_factory=dict)
     train_ar: dict = field(default_factory=dict)
+    train_control: dict = field(default_factory=dict)
     train_rl: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     audit: dict = field(default_factory=dict)
@@ -126,8 +130,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Pipeline
             ".", "").isalnum():
         raise NLAError(f"{path}: `name` must be a plain run name (letters, digits, - _ .), got "
                        f"{data.get('name')!r}; outputs go to runs/NAME/")
-    for section in ("extract", "label", "train_av", "train_ar", "train_rl", "eval", "audit",
-                    "report"):
+    for section in ("extract", "label", "train_av", "train_ar", "train_control", "train_rl",
+                    "eval", "audit", "report"):
         if data.get(section) is None:
             data[section] = {}
         if not isinstance(data[section], dict):
@@ -138,6 +142,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Pipeline
     sft_keys = _dataclass_keys(SFTConfig) - {"dtype"}
     _check_keys("train_av", cfg.train_av, sft_keys)
     _check_keys("train_ar", cfg.train_ar, sft_keys - {"control"})
+    _check_keys("train_control", cfg.train_control, (sft_keys - {"control"}) | set(CONTROL_EXTRA))
     _check_keys("train_rl", cfg.train_rl, (_dataclass_keys(RLConfig) - {"dtype"}) | set(RL_EXTRA))
     _check_keys("eval", cfg.eval, _dataclass_keys(EvalConfig) | set(EVAL_EXTRA))
     _check_keys("audit", cfg.audit, _dataclass_keys(AuditConfig) | set(AUDIT_EXTRA))
@@ -145,6 +150,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Pipeline
     # build each dataclass once now, so a bad value fails before hours of work
     SFTConfig(**cfg.train_av)
     SFTConfig(**cfg.train_ar)
+    SFTConfig(**_control_section(cfg))
     rl = RLConfig(**_without(cfg.train_rl, RL_EXTRA))
     from .train import rewards
 
@@ -157,6 +163,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Pipeline
     if cfg.threads is not None and int(cfg.threads) < 1:
         raise NLAError(f"threads must be >= 1, got {cfg.threads}")
     return cfg
+
+
+def _control_section(cfg: PipelineConfig) -> dict:
+    """The control AV's SFT settings: the real AV's, overridden by train_control, shuffled."""
+    return {**cfg.train_av, **_without(cfg.train_control, CONTROL_EXTRA), "control": "shuffled"}
 
 
 def _without(section: dict, extra: dict) -> dict:
@@ -233,6 +244,14 @@ class Pipeline:
     def rl_enabled(self) -> bool:
         return bool(self.cfg.train_rl.get("enabled", True))
 
+    def control_enabled(self) -> bool:
+        return bool(self.cfg.train_control.get("enabled", False))
+
+    def disabled(self, stage: str) -> bool:
+        return ((stage == "train_rl" and not self.rl_enabled())
+                or (stage == "train_control" and not self.control_enabled())
+                or (stage == "audit" and not self.audit_enabled()))
+
     def audit_enabled(self) -> bool:
         return bool(self.cfg.audit.get("enabled", True))
 
@@ -241,6 +260,7 @@ class Pipeline:
         return {"extract": [self.acts], "label": [self.labels],
                 "train_av": [self.sft / "av", self.sft / ".train-av"],
                 "train_ar": [self.sft / "ar", self.sft / ".train-ar"],
+                "train_control": [self.run / "control"],
                 "train_rl": [self.rl], "nla": [self.nla], "eval": [self.eval_json.parent],
                 "audit": [self.audit_json.parent], "report": [self.report_html.parent]}[stage]
 
@@ -252,20 +272,26 @@ class Pipeline:
                 "label": {**LABEL_KEYS, **c.label},
                 "train_av": {"dtype": c.dtype, **c.train_av},
                 "train_ar": {"dtype": c.dtype, **c.train_ar},
+                "train_control": {"dtype": c.dtype, **_control_section(c)},
                 "train_rl": {"dtype": c.dtype, **RL_EXTRA, **c.train_rl},
                 "nla": {"from": "rl" if self.rl_enabled() else "sft"},
                 "eval": {**EVAL_EXTRA, **c.eval},
                 "audit": {**AUDIT_EXTRA, **c.audit},
                 "report": {"title": c.report.get("title", f"nlakit run {c.name}")}}[stage]
 
+    # the stages whose output each stage reads (eval also reads train_control when enabled)
     UPSTREAM = {"extract": (), "label": ("extract",), "train_av": ("label",),
-                "train_ar": ("label",), "train_rl": ("train_av", "train_ar", "extract"),
+                "train_ar": ("label",), "train_control": ("label",),
+                "train_rl": ("train_av", "train_ar", "extract"),
                 "nla": ("train_av", "train_ar", "train_rl"), "eval": ("nla", "label"),
                 "audit": ("nla", "eval"), "report": ("eval", "audit")}
 
     def stage_hash(self, stage: str) -> str:
         if stage not in self.hashes:
-            ups = [self.stage_hash(u) for u in self.UPSTREAM[stage]]
+            upstream = self.UPSTREAM.get(stage, ())
+            if stage == "eval" and self.control_enabled():
+                upstream = (*upstream, "train_control")
+            ups = [self.stage_hash(u) for u in upstream]
             self.hashes[stage] = stable_hash(stage, self.stage_config(stage), ups)
         return self.hashes[stage]
 
@@ -351,8 +377,7 @@ class Pipeline:
         output = str(self.outputs(stage)[0] if stage not in ("eval", "audit", "report") else
                      {"eval": self.eval_json, "audit": self.audit_json,
                       "report": self.report_html}[stage])
-        if (stage == "train_rl" and not self.rl_enabled()) or (
-                stage == "audit" and not self.audit_enabled()):
+        if self.disabled(stage):
             return StageResult(stage, "disabled", 0.0, "-")
         status = self.status(stage)
         if status == "complete":
@@ -424,6 +449,13 @@ class Pipeline:
     def _run_train_ar(self, progress: bool) -> None:
         self._train_sft("ar", progress)
 
+    def _run_train_control(self, progress: bool) -> None:
+        from .train.sft import SFTConfig, train_sft
+
+        cfg = SFTConfig(**{"dtype": self.cfg.dtype, **_control_section(self.cfg)})
+        train_sft("av", self.labels, self.run / "control", cfg, acts=self.acts,
+                  progress=progress)
+
     def _run_train_rl(self, progress: bool) -> None:
         from .train.rl import RLConfig, train_rl
 
@@ -458,9 +490,16 @@ class Pipeline:
 
         section = {**EVAL_EXTRA, **self.cfg.eval}
         t0 = time.perf_counter()
+        control = None
+        if self.control_enabled():
+            from .nla import NLA
+
+            control = NLA.load(av=self.run / "control" / "av", ar=self.nla / "ar",
+                               device=self.cfg.device)
         result = evaluate(self._load_nla(), ActivationStore(self.acts),
                           EvalConfig(**_eval_config_kwargs(section)),
-                          labels=self.labels if section["labels"] else None, progress=progress)
+                          labels=self.labels if section["labels"] else None,
+                          control_av=control, progress=progress)
         result.data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
         write_eval_json(result, self.eval_json)
         print(format_table(result.data), flush=True)
@@ -545,8 +584,7 @@ def plan(config: str | Path, overrides: list[str] | tuple = ()) -> list[tuple[st
     pipe = Pipeline(load_config(config, overrides))
     out = []
     for s in STAGES:
-        if (s == "train_rl" and not pipe.rl_enabled()) or (s == "audit" and
-                                                           not pipe.audit_enabled()):
+        if pipe.disabled(s):
             out.append((s, "disabled"))
         else:
             out.append((s, pipe.status(s)))
@@ -556,9 +594,9 @@ def plan(config: str | Path, overrides: list[str] | tuple = ()) -> list[tuple[st
 def format_summary(summary: dict) -> str:
     lines = [f"run {summary['name']} in {summary['run_dir']} "
              f"({summary.get('seconds', 0):.0f} s this time)",
-             f"{'stage':<10} {'status':<9} {'seconds':>8}  output"]
+             f"{'stage':<13} {'status':<9} {'seconds':>8}  output"]
     for r in summary["stages"]:
-        lines.append(f"{r['stage']:<10} {r['status']:<9} {r['seconds']:>8.0f}  {r['output']}")
+        lines.append(f"{r['stage']:<13} {r['status']:<9} {r['seconds']:>8.0f}  {r['output']}")
     if "eval" in summary:
         lines.append(f"held-out fve_nrm ({summary.get('eval_rows')} rows): " + ", ".join(
             f"{k} {v:+.3f}" for k, v in summary["eval"].items()))
