@@ -150,3 +150,14 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path, tiny_model_dir,
     assert by_stage["train_av"] == "skipped" and by_stage["train_rl"] == "done"
     rl_summary = json.loads((tmp_path / "runs/tiny/rl/.train-rl/summary.json").read_text())
     assert rl_summary["resumed_from"] == 2
+
+
+def test_partial_output_of_other_settings_names_the_pipeline_fix(tmp_path, tiny_model_dir):
+    run_pipeline(tiny_config(tmp_path, tiny_model_dir), stop="extract", progress=False)
+    # a crash between the store and its stamp, then a config edit
+    (tmp_path / "runs/tiny/.pipeline/extract.json").unlink()
+    edited = tiny_config(tmp_path, tiny_model_dir, extract={"max_docs": 16})
+    with pytest.raises(ConfigMismatchError, match="--from extract"):
+        run_pipeline(edited, stop="extract", progress=False)
+    summary = run_pipeline(edited, start="extract", stop="extract", progress=False)
+    assert summary["stages"][0]["status"] == "done"

@@ -393,7 +393,12 @@ class Pipeline:
             print(f"[pipeline {self.cfg.name}] stage {stage} ...", flush=True)
         t0 = time.perf_counter()
         if main or stage in TRAINING_STAGES:
-            getattr(self, f"_run_{stage}")(progress and main)
+            try:
+                getattr(self, f"_run_{stage}")(progress and main)
+            except ConfigMismatchError as e:  # a partial output of other settings
+                raise ConfigMismatchError(
+                    f"{e} (in the pipeline: `nlakit pipeline CONFIG --from {stage}` deletes "
+                    f"that output and redoes the stage and every later one)") from e
         seconds = time.perf_counter() - t0
         if main:
             self.write_stamp(stage, seconds)
