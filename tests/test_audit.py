@@ -2,12 +2,11 @@
 server; the HTML/Markdown report."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
+from chat_server import ChatServer  # tests/chat_server.py
 from nlakit.audit import (
     AuditConfig,
     OpenAIParaphraser,
@@ -113,46 +112,17 @@ def test_audit_generates_explanations_when_none_given(untrained, tiny_store):
         "shuffle_units"}
 
 
-class _ParaphraseServer:
-    """A real OpenAI-compatible server on 127.0.0.1 that upper-cases the text it is sent."""
-
-    def __init__(self):
-        self.requests = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                content = body["messages"][-1]["content"].split("\n\n", 1)[1].upper()
-                data = json.dumps({"choices": [{"index": 0, "message": {
-                    "role": "assistant", "content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
 def test_openai_paraphraser_on_loopback_server():
-    srv = _ParaphraseServer()
+    srv = ChatServer(lambda body: body["messages"][-1]["content"].split("\n\n", 1)[1].upper())
     try:
         p = OpenAIParaphraser(srv.url, "fake", api_key_env=None, concurrency=2,
                               retry_base_delay=0.01)
         out = p.paraphrase(["first text", "second one", "third"])
         assert out == ["FIRST TEXT", "SECOND ONE", "THIRD"]
         assert len(srv.requests) == 3
-        assert srv.requests[0]["messages"][0]["content"].startswith("Rewrite this text")
+        assert srv.requests[0]["body"]["messages"][0]["content"].startswith("Rewrite this text")
     finally:
-        srv.httpd.shutdown()
-        srv.httpd.server_close()
+        srv.close()
 
 
 def test_report_renders_every_section(untrained, tiny_store, tmp_path):

@@ -3,16 +3,14 @@ against a real loopback HTTP server, caching/resumption, the label-set format an
 
 from __future__ import annotations
 
-import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow.compute as pc
 import pytest
 import torch
 
+from chat_server import ChatServer  # tests/chat_server.py
 from nlakit.errors import NLAError
 from nlakit.labels import (
     Labeller,
@@ -219,67 +217,10 @@ GOOD = ("<explanation>\n- **Reference documentation** about Python.\nEnds mid-se
         "</explanation>")
 
 
-class ChatServer:
-    """A real chat-completions server on 127.0.0.1. ``script`` holds actions for the next
-    requests in order (then ``default``): ok, 429, 500, 401, malformed, nocontent, notag,
-    refusal, slow."""
-
-    def __init__(self, default="ok"):
-        self.script: list[str] = []
-        self.default = default
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append({"path": self.path, "body": body,
-                                            "auth": self.headers.get("Authorization")})
-                    action = server.script.pop(0) if server.script else server.default
-                if action in ("429", "500", "401"):
-                    self.send_response(int(action))
-                    if action == "429":
-                        self.send_header("Retry-After", "0")
-                    self.end_headers()
-                    self.wfile.write(b'{"error": {"message": "nope"}}')
-                    return
-                content = {"ok": GOOD, "notag": "<explanation>\nA\nB\n",
-                           "refusal": "I'm sorry, but I cannot help with that."}.get(action, GOOD)
-                if action == "slow":
-                    time.sleep(1.0)
-                payload = {"id": "x", "object": "chat.completion", "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": content}}]}
-                data = json.dumps(payload).encode()
-                if action == "malformed":
-                    data = b'{"choices": [ this is not json'
-                if action == "nocontent":
-                    data = b'{"choices": []}'
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def chat_server(monkeypatch):
     monkeypatch.setenv("TEST_LABEL_KEY", "sk-test")
-    server = ChatServer()
+    server = ChatServer(lambda body: GOOD)
     yield server
     server.close()
 
