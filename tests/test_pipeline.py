@@ -113,6 +113,8 @@ def test_bad_configs_fail_before_any_work(tmp_path, tiny_model_dir):
         load_config(tiny_config(tmp_path, tiny_model_dir, train_rl={"reward": "nope"}))
     with pytest.raises(NLAError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(NLAError, match="plain run name"):
+        load_config(tiny_config(tmp_path, tiny_model_dir), ["name=../elsewhere"])
     with pytest.raises(NLAError, match="KEY=VALUE"):
         load_config(tiny_config(tmp_path, tiny_model_dir), ["train_av.max_steps"])
     cfg = load_config(tiny_config(tmp_path, tiny_model_dir), ["train_av.max_steps=7",

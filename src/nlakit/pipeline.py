@@ -29,6 +29,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -126,8 +127,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Pipeline
         set_value(data, assignment)
     top = _dataclass_keys(PipelineConfig)
     _check_keys("top level", data, top)
-    if not data.get("name") or not str(data["name"]).replace("-", "").replace("_", "").replace(
-            ".", "").isalnum():
+    if not re.fullmatch(r"[\w.-]+", str(data.get("name") or "")):
         raise NLAError(f"{path}: `name` must be a plain run name (letters, digits, - _ .), got "
                        f"{data.get('name')!r}; outputs go to runs/NAME/")
     for section in ("extract", "label", "train_av", "train_ar", "train_control", "train_rl",
@@ -478,9 +478,8 @@ class Pipeline:
         def write(tmp: Path) -> None:
             for sub in ("av", "ar"):
                 shutil.copytree(source / sub, tmp / sub, copy_function=_link_or_copy)
-            for extra in ("nla.yaml",):
-                if (source / extra).is_file():
-                    _link_or_copy(source / extra, tmp / extra)
+            if (source / "nla.yaml").is_file():
+                _link_or_copy(source / "nla.yaml", tmp / "nla.yaml")
 
         write_dir_atomic(self.nla, write)
 
@@ -490,7 +489,7 @@ class Pipeline:
         return NLA.load(self.nla, device=self.cfg.device)
 
     def _run_eval(self, progress: bool) -> None:
-        from .evaluate import EvalConfig, evaluate, format_table, write_eval_json
+        from .evaluate import EvalConfig, evaluate, write_eval_json
         from .store import ActivationStore
 
         section = {**EVAL_EXTRA, **self.cfg.eval}
@@ -506,8 +505,7 @@ class Pipeline:
                           labels=self.labels if section["labels"] else None,
                           control_av=control, progress=progress)
         result.data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
-        write_eval_json(result, self.eval_json)
-        print(format_table(result.data), flush=True)
+        write_eval_json(result, self.eval_json)  # its table is printed after the last stage
 
     def _run_audit(self, progress: bool) -> None:
         from .audit import AuditConfig, audit, format_table, make_paraphraser
