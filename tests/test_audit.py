@@ -14,7 +14,7 @@ from nlakit.audit import (
     ablate_unit,
     audit,
     delete_quotes,
-    format_table,
+    format_audit_table,
     shuffle_units,
     split_units,
     verdict,
@@ -101,7 +101,7 @@ def test_audit_paired_drops_on_tiny(untrained, tiny_store):
                                                                         "unit_3"}
     assert all(s["n"] == n_multi for s in ab["by_unit"].values())
     assert "unit 1" in ab["verdict"]
-    assert "shuffle_units" in format_table(d)
+    assert "shuffle_units" in format_audit_table(d)
     json.dumps(d)
 
 

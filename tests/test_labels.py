@@ -19,12 +19,13 @@ from nlakit.labels import (
     LocalLabeller,
     label_store,
     make_labeller,
-    parse_explanation,
+    parse_label,
     register_labeller,
 )
-from nlakit.labels_context import ContextLabeller, text_kind, top_next_tokens
+from nlakit.labels.context import ContextLabeller, text_kind, top_next_tokens
 
 pytestmark = pytest.mark.usefixtures("private_cache")
+SFT_SPLITS = ("av_sft", "ar_sft")  # the two SFT splits (the default adds heldout)
 
 
 # ---- parsing and rules --------------------------------------------------------------------
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("private_cache")
 def test_parse_strips_markdown_and_keeps_order():
     raw = ("Sure:\n<explanation>\n- **Python code** in a docstring.\n2. A list of names\n"
            "* Ends with \"(\": an argument comes next.\n</explanation> trailing")
-    parsed = parse_explanation(raw)
+    parsed = parse_label(raw)
     assert parsed.features == ["Python code in a docstring.", "A list of names",
                                "Ends with \"(\": an argument comes next."]
     assert parsed.text.count("\n") == 2
@@ -50,13 +51,13 @@ def test_parse_strips_markdown_and_keeps_order():
     ("<explanation>\n" + "word " * 100 + "\n" + "word " * 60 + "\n</explanation>", "too_long"),
 ])
 def test_parse_drops_with_reason(raw, reason):
-    parsed = parse_explanation(raw)
+    parsed = parse_label(raw)
     assert not parsed.kept and parsed.reason == reason
 
 
 def test_parse_ignores_tag_mentioned_in_prose():
     raw = "I write <explanation> tags:\n<explanation>\nfirst\nsecond\n</explanation>"
-    assert parse_explanation(raw).features == ["first", "second"]
+    assert parse_label(raw).features == ["first", "second"]
 
 
 @pytest.mark.parametrize("text,kind", [
@@ -112,11 +113,12 @@ def test_context_labeller_end_to_end(tiny, tiny_store, tmp_path):
     labels = label_store(tiny_store, labeller, tmp_path / "labels", max_rows=4, progress=False)
     meta = labels.meta
     assert meta["kind"] == "nlakit_labels"
-    assert meta["counts"]["rows"] == 8 and meta["counts"]["kept"] == 8
-    assert meta["splits"] == ["av_sft", "ar_sft"]
+    # the default splits include heldout (the eval's label baseline)
+    assert meta["counts"]["rows"] == 12 and meta["counts"]["kept"] == 12
+    assert meta["splits"] == ["av_sft", "ar_sft", "heldout"]
     assert meta["acts"]["layer"] == tiny_store.layer
     assert meta["labeller"]["kind"] == "context" and meta["labeller"]["settings"]["top_k"] == 3
-    assert meta["labeller"]["retokenization"]["retokenized"] == 8
+    assert meta["labeller"]["retokenization"]["retokenized"] == 12
     table = labels.table()
     assert table.column_names == ["row_id", "doc_id", "split", "label", "features", "raw"]
     row = table.to_pylist()[0]
@@ -138,7 +140,7 @@ def test_context_labeller_end_to_end(tiny, tiny_store, tmp_path):
     # a re-run is served from the cache: the model is never needed
     again = label_store(tiny_store, ContextLabeller(spec, loaded=(None, None)),
                         tmp_path / "labels2", max_rows=4, progress=False)
-    assert again.meta["counts"]["from_cache"] == 8 and again.meta["counts"]["labelled_now"] == 0
+    assert again.meta["counts"]["from_cache"] == 12 and again.meta["counts"]["labelled_now"] == 0
     assert again.table().column("label").to_pylist() == table.column("label").to_pylist()
 
 
@@ -165,7 +167,8 @@ def test_registry_custom_labeller_and_bad_input(tiny_store, tmp_path):
                     for r in rows]
 
     register_labeller("echo", Echo)
-    labels = label_store(tiny_store, "echo", tmp_path / "echo", max_rows=3, progress=False)
+    labels = label_store(tiny_store, "echo", tmp_path / "echo", splits=SFT_SPLITS, max_rows=3,
+                         progress=False)
     assert labels.meta["counts"]["kept"] == 6
     with pytest.raises(NLAError, match="unknown labeller"):
         make_labeller("no-such-labeller", tiny_store)
@@ -234,7 +237,7 @@ def _openai(server, **kw):
 
 def test_openai_labels_concurrently(chat_server, tiny_store, tmp_path):
     labels = label_store(tiny_store, _openai(chat_server, concurrency=3), tmp_path / "o",
-                         max_rows=3, progress=False)
+                         splits=SFT_SPLITS, max_rows=3, progress=False)
     assert labels.meta["counts"]["kept"] == 6
     assert len(chat_server.requests) == 6
     req = chat_server.requests[0]
@@ -281,13 +284,13 @@ def test_openai_budget_interrupt_and_resume(chat_server, tiny_store, tmp_path):
     out = tmp_path / "o"
     with pytest.raises(NLAError, match="budget of 3"):
         label_store(tiny_store, _openai(chat_server, concurrency=1, max_requests=3), out,
-                    max_rows=4, progress=False)
+                    splits=SFT_SPLITS, max_rows=4, progress=False)
     assert len(chat_server.requests) == 3
     assert not (out / "meta.yaml").exists()
     with pytest.raises(NLAError, match="not a complete label set"):
         LabelSet(out)
-    labels = label_store(tiny_store, _openai(chat_server, concurrency=2), out, max_rows=4,
-                         progress=False)
+    labels = label_store(tiny_store, _openai(chat_server, concurrency=2), out,
+                         splits=SFT_SPLITS, max_rows=4, progress=False)
     assert len(chat_server.requests) == 8  # no duplicate request for the 3 cached rows
     sent = [r["body"]["messages"][-1]["content"] for r in chat_server.requests]
     assert len(set(sent)) == 8
@@ -346,7 +349,7 @@ def test_cli_context_and_openai(chat_server, tiny_store, tmp_path, capsys):
     rc = main(["label", "--acts", str(tiny_store.path), "--labeller", "openai", "--base-url",
                chat_server.url, "--api-model", "fake", "--api-key-env", "TEST_LABEL_KEY",
                "--max-rows", "2", "--out", str(tmp_path / "api"), "--no-progress"])
-    assert rc == 0 and LabelSet(tmp_path / "api").meta["counts"]["kept"] == 4
+    assert rc == 0 and LabelSet(tmp_path / "api").meta["counts"]["kept"] == 6  # 3 splits x 2
     rc = main(["label", "--acts", str(tiny_store.path), "--labeller", "openai", "--base-url",
                chat_server.url, "--api-model", "fake", "--api-key-env", "UNSET_VAR_X",
                "--out", str(tmp_path / "bad")])
@@ -368,7 +371,7 @@ def test_local_labeller_smollm(smollm, tmp_path):
     labeller = LocalLabeller("smollm2-135m", loaded=smollm, max_new_tokens=48)
     raws = labeller.label_batch(rows)
     assert len(raws) == 4 and all(r.startswith("<explanation>\n") for r in raws)
-    parsed = [parse_explanation(r) for r in raws]
+    parsed = [parse_label(r) for r in raws]
     # SmolLM2-135M is weak, but with the prefilled tag and one-shot prompt it closes the tag
     # and writes real words for most rows
     assert sum(p.kept for p in parsed) >= 2, raws

@@ -18,7 +18,7 @@ from nlakit.train.sft import SFTConfig, train_sft
 def labels_dir(tiny, tiny_store, tmp_path_factory):
     """Context labels (grounded in the tiny model's logits) for av_sft, ar_sft and heldout."""
     from nlakit.labels import label_store
-    from nlakit.labels_context import ContextLabeller
+    from nlakit.labels.context import ContextLabeller
 
     cache = tmp_path_factory.mktemp("labelcache") / "labels.sqlite"
     labeller = ContextLabeller(tiny[0].nlakit_source["spec"], loaded=tiny)

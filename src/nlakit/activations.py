@@ -34,10 +34,14 @@ from .models import (
     special_token_ids,
 )
 from .store import (
-    META_FILE,
+    AR_SFT,
+    AV_SFT,
+    HELDOUT,
     PARTS_DIR,
+    RL,
     SPLITS,
     STATS_FILE,
+    STORE_META_FILE,
     STORE_VERSION,
     ActivationStore,
     compute_store_stats,
@@ -47,7 +51,7 @@ from .store import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPLIT_FRACTIONS = {"av_sft": 0.25, "ar_sft": 0.25, "rl": 0.40, "heldout": 0.10}
+DEFAULT_SPLIT_FRACTIONS = {AV_SFT: 0.25, AR_SFT: 0.25, RL: 0.40, HELDOUT: 0.10}
 PROGRESS_FILE = "progress.yaml"
 
 
@@ -169,7 +173,7 @@ def _config(model, corpus: Corpus, layer, positions_per_doc, min_position, seed,
 
 def _prepare_out_dir(out: Path, config: dict, overwrite: bool) -> bool:
     """Return True when `out` already holds the complete store for `config`."""
-    meta_path, progress_path = out / META_FILE, out / PROGRESS_FILE
+    meta_path, progress_path = out / STORE_META_FILE, out / PROGRESS_FILE
     existing = None
     if meta_path.is_file():
         existing = read_yaml(meta_path).get("config")
@@ -187,7 +191,8 @@ def _prepare_out_dir(out: Path, config: dict, overwrite: bool) -> bool:
                 f"{', '.join(diff)}); pass --overwrite to replace it or choose another --out")
         existing = None
     if overwrite and existing is None and out.exists():
-        looks_like_store = any((out / n).exists() for n in (META_FILE, PROGRESS_FILE, PARTS_DIR))
+        names = (STORE_META_FILE, PROGRESS_FILE, PARTS_DIR)
+        looks_like_store = any((out / n).exists() for n in names)
         if any(out.iterdir()) and not looks_like_store:
             raise ConfigMismatchError(f"refusing to delete {out}: --overwrite replaces an nlakit "
                                       "store, and this directory holds something else")
@@ -361,7 +366,7 @@ def _finalize(out, parts, config, d, layer, model, fractions) -> ActivationStore
         "parts": [p.name for p in parts],
         "config": config,
     }
-    write_yaml(out / META_FILE, meta)
+    write_yaml(out / STORE_META_FILE, meta)
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     return ActivationStore(out)
 

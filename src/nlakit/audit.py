@@ -35,6 +35,7 @@ from .evaluate import (
 )
 from .fileio import stable_seed
 from .models import generate_continuations, require_chat_template
+from .store import HELDOUT
 
 MAX_ABLATED_UNITS = 5
 
@@ -226,7 +227,7 @@ class OpenAIParaphraser(Paraphraser):
     kind = "openai"
 
     def __init__(self, base_url: str, api_model: str, **options):
-        from .labels_openai import OpenAILabeller
+        from .labels.openai import OpenAILabeller
 
         class _Client(OpenAILabeller):
             def request(self, row):  # row: the text to paraphrase
@@ -253,32 +254,49 @@ class OpenAIParaphraser(Paraphraser):
         return f"openai endpoint {self.client.base_url} model {self.client.api_model}"
 
 
-def make_paraphraser(kind: str, per_unit: bool = False, **options) -> Paraphraser:
-    p = _make_paraphraser(kind, **options)
-    p.per_unit = bool(per_unit)
-    return p
+# the options each paraphraser takes (per_unit: every kind); another option is an error
+PARAPHRASER_OPTIONS = {
+    "rules": ("per_unit",),
+    "local": ("per_unit", "model", "dtype", "device", "batch_size", "max_new_tokens"),
+    "openai": ("per_unit", "base_url", "api_model", "api_key_env", "no_api_key", "concurrency",
+               "max_requests", "max_retries", "timeout", "max_new_tokens"),
+}
 
 
-def _make_paraphraser(kind: str, **options) -> Paraphraser:
+def paraphraser_names() -> list[str]:
+    return sorted(PARAPHRASER_OPTIONS)
+
+
+def make_paraphraser(kind: str, **options) -> Paraphraser:
+    """A paraphraser by kind; ``options`` (None values mean default) must apply to that kind."""
+    if kind not in PARAPHRASER_OPTIONS:
+        raise NLAError(f"unknown paraphraser {kind!r}: use {', '.join(paraphraser_names())}")
     options = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - set(PARAPHRASER_OPTIONS[kind]))
+    if unknown:
+        raise NLAError(f"option(s) {', '.join(unknown)} do not apply to the {kind!r} "
+                       f"paraphraser; it takes {', '.join(PARAPHRASER_OPTIONS[kind])}")
+    per_unit = bool(options.pop("per_unit", False))
     if kind == "rules":
-        return RulesParaphraser()
-    if kind == "local":
+        p: Paraphraser = RulesParaphraser()
+    elif kind == "local":
         if "model" not in options:
-            raise NLAError("the local paraphraser needs --paraphraser-model (e.g. smollm2-135m)")
-        return LocalParaphraser(options.pop("model"), **{k: options[k] for k in
-                                                          ("dtype", "device", "batch_size",
-                                                           "max_new_tokens") if k in options})
-    if kind == "openai":
+            raise NLAError("the local paraphraser needs a model (--paraphraser-model, e.g. "
+                           "smollm2-135m)")
+        p = LocalParaphraser(options.pop("model"), **options)
+    else:
         if "base_url" not in options or "api_model" not in options:
-            raise NLAError("the openai paraphraser needs --base-url and --api-model")
-        keys = ("api_key_env", "concurrency", "max_requests", "max_retries", "timeout",
-                "max_tokens")
-        kw = {k: options[k] for k in keys if k in options}
+            raise NLAError("the openai paraphraser needs --paraphraser-base-url and "
+                           "--paraphraser-api-model")
+        kw = {k: v for k, v in options.items()
+              if k not in ("base_url", "api_model", "no_api_key", "max_new_tokens")}
+        if "max_new_tokens" in options:
+            kw["max_tokens"] = options["max_new_tokens"]
         if options.get("no_api_key"):
             kw["api_key_env"] = None
-        return OpenAIParaphraser(options["base_url"], options["api_model"], **kw)
-    raise NLAError(f"unknown paraphraser {kind!r}: use rules, local or openai")
+        p = OpenAIParaphraser(options["base_url"], options["api_model"], **kw)
+    p.per_unit = per_unit
+    return p
 
 
 # ---- the audit ----------------------------------------------------------------------------
@@ -286,7 +304,7 @@ def _make_paraphraser(kind: str, **options) -> Paraphraser:
 
 @dataclass
 class AuditConfig:
-    split: str = "heldout"
+    split: str = HELDOUT
     max_rows: int | None = None
     max_new_tokens: int = 150
     batch_size: int = 16
@@ -493,7 +511,7 @@ def _ablation(texts, base, groups, fve, cfg) -> dict:
     return out
 
 
-def format_table(data: dict) -> str:
+def format_audit_table(data: dict) -> str:
     lines = [(f"split {data['split']}: {data['n_rows']} rows, {data['n_docs']} documents, "
              f"layer {data['layer']}; {data['ci']}"),
              f"fve_nrm denominator: {data['denominator']['fve_nrm']}",

@@ -28,7 +28,7 @@ from .errors import NLAError
 from .fileio import make_temp_dir, read_yaml, write_yaml
 from .verbalizer import MarkerTokens, locate_marker, render_av_prompt
 
-META_FILE = "nla_meta.yaml"
+NLA_META_FILE = "nla_meta.yaml"
 VALUE_HEAD_FILE = "value_head.safetensors"
 ROLE_ALIASES = {"av": "av", "actor": "av", "ar": "ar", "critic": "ar"}
 
@@ -66,9 +66,9 @@ def ar_meta(*, d_model: int, layer: int, ar_template: str, nlakit: dict) -> dict
 def read_meta(directory: str | Path, role: str) -> dict:
     """Read and validate a directory's nla_meta.yaml for `role` ('av' or 'ar')."""
     directory = Path(directory)
-    path = directory / META_FILE
+    path = directory / NLA_META_FILE
     if not path.is_file():
-        raise NLAError(f"{directory} has no {META_FILE}: not an NLA {role.upper()} directory")
+        raise NLAError(f"{directory} has no {NLA_META_FILE}: not an NLA {role.upper()} directory")
     meta = read_yaml(path) or {}
     if meta.get("kind") != "nla_model":
         raise NLAError(f"{path}: kind is {meta.get('kind')!r}, expected 'nla_model'")
@@ -160,7 +160,7 @@ def save_av_dir(directory: Path, model, tokenizer, meta: dict) -> None:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_yaml(tmp / META_FILE, meta)
+        write_yaml(tmp / NLA_META_FILE, meta)
 
     write_dir_atomic(directory, write)
 
@@ -171,6 +171,6 @@ def save_ar_dir(directory: Path, body, head, tokenizer, meta: dict) -> None:
         body.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         save_value_head(head, tmp)
-        write_yaml(tmp / META_FILE, meta)
+        write_yaml(tmp / NLA_META_FILE, meta)
 
     write_dir_atomic(directory, write)

@@ -172,7 +172,6 @@ def cmd_label(args) -> int:
              "seed", "max_prefix_chars", "top_k", "base_url", "api_model", "api_key_env",
              "concurrency", "max_requests", "max_retries", "timeout")
     options = {name: getattr(args, name) for name in names}
-    options["max_tokens"] = args.max_new_tokens  # the openai name of the same cap
     options["no_api_key"] = args.no_api_key or None
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     labels = label_store(args.acts, args.labeller, args.out, splits=splits,
@@ -258,7 +257,8 @@ def cmd_eval(args) -> int:
 def cmd_audit(args) -> int:
     import time
 
-    from .audit import AuditConfig, audit, format_table, make_paraphraser
+    from .audit import PARAPHRASER_OPTIONS, AuditConfig, audit, make_paraphraser
+    from .audit import format_audit_table as format_table
     from .fileio import write_json
     from .store import ActivationStore
 
@@ -267,15 +267,14 @@ def cmd_audit(args) -> int:
     store = ActivationStore(args.acts)
     para = None
     if args.paraphraser != "none":
-        para = make_paraphraser(args.paraphraser, per_unit=args.paraphrase_per_line,
-                                model=args.paraphraser_model,
-                                device=args.device, batch_size=args.batch_size,
-                                max_new_tokens=args.paraphrase_max_new_tokens,
-                                max_tokens=args.paraphrase_max_new_tokens,
-                                base_url=args.base_url, api_model=args.api_model,
-                                api_key_env=args.api_key_env,
-                                no_api_key=args.no_api_key or None,
-                                max_requests=args.max_requests)
+        options = dict(per_unit=args.paraphrase_per_line, model=args.paraphraser_model,
+                       device=args.device, batch_size=args.batch_size,
+                       max_new_tokens=args.paraphrase_max_new_tokens,
+                       base_url=args.base_url, api_model=args.api_model,
+                       api_key_env=args.api_key_env, no_api_key=args.no_api_key or None,
+                       max_requests=args.max_requests)
+        para = make_paraphraser(args.paraphraser, **{
+            k: v for k, v in options.items() if k in PARAPHRASER_OPTIONS[args.paraphraser]})
     given = None
     if args.explanations:
         from pathlib import Path
@@ -482,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeller", required=True,
                    help="local, openai, context, or a registered/entry-point labeller")
     p.add_argument("--out", required=True, help="output label-set directory")
-    p.add_argument("--splits", default="av_sft,ar_sft",
+    p.add_argument("--splits", default="av_sft,ar_sft,heldout",
                    help="comma-separated splits to label (default: %(default)s)")
     p.add_argument("--max-rows", type=int, default=None, help="at most this many rows per split")
     p.add_argument("--model", default=None,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ import torch
 from . import metrics
 from .errors import NLAError
 from .fileio import stable_seed, write_json
+from .store import HELDOUT, TRAINING_SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class EvalRows:
         return int(np.unique(self.doc_ids).size)
 
 
-def select_rows(store, split: str = "heldout", max_rows: int | None = None,
+def select_rows(store, split: str = HELDOUT, max_rows: int | None = None,
                 seed: int = 0) -> EvalRows:
     """Rows of `split` ("all" for every split). With max_rows, whole documents are chosen in a
     seeded (deterministic) order until the next document would exceed max_rows (at least one
@@ -132,7 +133,7 @@ def row_metrics(pred: torch.Tensor, target: torch.Tensor, den: Denominators) -> 
             "fve_meannorm": (1 - mse / den.meannorm).numpy()}
 
 
-def summarize(per_row: dict, groups, *, n_boot: int = 1000, seed: int = 0) -> dict:
+def bootstrap_summary(per_row: dict, groups, *, n_boot: int = 1000, seed: int = 0) -> dict:
     """{metric: {"mean", "ci", "n", "n_groups"}} with document-level bootstrap CIs."""
     return {k: metrics.bootstrap_ci(per_row[k], groups=groups, n_boot=n_boot, seed=seed)
             for k in METRIC_NAMES if k in per_row}
@@ -149,7 +150,7 @@ def mean_direction_prediction(vectors: torch.Tensor) -> torch.Tensor:
     return (m / m.norm()).expand(vectors.shape[0], -1).clone()
 
 
-def training_mean_direction(store, split: str, training=("av_sft", "ar_sft", "rl")):
+def training_mean_direction(store, split: str, training=TRAINING_SPLITS):
     """(E ĝ over the training splits other than `split` [d], their names), or None when the
     store has none (or `split` is "all", whose rows include them)."""
     if split == "all":
@@ -238,7 +239,7 @@ class ReconstructorOnly:
 
 @dataclass
 class EvalConfig:
-    split: str = "heldout"
+    split: str = HELDOUT
     max_rows: int | None = None
     max_new_tokens: int = 150
     batch_size: int = 16
@@ -251,7 +252,6 @@ class EvalConfig:
 @dataclass
 class EvalResult:
     data: dict  # the JSON document
-    explanations: list = field(default_factory=list)
 
 
 def _labels_for(labels, store, rows: EvalRows) -> tuple[np.ndarray, list[str]] | None:
@@ -296,7 +296,7 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
         target = v if idx is None else v[torch.as_tensor(idx)]
         g = groups if idx is None else groups[idx]
         pr = row_metrics(pred, target, den)
-        methods[name] = summarize(pr, g, n_boot=cfg.n_boot, seed=cfg.seed)
+        methods[name] = bootstrap_summary(pr, g, n_boot=cfg.n_boot, seed=cfg.seed)
         methods[name]["n_rows"] = int(target.shape[0])
         methods[name]["n_docs"] = int(np.unique(g).size)
         if note:
@@ -438,7 +438,7 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
             for i in range(len(rows))
         ],
     }
-    return EvalResult(data, exps)
+    return EvalResult(data)
 
 
 def _num(x) -> float | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -281,14 +280,6 @@ def check_layer(model: nn.Module, layer: int | None) -> int:
         raise NLAError(f"layer {layer!r} is out of range: this model has blocks 0..{n - 1} "
                        f"(default {default_layer(n)} = floor(2L/3))")
     return layer
-
-
-def embed_scale(model: nn.Module) -> float:
-    """Factor the architecture multiplies token embeddings by (sqrt(d) for Gemma, else 1)."""
-    model_type = getattr(model.config, "model_type", "")
-    if model_type.startswith("gemma"):
-        return math.sqrt(d_model(model))
-    return 1.0
 
 
 def special_token_ids(tokenizer) -> set[int]:

@@ -435,7 +435,7 @@ class Pipeline:
         if isinstance(splits, str):
             splits = [s.strip() for s in splits.split(",") if s.strip()]
         options = dict(lab["options"] or {})
-        if lab["labeller"] in ("local", "context"):
+        if lab["labeller"] in ("local", "context"):  # their OPTIONS take dtype and device
             options.setdefault("dtype", self.cfg.dtype)
             options.setdefault("device", self.cfg.device)
         label_store(self.acts, lab["labeller"], self.labels, splits=splits,
@@ -508,13 +508,16 @@ class Pipeline:
         write_eval_json(result, self.eval_json)  # its table is printed after the last stage
 
     def _run_audit(self, progress: bool) -> None:
-        from .audit import AuditConfig, audit, format_table, make_paraphraser
+        from .audit import AuditConfig, audit, make_paraphraser
+        from .audit import format_audit_table as format_table
         from .store import ActivationStore
 
         section = {**AUDIT_EXTRA, **self.cfg.audit}
         para = None
         if section["paraphraser"] not in (None, "none"):
-            options = {"device": self.cfg.device, **(section["paraphraser_options"] or {})}
+            options = dict(section["paraphraser_options"] or {})
+            if section["paraphraser"] == "local":
+                options.setdefault("device", self.cfg.device)
             para = make_paraphraser(section["paraphraser"], **options)
         cfg = AuditConfig(**_audit_config_kwargs(section))
         # the explanations the eval already generated, when it evaluated the same rows

@@ -28,8 +28,11 @@ from .errors import NLAError
 from .fileio import atomic_path, read_yaml
 
 STORE_VERSION = 1
-SPLITS = ("av_sft", "ar_sft", "rl", "heldout")
-META_FILE = "meta.yaml"
+# the split names (document-level: every row of a document is in the same split)
+AV_SFT, AR_SFT, RL, HELDOUT = "av_sft", "ar_sft", "rl", "heldout"
+SPLITS = (AV_SFT, AR_SFT, RL, HELDOUT)
+TRAINING_SPLITS = (AV_SFT, AR_SFT, RL)
+STORE_META_FILE = "meta.yaml"
 STATS_FILE = "stats.safetensors"
 PARTS_DIR = "parts"
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -100,12 +103,12 @@ class ActivationStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        meta_path = self.path / META_FILE
+        meta_path = self.path / STORE_META_FILE
         if not meta_path.is_file():
             if (self.path / "progress.yaml").is_file():
                 raise NLAError(f"{self.path} holds an unfinished extraction; re-run the same "
                                "`nlakit extract` command to finish it")
-            raise NLAError(f"{self.path} is not an activation store (no {META_FILE}); create "
+            raise NLAError(f"{self.path} is not an activation store (no {STORE_META_FILE}); create "
                            "one with `nlakit extract`")
         self.meta = read_yaml(meta_path)
         if self.meta.get("kind") != "nlakit_activations":

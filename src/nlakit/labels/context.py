@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import NLAError
-from .labels import Labeller, LabelRow, _store_model_spec, _weights_id
-from .models import decoder_stack
+from ..errors import NLAError
+from ..models import decoder_stack
+from .core import Labeller, LabelRow, _store_model_spec, _weights_id
 
 _CODE_LINE = re.compile(
     r"^\s*(def |class |import |from \S+ import|return\b|if .*:$|elif |else:|for .*:$|while "
@@ -123,6 +123,7 @@ class ContextLabeller(Labeller):
     """
 
     kind = "context"
+    OPTIONS = ("model", "dtype", "device", "batch_size", "top_k", "n_words")
     prompt_version = "context-v1"
 
     def __init__(self, model: str, *, dtype: str | None = None, device: str | None = None,
@@ -139,9 +140,8 @@ class ContextLabeller(Labeller):
 
     @classmethod
     def from_options(cls, store, options):
-        keys = ("dtype", "device", "batch_size", "top_k", "n_words")
-        return cls(_store_model_spec(store, options), **{k: options[k] for k in keys
-                                                         if k in options})
+        return cls(_store_model_spec(store, options),
+                   **{k: v for k, v in options.items() if k != "model"})
 
     def identity(self) -> dict:
         return {"kind": self.kind, "model": self.model_spec, "weights_hash": self._weights,
@@ -154,7 +154,7 @@ class ContextLabeller(Labeller):
 
     def _load(self):
         if self._loaded is None:
-            from .models import load_model
+            from ..models import load_model
 
             self._loaded = load_model(self.model_spec, dtype=self.dtype, device=self.device)
         return self._loaded

@@ -8,10 +8,10 @@ tags, one feature per line, is what the AV is later trained to write.
 Built-in labellers:
   * ``local``   any instruct model `load_model` can load (default: the store's target model);
                 chat-templated one-shot prompt, left-padded batched ``generate``.
-  * ``openai``  any OpenAI-compatible chat-completions endpoint (`nlakit.labels_openai`).
+  * ``openai``  any OpenAI-compatible chat-completions endpoint (`nlakit.labels.openai`).
   * ``context`` deterministic and grounded in the target model: kind of text (rules), the last
                 words of the context (quoted), and the target's own top-k next-token predictions
-                (`nlakit.labels_context`).
+                (`nlakit.labels.context`).
 Add your own by subclassing `Labeller` and calling `register_labeller`, or by an entry point in
 the group ``nlakit.labellers`` that names the class.
 
@@ -36,25 +36,23 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
-from .errors import ConfigMismatchError, NLAError
-from .fileio import atomic_path, read_yaml, stable_hash, stable_seed, write_yaml
-from .models import (
+from ..errors import ConfigMismatchError, NLAError
+from ..fileio import atomic_path, read_yaml, stable_hash, write_yaml
+from ..models import (
     cache_dir,
-    generate_continuations,
-    require_chat_template,
     resolve_model,
     weights_hash,
 )
+from ..store import AR_SFT, AV_SFT, HELDOUT
 
 log = logging.getLogger(__name__)
 
 LABELS_KIND = "nlakit_labels"
 LABELS_FILE = "labels.parquet"
 DROPPED_FILE = "dropped.parquet"
-META_FILE = "meta.yaml"
-DEFAULT_SPLITS = ("av_sft", "ar_sft")
+LABELS_META_FILE = "meta.yaml"
+DEFAULT_SPLITS = (AV_SFT, AR_SFT, HELDOUT)  # heldout: the eval's `label` baseline
 PROMPT_VERSION = "features-v1"  # bump when the LLM prompt or the parser changes meaning
 ENTRY_POINT_GROUP = "nlakit.labellers"
 
@@ -84,7 +82,7 @@ class ParsedLabel:
         return "\n".join(self.features or [])
 
 
-def parse_explanation(raw: str, *, min_features: int = 2, max_features: int = 3,
+def parse_label(raw: str, *, min_features: int = 2, max_features: int = 3,
                       max_words: int = 150) -> ParsedLabel:
     """Strictly parse ``<explanation>`` features from a labeller's raw output.
 
@@ -239,12 +237,14 @@ class Labeller:
     """
 
     kind: ClassVar[str] = "base"
+    # the option names `from_options` takes; another option is an error (None: take any)
+    OPTIONS: ClassVar[tuple[str, ...] | None] = None
     prompt_version: str = PROMPT_VERSION
     batch_size: int = 8
 
     @classmethod
     def from_options(cls, store, options: dict) -> Labeller:
-        """Build from CLI/library options (unknown options are ignored)."""
+        """Build from CLI/library options (already checked against `OPTIONS`)."""
         return cls()
 
     def identity(self) -> dict:
@@ -272,7 +272,7 @@ class Labeller:
         yield from enumerate(results)
 
     def parse(self, raw: str) -> ParsedLabel:
-        return parse_explanation(raw)
+        return parse_label(raw)
 
     def prepare(self) -> None:
         """Load what labelling needs (called only when some row is not cached)."""
@@ -282,9 +282,9 @@ class Labeller:
 
 
 _REGISTRY: dict[str, type[Labeller] | str] = {
-    "local": "nlakit.labels:LocalLabeller",
-    "context": "nlakit.labels_context:ContextLabeller",
-    "openai": "nlakit.labels_openai:OpenAILabeller",
+    "local": "nlakit.labels.local:LocalLabeller",
+    "context": "nlakit.labels.context:ContextLabeller",
+    "openai": "nlakit.labels.openai:OpenAILabeller",
 }
 
 
@@ -329,7 +329,12 @@ def get_labeller_class(name: str) -> type[Labeller]:
 def make_labeller(name: str, store=None, **options) -> Labeller:
     """Build a labeller by name; ``options`` are its settings (None values mean default)."""
     options = {k: v for k, v in options.items() if v is not None}
-    return get_labeller_class(name).from_options(store, options)
+    cls = get_labeller_class(name)
+    unknown = sorted(set(options) - set(cls.OPTIONS)) if cls.OPTIONS is not None else []
+    if unknown:
+        raise NLAError(f"option(s) {', '.join(unknown)} do not apply to the {name!r} labeller; "
+                       f"it takes {', '.join(cls.OPTIONS) or 'no options'}")
+    return cls.from_options(store, options)
 
 
 def _store_model_spec(store, options: dict) -> str:
@@ -341,80 +346,6 @@ def _store_model_spec(store, options: dict) -> str:
 
 def _weights_id(spec: str) -> str:
     return weights_hash(resolve_model(spec))
-
-
-class LocalLabeller(Labeller):
-    """An instruct model run locally: one-shot chat prompt, left-padded batched generation.
-
-    The assistant turn is prefilled with ``<explanation>\\n`` and generation stops at the
-    closing tag, so even a small model stays in the format more often.
-    """
-
-    kind = "local"
-    PREFILL = "<explanation>\n"
-
-    def __init__(self, model: str, *, dtype: str | None = None, device: str | None = None,
-                 batch_size: int = 8, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 0.9, seed: int = 0, max_prefix_chars: int = 300,
-                 one_shot: bool = True, loaded: tuple | None = None):
-        self.model_spec = model
-        self.dtype, self.device = dtype, device
-        self.batch_size = int(batch_size)
-        self.max_new_tokens = int(max_new_tokens)
-        self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
-        self.max_prefix_chars = int(max_prefix_chars)
-        self.one_shot = bool(one_shot)
-        self._weights = _weights_id(model)
-        self._loaded = loaded  # an already loaded (model, tokenizer) of this spec
-
-    @classmethod
-    def from_options(cls, store, options):
-        keys = ("dtype", "device", "batch_size", "max_new_tokens", "temperature", "top_p",
-                "seed", "max_prefix_chars")
-        return cls(_store_model_spec(store, options), **{k: options[k] for k in keys
-                                                         if k in options})
-
-    def identity(self) -> dict:
-        return {"kind": self.kind, "model": self.model_spec, "weights_hash": self._weights,
-                "prompt_version": self.prompt_version,
-                "settings": {"temperature": self.temperature, "top_p": self.top_p,
-                             "max_new_tokens": self.max_new_tokens, "seed": self.seed,
-                             "max_prefix_chars": self.max_prefix_chars,
-                             "one_shot": self.one_shot}}
-
-    def provenance(self) -> dict:
-        return {**self.identity(), "batch_size": self.batch_size}
-
-    def _load(self):
-        if self._loaded is None:
-            from .models import load_model
-
-            self._loaded = load_model(self.model_spec, dtype=self.dtype, device=self.device)
-        require_chat_template(self._loaded[1], self.model_spec, "local labeller")
-        return self._loaded
-
-    def prepare(self) -> None:
-        self._load()
-
-    def prompts(self, rows: list[LabelRow]) -> list[str]:
-        _, tok = self._load()
-        return [tok.apply_chat_template(label_messages(r.prefix, self.max_prefix_chars,
-                                                       self.one_shot),
-                                        tokenize=False, add_generation_prompt=True)
-                + self.PREFILL for r in rows]
-
-    def label_batch(self, rows: list[LabelRow]) -> list[str]:
-        model, tok = self._load()
-        sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
-                    if self.temperature > 0 else {"do_sample": False})
-        torch.manual_seed(stable_seed(self.seed, rows[0].row_id))
-        new = generate_continuations(model, tok, self.prompts(rows),
-                                     max_new_tokens=self.max_new_tokens, sampling=sampling,
-                                     stop_strings=["</explanation>"])
-        return [self.PREFILL + text for text in new]
-
-    def close(self) -> None:
-        self._loaded = None
 
 
 # ---- the labelled set ----------------------------------------------------------------------
@@ -436,11 +367,11 @@ class LabelSet:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        meta_path = self.path / META_FILE
+        meta_path = self.path / LABELS_META_FILE
         if not meta_path.is_file():
-            raise NLAError(f"{self.path} is not a complete label set (no {META_FILE}); it may be "
-                           "from an interrupted run: re-run `nlakit label` (cached labels are "
-                           "reused)")
+            raise NLAError(f"{self.path} is not a complete label set (no {LABELS_META_FILE}); "
+                           "it may be from an interrupted run: re-run `nlakit label` (cached "
+                           "labels are reused)")
         self.meta = read_yaml(meta_path)
         if not isinstance(self.meta, dict) or self.meta.get("kind") != LABELS_KIND:
             raise NLAError(f"{meta_path} is not an nlakit label set")
@@ -483,7 +414,7 @@ class LabelSet:
     def joined(self, store, split: str) -> pa.Table:
         """The store's rows of ``split`` that have a label, with ``label`` and ``features``
         columns added (all store columns, vector and prefix included), in row_id order."""
-        from .store import ActivationStore
+        from ..store import ActivationStore
 
         if not isinstance(store, ActivationStore):
             store = ActivationStore(store)
@@ -529,8 +460,8 @@ def label_store(acts, labeller: Labeller | str, out: str | Path, *,
     not sent to the labeller again. Raises NLAError when no row survives parsing; meta.yaml is
     written last, so an interrupted or failed run never looks complete.
     """
-    from . import __version__
-    from .store import ActivationStore
+    from .. import __version__
+    from ..store import ActivationStore
 
     store = acts if isinstance(acts, ActivationStore) else ActivationStore(acts)
     out = Path(out)
@@ -613,7 +544,8 @@ def label_store(acts, labeller: Labeller | str, out: str | Path, *,
             f"written to {out}")
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)  # the set is incomplete until meta is rewritten
+    # the set is incomplete until meta is rewritten
+    (out / LABELS_META_FILE).unlink(missing_ok=True)
     labels = pa.Table.from_pylist(
         [{"row_id": r.row_id, "doc_id": r.doc_id, "split": r.split, "label": p.text,
           "features": p.features, "raw": raw} for r, p, raw in kept], schema=_labels_schema())
@@ -645,11 +577,11 @@ def label_store(acts, labeller: Labeller | str, out: str | Path, *,
         "cache": str(cache.path),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_yaml(out / META_FILE, meta)
+    write_yaml(out / LABELS_META_FILE, meta)
     labeller.close()
     return LabelSet(out)
 
 
 __all__ = ["PROMPT_VERSION", "LabelCache", "LabelFailure", "LabelRow", "LabelSet", "Labeller",
-           "LocalLabeller", "ParsedLabel", "get_labeller_class", "label_messages", "label_store",
-           "make_labeller", "parse_explanation", "register_labeller"]
+           "ParsedLabel", "get_labeller_class", "label_messages", "label_store",
+           "make_labeller", "parse_label", "register_labeller"]

@@ -29,8 +29,8 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-from .errors import NLAError
-from .labels import LabelFailure, Labeller, LabelRow, label_messages
+from ..errors import NLAError
+from .core import LabelFailure, Labeller, LabelRow, label_messages
 
 
 class BudgetExhausted(NLAError):
@@ -55,6 +55,9 @@ class OpenAILabeller(Labeller):
     """Label with an OpenAI-compatible chat-completions endpoint (see module doc)."""
 
     kind = "openai"
+    OPTIONS = ("base_url", "api_model", "api_key_env", "no_api_key", "concurrency",
+               "max_requests", "max_retries", "retry_base_delay", "retry_max_delay", "timeout",
+               "temperature", "top_p", "max_tokens", "max_new_tokens", "max_prefix_chars")
 
     def __init__(self, base_url: str, api_model: str, *, api_key_env: str | None =
                  "OPENAI_API_KEY", concurrency: int = 8, max_requests: int | None = None,
@@ -98,10 +101,10 @@ class OpenAILabeller(Labeller):
     def from_options(cls, store, options):
         if "base_url" not in options or "api_model" not in options:
             raise NLAError("the openai labeller needs --base-url and --api-model")
-        keys = ("api_key_env", "concurrency", "max_requests", "max_retries", "retry_base_delay",
-                "retry_max_delay", "timeout", "temperature", "top_p", "max_tokens",
-                "max_prefix_chars")
-        kwargs = {k: options[k] for k in keys if k in options}
+        kwargs = {k: v for k, v in options.items()
+                  if k not in ("base_url", "api_model", "no_api_key", "max_new_tokens")}
+        if "max_new_tokens" in options:  # the CLI's name of the same cap
+            kwargs.setdefault("max_tokens", options["max_new_tokens"])
         if options.get("no_api_key"):
             kwargs["api_key_env"] = None
         return cls(options["base_url"], options["api_model"], **kwargs)
