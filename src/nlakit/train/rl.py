@@ -56,8 +56,10 @@ from ..verbalizer import (
     parse_explanation,
 )
 from . import rewards as R
+from .common import rng_state as _rng_state
+from .common import set_rng_state as _set_rng_state
+from .common import trainable_state as _trainable_state
 from .data import epoch_order
-from .sft import _rng_state, _set_rng_state, _trainable_state
 
 log = logging.getLogger(__name__)
 

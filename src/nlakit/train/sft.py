@@ -3,16 +3,17 @@
 Runs through `accelerate`: the same code trains on one CPU, several processes (gloo) or GPUs
 (`accelerate launch -m nlakit.cli train ...`). Data parallelism is done by hand over a fixed,
 seeded order of rows (`data.epoch_order`): step s, micro-batch a, process r reads a fixed slice,
-so a resumed run — or a run on more processes with the same global batch — sees the same rows.
-Checkpoints hold only trainable tensors (LoRA weights and the AR head), the optimizer, the RNG
-states and the step, and are written atomically; `resume` continues exactly.
+so a resumed run — or a run on more processes with the same global batch — sees the same rows;
+accelerate accumulates the gradients of the micro-batches (all-reduced on the last one only).
+Checkpoints (`common.Checkpoint`) hold only trainable tensors (LoRA weights and the AR head), the
+optimizer, the RNG states and the step, and are written atomically; `resume` continues exactly.
+The log is ``OUT/.train-ROLE/log.jsonl`` (plus TensorBoard there when it is installed).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -23,92 +24,85 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__, metrics
-from ..checkpoint import ar_meta, av_meta, save_ar_dir, save_av_dir, write_dir_atomic
-from ..errors import ConfigMismatchError, NLAError
+from ..checkpoint import ar_meta, av_meta, save_ar_dir, save_av_dir
+from ..errors import NLAError
 from ..fileio import stable_hash, write_json
 from ..models import load_model
 from ..reconstructor import DEFAULT_AR_TEMPLATE, Reconstructor
 from ..verbalizer import DEFAULT_AV_TEMPLATE, Verbalizer, choose_marker, nice_injection_scale
+from .common import (
+    Checkpoint,
+    MetricsLog,
+    all_finite,
+    check_range,
+    guarded_step,
+    make_accelerator,
+    make_trainable,
+    option,
+    trainable_params,
+)
 from .data import Rows, epoch_order, has_split, load_labelled, split_by_document
 
 log = logging.getLogger(__name__)
 
+CONTROLS = ("shuffled",)
+
 
 @dataclass
 class SFTConfig:
-    lr: float = 2e-4
-    batch_size: int = 8  # rows per process per micro-batch
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
-    lora_rank: int = 16  # 0 = full fine-tuning
-    lora_alpha: int | None = None  # default 2 * rank
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_every: int = 25
-    save_every: int = 25
-    eval_rows: int = 64
-    eval_fraction: float = 0.1  # of training documents, when the labels have no heldout split
-    seed: int = 0
-    max_response_tokens: int = 96
-    control: str | None = None  # "shuffled": permute vectors across rows (AV only)
-    injection_scale: float | None = None  # default: a round number above the mean norm
-    marker: str | None = None
-    av_template: str = DEFAULT_AV_TEMPLATE
-    ar_template: str = DEFAULT_AR_TEMPLATE
-    keep_adapters: bool = False  # AV: save LoRA adapters instead of merged weights
-    dtype: str | None = None
+    """Settings of one supervised run (`nlakit train av|ar`, pipeline sections train_av,
+    train_ar, train_control). Every field is part of the run's identity (its config hash)."""
 
+    lr: float = option(2e-4, "AdamW learning rate (constant)")
+    batch_size: int = option(8, "rows per process per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step (gradient accumulation)")
+    epochs: float = option(1.0, "passes over the training rows (fractions allowed)")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (the rows cycle "
+                                         "past the epochs if needed); default: the epochs decide")
+    lora_rank: int = option(16, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: int | None = option(None, "LoRA alpha; default 2 * rank")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this value")
+    eval_every: int = option(25, "held-out evaluation every N steps (and after the last)")
+    save_every: int = option(25, "checkpoint every N steps")
+    eval_rows: int = option(64, "held-out rows evaluated")
+    eval_fraction: float = option(0.1, "fraction of training documents held out for "
+                                       "evaluation when the labels have no heldout split")
+    seed: int = option(0, "seed of the row order, the held-out documents and the LoRA init")
+    max_response_tokens: int = option(96, "AV: label tokens trained on (longer labels are cut)")
+    control: str | None = option(None, "'shuffled': permute the vectors across rows, the "
+                                       "control that must end worse (AV only)")
+    injection_scale: float | None = option(None, "AV: norm of the injected vector; default a "
+                                                 "round number above the data's mean norm")
+    marker: str | None = option(None, "AV: the marker character; default chosen from the "
+                                      "tokenizer")
+    av_template: str = option(DEFAULT_AV_TEMPLATE, "AV prompt (one user turn) with an "
+                                                   "{injection_char} placeholder")
+    ar_template: str = option(DEFAULT_AR_TEMPLATE, "AR prompt with an {explanation} "
+                                                   "placeholder")
+    keep_adapters: bool = option(False, "AV: save LoRA adapters instead of merged weights")
+    dtype: str | None = option(None, "model dtype (float32, bfloat16, ...); default: the "
+                                     "device's")
 
-def _make_trainable(model, cfg: SFTConfig):
-    if cfg.lora_rank and cfg.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
-                          lora_dropout=0.0, target_modules="all-linear", bias="none")
-        return get_peft_model(model, lora)
-    return model.requires_grad_(True)
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def _trainable_state(module) -> dict[str, torch.Tensor]:
-    return {k: p.detach().cpu().clone() for k, p in module.named_parameters() if p.requires_grad}
-
-
-def _save_checkpoint(train_dir: Path, step: int, module, optimizer, config_hash: str) -> None:
-    def write(tmp: Path) -> None:
-        torch.save({"step": step, "config_hash": config_hash, "params": _trainable_state(module),
-                    "optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
-
-    write_dir_atomic(train_dir / "checkpoint", write)
-
-
-def _load_checkpoint(train_dir: Path, module, optimizer, config_hash: str) -> int:
-    path = train_dir / "checkpoint" / "state.pt"
-    if not path.is_file():
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["config_hash"] != config_hash:
-        raise ConfigMismatchError(
-            f"{train_dir} holds a checkpoint of a different training configuration; pass "
-            "--overwrite to start over or choose another --out")
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for k, v in state["params"].items():
-            params[k].copy_(v)
-    optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
-    return int(state["step"])
+    def __post_init__(self):
+        name = type(self).__name__
+        for key, low, low_open in (("lr", 0, True), ("batch_size", 1, False),
+                                   ("grad_accum", 1, False), ("epochs", 0, True),
+                                   ("lora_rank", 0, False), ("weight_decay", 0, False),
+                                   ("max_grad_norm", 0, True), ("eval_every", 1, False),
+                                   ("save_every", 1, False), ("eval_rows", 1, False),
+                                   ("max_response_tokens", 1, False)):
+            check_range(name, key, getattr(self, key), low=low, low_open=low_open)
+        check_range(name, "max_steps", self.max_steps, low=1, optional=True)
+        check_range(name, "lora_alpha", self.lora_alpha, low=1, optional=True)
+        check_range(name, "injection_scale", self.injection_scale, low=0, low_open=True,
+                    optional=True)
+        if not 0 < self.eval_fraction < 1:
+            raise NLAError(f"{name}.eval_fraction must be in (0, 1), got {self.eval_fraction!r}; "
+                           "set --eval-fraction to e.g. 0.1")
+        if self.control not in (None, *CONTROLS):
+            raise NLAError(f"unknown control {self.control!r}; the only control is 'shuffled' "
+                           f"({name}.control; leave it unset for normal training)")
 
 
 class _Task:
@@ -120,11 +114,11 @@ class _Task:
             self.marker = choose_marker(tok, cfg.av_template, cfg.marker)
             self.scale = cfg.injection_scale or nice_injection_scale(
                 store.stats("all")["mean_norm"])
-            self.module = _make_trainable(model, cfg)
+            self.module = make_trainable(model, cfg.lora_rank, cfg.lora_alpha)
             self.av = Verbalizer(self.module, tok, self.marker, self.scale, cfg.av_template)
         else:
             ar = Reconstructor.from_target(model, tok, store.layer, cfg.ar_template)
-            ar.body = _make_trainable(ar.body, cfg)
+            ar.body = make_trainable(ar.body, cfg.lora_rank, cfg.lora_alpha)
             ar.head.requires_grad_(True)
             self.module = self.ar = ar
 
@@ -201,145 +195,180 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
     """Train the AV (`role="av"`, on the av_sft split) or the AR (`"ar"`, on ar_sft) and write
     ``out_dir/av`` or ``out_dir/ar`` (an NLA half; train both into one dir to get an NLA).
     Returns a summary with the final evaluation (None on processes other than the main one)."""
-    from accelerate import Accelerator
-
     if role not in ("av", "ar"):
         raise NLAError(f"role must be 'av' or 'ar', got {role!r}")
     cfg = cfg or SFTConfig()
-    if cfg.control not in (None, "shuffled"):
-        raise NLAError(f"unknown control {cfg.control!r}; the only control is 'shuffled'")
+    cfg.__post_init__()  # again: fields may have been set after construction
     if cfg.control and role != "av":
         raise NLAError("the shuffled-activation control applies to the AV only")
-    out_dir = Path(out_dir)
-    train_dir = out_dir / f".train-{role}"
-    role_dir = out_dir / role
-    # cpu=True when there is no GPU: only then does accelerate form a gloo process group from
-    # torchrun / `accelerate launch` environment variables on a CPU-only machine.
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    torch.manual_seed(cfg.seed)
+    return SFTTrainer(role, labels_dir, out_dir, cfg, acts=acts, progress=progress).run(
+        overwrite=overwrite)
 
-    split = "av_sft" if role == "av" else "ar_sft"
-    store, rows = load_labelled(labels_dir, split, acts)
-    if has_split(labels_dir, "heldout"):
-        _, eval_rows = load_labelled(labels_dir, "heldout", acts)
-        train_rows, eval_source = rows, "labelled heldout split"
-    else:
-        train_rows, eval_rows = split_by_document(rows, cfg.eval_fraction, cfg.seed)
-        eval_source = f"{cfg.eval_fraction:.0%} of {split} documents held out from training"
-    eval_rows = eval_rows.subset(range(min(len(eval_rows), cfg.eval_rows)))
-    if cfg.control == "shuffled":
-        perm = np.random.default_rng(cfg.seed + 1).permutation(len(train_rows))
-        train_rows.vectors = train_rows.vectors[perm]
 
-    config_hash = stable_hash(role, asdict(cfg), str(Path(labels_dir).resolve()),
-                              store.meta["model"], acc.num_processes)
-    if overwrite and acc.is_main_process:
-        shutil.rmtree(train_dir, ignore_errors=True)
-    acc.wait_for_everyone()
-    done_path = train_dir / "summary.json"
-    if done_path.is_file() and (role_dir / "nla_meta.yaml").is_file():
-        previous = json.loads(done_path.read_text())
-        if previous.get("config_hash") == config_hash:
-            log.info("%s already holds this training's result; nothing to do", role_dir)
+class SFTTrainer:
+    """One supervised run: rows and model set up once, then `run` = restore, steps (each: the
+    micro-batches' losses and gradients, the guarded optimizer step, evaluation, log,
+    checkpoint), export."""
+
+    def __init__(self, role: str, labels_dir: str | Path, out_dir: str | Path, cfg: SFTConfig,
+                 *, acts: str | Path | None = None, progress: bool = True):
+        self.role, self.cfg, self.progress = role, cfg, progress
+        self.labels_dir, out_dir = Path(labels_dir), Path(out_dir)
+        self.train_dir, self.role_dir = out_dir / f".train-{role}", out_dir / role
+        self.acc = make_accelerator(self.train_dir, cfg.grad_accum)
+        torch.manual_seed(cfg.seed)
+        self._load_rows(acts)
+        self.config_hash = stable_hash(role, asdict(cfg), str(self.labels_dir.resolve()),
+                                       self.store.meta["model"], self.acc.num_processes)
+        self.checkpoint = Checkpoint(self.train_dir, self.config_hash)
+        self.metrics = MetricsLog(self.acc, self.train_dir / "log.jsonl", f"sft_{role}")
+
+    def _load_rows(self, acts) -> None:
+        """Training rows, evaluation rows (the heldout split, else held-out documents)."""
+        cfg = self.cfg
+        split = "av_sft" if self.role == "av" else "ar_sft"
+        self.store, rows = load_labelled(self.labels_dir, split, acts)
+        if has_split(self.labels_dir, "heldout"):
+            _, eval_rows = load_labelled(self.labels_dir, "heldout", acts)
+            self.train_rows, self.eval_source = rows, "labelled heldout split"
+        else:
+            self.train_rows, eval_rows = split_by_document(rows, cfg.eval_fraction, cfg.seed)
+            self.eval_source = (f"{cfg.eval_fraction:.0%} of {split} documents held out from "
+                                "training")
+        self.eval_rows = eval_rows.subset(range(min(len(eval_rows), cfg.eval_rows)))
+        if cfg.control == "shuffled":
+            perm = np.random.default_rng(cfg.seed + 1).permutation(len(self.train_rows))
+            self.train_rows.vectors = self.train_rows.vectors[perm]
+
+    def run(self, overwrite: bool = False) -> dict | None:
+        acc = self.acc
+        if overwrite and acc.is_main_process:
+            shutil.rmtree(self.train_dir, ignore_errors=True)
+        acc.wait_for_everyone()
+        previous = self._finished()
+        if previous is not None:
+            log.info("%s already holds this training's result; nothing to do", self.role_dir)
             return previous if acc.is_main_process else None
+        self._setup_model()
+        start = self.checkpoint.load({"params": self.task.module},
+                                     {"optimizer": self.optimizer})
+        self.module, self.optimizer = acc.prepare(self.task.module, self.optimizer)
+        self._plan_steps()
+        if acc.is_main_process:
+            self.train_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.train_dir / "config.json",
+                       {"role": self.role, "config": asdict(self.cfg),
+                        "labels": str(self.labels_dir), "processes": acc.num_processes})
+        self.metrics.start(keep_until=start)
+        t0, last = time.time(), {}
+        with tqdm(total=self.n_steps, initial=start, desc=f"train {self.role}", unit="step",
+                  disable=not (self.progress and acc.is_main_process)) as bar:
+            for step in range(start, self.n_steps):
+                last = self.train_step(step, t0)
+                self.evaluate_log_save(step, last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}")
+                bar.update(1)
+        self.metrics.close()
+        return self._finish(start, last, t0)
 
-    model, tok = load_model(store.meta["model"]["spec"], dtype=cfg.dtype, device=str(acc.device))
-    want = store.meta["model"].get("weights_hash")
-    have = model.nlakit_source["weights_hash"]
-    if want and want != have:
-        raise NLAError(f"the store was extracted from weights {want}, but "
-                       f"{store.meta['model']['spec']!r} now has {have}")
-    task = _Task(role, cfg, store, model, tok)
-    task.module.train()
-    params = [p for p in task.module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = _load_checkpoint(train_dir, task.module, optimizer, config_hash)
-    module, optimizer = acc.prepare(task.module, optimizer)
+    def _finished(self) -> dict | None:
+        """The summary of a finished run of this very configuration, if the output holds one."""
+        done = self.train_dir / "summary.json"
+        if done.is_file() and (self.role_dir / "nla_meta.yaml").is_file():
+            previous = json.loads(done.read_text())
+            if previous.get("config_hash") == self.config_hash:
+                return previous
+        return None
 
-    order = epoch_order(len(train_rows), cfg.epochs, cfg.seed)
-    per_step = cfg.batch_size * acc.num_processes * cfg.grad_accum
-    n_steps = max(1, len(order) // per_step)
-    if cfg.max_steps:
-        n_steps = min(n_steps, cfg.max_steps)
-        while len(order) < n_steps * per_step:  # max_steps beyond the epochs: keep cycling
-            order += epoch_order(len(train_rows), 1, cfg.seed + len(order))
-    log_path = train_dir / "log.jsonl"
-    if acc.is_main_process:
-        train_dir.mkdir(parents=True, exist_ok=True)
-        write_json(train_dir / "config.json", {"role": role, "config": asdict(cfg),
-                                               "labels": str(labels_dir),
-                                               "processes": acc.num_processes})
-    t0 = time.time()
-    bar = tqdm(total=n_steps, initial=start, desc=f"train {role}", unit="step",
-               disable=not (progress and acc.is_main_process))
-    history = []
-    for step in range(start, n_steps):
+    def _setup_model(self) -> None:
+        store, cfg = self.store, self.cfg
+        model, tok = load_model(store.meta["model"]["spec"], dtype=cfg.dtype,
+                                device=str(self.acc.device))
+        want = store.meta["model"].get("weights_hash")
+        have = model.nlakit_source["weights_hash"]
+        if want and want != have:
+            raise NLAError(f"the store was extracted from weights {want}, but "
+                           f"{store.meta['model']['spec']!r} now has {have}")
+        self.task = _Task(self.role, cfg, store, model, tok)
+        self.task.module.train()
+        self.params = trainable_params(self.task.module)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+
+    def _plan_steps(self) -> None:
+        """The fixed row order of the whole run and its number of optimizer steps."""
+        cfg, n = self.cfg, len(self.train_rows)
+        self.order = epoch_order(n, cfg.epochs, cfg.seed)
+        per_step = cfg.batch_size * self.acc.num_processes * cfg.grad_accum
+        self.n_steps = max(1, len(self.order) // per_step)
+        if cfg.max_steps:
+            self.n_steps = min(self.n_steps, cfg.max_steps)
+            while len(self.order) < self.n_steps * per_step:  # beyond the epochs: keep cycling
+                self.order += epoch_order(n, 1, cfg.seed + len(self.order))
+
+    def micro_batch(self, step: int, micro: int) -> Rows:
+        """This process's rows of micro-batch `micro` of optimizer step `step`."""
+        cfg, acc = self.cfg, self.acc
+        base = (step * cfg.grad_accum + micro) * cfg.batch_size * acc.num_processes
+        lo = base + acc.process_index * cfg.batch_size
+        return self.train_rows.subset(self.order[lo : lo + cfg.batch_size])
+
+    def train_step(self, step: int, t0: float) -> dict:
+        """Accumulate the micro-batches' gradients (accelerate syncs on the last one), then one
+        guarded optimizer step. Returns the step's log record."""
+        cfg, acc = self.cfg, self.acc
         step_loss = torch.zeros((), device=acc.device)
         for micro in range(cfg.grad_accum):
-            base = (step * cfg.grad_accum + micro) * cfg.batch_size * acc.num_processes
-            lo = base + acc.process_index * cfg.batch_size
-            idx = order[lo : lo + cfg.batch_size]
-            r = train_rows.subset(idx)
-            vectors = torch.from_numpy(r.vectors)
-            sync = micro == cfg.grad_accum - 1
-            ctx = acc.no_sync(module) if not sync and acc.num_processes > 1 else _null()
-            with ctx:
-                loss = task.loss(module, vectors, r.texts) / cfg.grad_accum
-                acc.backward(loss)
-            step_loss += loss.detach()
-        grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
-        grads_ok = bool(acc.reduce(torch.tensor(float(grads_ok), device=acc.device),
-                                   "min") > 0)
-        if grads_ok:
-            grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-        else:
-            grad_norm = float("nan")
+            rows = self.micro_batch(step, micro)
+            with acc.accumulate(self.module):
+                loss = self.task.loss(self.module, torch.from_numpy(rows.vectors), rows.texts)
+                acc.backward(loss)  # divides by grad_accum
+            step_loss += loss.detach() / cfg.grad_accum
+        ok = all_finite(acc, self.params)
+        grad_norm = guarded_step(acc, ok, self.optimizer, self.params, cfg.max_grad_norm)
+        if not ok:
             log.warning("step %d: non-finite gradients, update skipped", step)
-        optimizer.zero_grad(set_to_none=True)
-        mean_loss = float(acc.reduce(step_loss, "mean"))
-        record = {"step": step + 1, "loss": mean_loss, "grad_norm": float(grad_norm),
-                  "skipped": not grads_ok, "elapsed_s": round(time.time() - t0, 2)}
-        done = step + 1 == n_steps
+        return {"step": step + 1, "loss": float(acc.reduce(step_loss, "mean")),
+                "grad_norm": grad_norm, "skipped": not ok,
+                "elapsed_s": round(time.time() - t0, 2)}
+
+    def evaluate_log_save(self, step: int, record: dict) -> None:
+        """Held-out evaluation every eval_every steps and at the end, the log record, and a
+        checkpoint every save_every steps (the last one is saved by `_finish`)."""
+        acc, cfg = self.acc, self.cfg
+        done = step + 1 == self.n_steps
         if acc.is_main_process and ((step + 1) % cfg.eval_every == 0 or done):
-            record.update(task.evaluate(eval_rows))
-        if acc.is_main_process:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            history.append(record)
-            bar.set_postfix(loss=f"{mean_loss:.3f}")
-        bar.update(1)
+            record.update(self.task.evaluate(self.eval_rows))
+        self.metrics.write(record)
         if (step + 1) % cfg.save_every == 0 and not done:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                _save_checkpoint(train_dir, step + 1, acc.unwrap_model(module), optimizer,
-                                 config_hash)
-    bar.close()
-    acc.wait_for_everyone()
-    summary = {"role": role, "steps": n_steps, "resumed_from": start,
-               "train_rows": len(train_rows), "eval_rows": len(eval_rows),
-               "eval_source": eval_source, "control": cfg.control,
-               "seconds": round(time.time() - t0, 1), "processes": acc.num_processes,
-               "config_hash": config_hash, "final": history[-1] if history else {}}
-    if acc.is_main_process:
-        # checkpoint first: exporting merges LoRA into the weights in place
-        _save_checkpoint(train_dir, n_steps, acc.unwrap_model(module), optimizer, config_hash)
-        provenance = {"labels": str(Path(labels_dir).resolve()), "acts": str(store.path.resolve()),
-                      "config": asdict(cfg), "summary": {k: v for k, v in summary.items()
-                                                         if k != "final"},
-                      "final_eval": {k: v for k, v in summary["final"].items()
-                                     if k.startswith("eval_")},
-                      "nlakit_version": __version__}
-        task.module = acc.unwrap_model(module)
-        task.export(role_dir, provenance)
-        write_json(done_path, summary)
-    acc.wait_for_everyone()
-    return summary if acc.is_main_process else None
+                self._save(step + 1)
 
+    def _save(self, step: int) -> None:
+        self.checkpoint.save(step, {"params": self.acc.unwrap_model(self.module)},
+                             {"optimizer": self.optimizer})
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    def _finish(self, start: int, last: dict, t0: float) -> dict | None:
+        """Final checkpoint, export of the NLA half, summary.json; the summary (main only)."""
+        acc, cfg = self.acc, self.cfg
+        acc.wait_for_everyone()
+        summary = {"role": self.role, "steps": self.n_steps, "resumed_from": start,
+                   "train_rows": len(self.train_rows), "eval_rows": len(self.eval_rows),
+                   "eval_source": self.eval_source, "control": cfg.control,
+                   "seconds": round(time.time() - t0, 1), "processes": acc.num_processes,
+                   "config_hash": self.config_hash,
+                   "final": last if acc.is_main_process else {}}
+        if acc.is_main_process:
+            self._save(self.n_steps)  # checkpoint first: exporting merges LoRA in place
+            provenance = {
+                "labels": str(self.labels_dir.resolve()), "acts": str(self.store.path.resolve()),
+                "config": asdict(cfg),
+                "summary": {k: v for k, v in summary.items() if k != "final"},
+                "final_eval": {k: v for k, v in last.items() if k.startswith("eval_")},
+                "nlakit_version": __version__}
+            self.task.module = acc.unwrap_model(self.module)
+            self.task.export(self.role_dir, provenance)
+            write_json(self.train_dir / "summary.json", summary)
+        acc.wait_for_everyone()
+        return summary if acc.is_main_process else None
