@@ -12,7 +12,8 @@ import torch
 from nlakit import NLAError
 from nlakit.nla import NLA
 from nlakit.train import rewards as R
-from nlakit.train.rl import RLConfig, _pad_responses, _prefixes, response_logprobs, train_rl
+from nlakit.train.rl import RLConfig, train_rl
+from nlakit.train.rollout import pad_responses, response_logprobs, token_prefixes
 
 # ---- pure reward functions -----------------------------------------------------------------
 
@@ -94,17 +95,17 @@ def test_kl_estimators_and_truncation_lengths():
 
 
 def test_sample_next_greedy_temperature_and_top_p():
-    from nlakit.train.rl import _sample_next
+    from nlakit.train.rollout import sample_next
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).expand(2000, -1)
-    assert (_sample_next(logits, 0.0, 1.0, gen) == 0).all()
-    full = torch.bincount(_sample_next(logits, 1.0, 1.0, gen), minlength=3) / 2000
+    assert (sample_next(logits, 0.0, 1.0, gen) == 0).all()
+    full = torch.bincount(sample_next(logits, 1.0, 1.0, gen), minlength=3) / 2000
     assert full.tolist() == pytest.approx([0.6, 0.3, 0.1], abs=0.04)
-    nucleus = _sample_next(logits, 1.0, 0.8, gen)  # keeps {0, 1}: 0.6 < 0.8 <= 0.9
+    nucleus = sample_next(logits, 1.0, 0.8, gen)  # keeps {0, 1}: 0.6 < 0.8 <= 0.9
     assert set(nucleus.tolist()) == {0, 1}
     assert float((nucleus == 0).float().mean()) == pytest.approx(2 / 3, abs=0.05)
-    assert set(_sample_next(logits, 1.0, 0.5, gen).tolist()) == {0}
+    assert set(sample_next(logits, 1.0, 0.5, gen).tolist()) == {0}
 
 
 # ---- the loop on the tiny model -----------------------------------------------------------
@@ -157,7 +158,7 @@ def test_response_logprobs_ignore_padding(sft_nla, tiny):
     vecs = torch.randn(2, 64)
     exps = av.generate(vecs, n=1, temperature=1.0, max_new_tokens=8, seed=3)
     short = exps[0].token_ids[:3]
-    ids, mask = _pad_responses([short, exps[1].token_ids], av.pad_id)
+    ids, mask = pad_responses([short, exps[1].token_ids], av.pad_id)
     both = response_logprobs(av.model, av, vecs, ids, mask)
     alone = response_logprobs(av.model, av, vecs[:1], ids[:1, :3], mask[:1, :3])
     assert torch.allclose(both[0, :3], alone[0], atol=1e-5)
@@ -165,7 +166,7 @@ def test_response_logprobs_ignore_padding(sft_nla, tiny):
     # the injected vector matters: another vector gives other log-probs for the same tokens
     other = response_logprobs(av.model, av, -vecs, ids, mask)
     assert not torch.allclose(other[1], both[1], atol=1e-4)
-    assert _prefixes(av.tokenizer, ["one two three four five"], torch.tensor([2]))[0] \
+    assert token_prefixes(av.tokenizer, ["one two three four five"], torch.tensor([2]))[0] \
         == av.tokenizer.decode(av.tokenizer("one two three four five")["input_ids"][:2])
 
 
@@ -298,7 +299,7 @@ def test_two_processes_agree_and_export(sft_nla, tiny_store, tmp_path, tiny):
 def test_fast_sampler_and_shared_prefix_match_the_plain_paths(sft_nla, tiny):
     import copy
 
-    from nlakit.train.rl import fast_generate, shared_prefix_len
+    from nlakit.train.rollout import fast_generate, shared_prefix_len
     from nlakit.verbalizer import Verbalizer
 
     base = NLA.load(sft_nla, target=tiny).av
@@ -338,7 +339,7 @@ def test_fast_sampler_and_shared_prefix_match_the_plain_paths(sft_nla, tiny):
 
     # log-probs and their gradients: shared prefix == every row computing its whole prompt
     model = av.model.requires_grad_(True)
-    ids, mask = _pad_responses([e.token_ids for e in sampled[:6]], av.pad_id)
+    ids, mask = pad_responses([e.token_ids for e in sampled[:6]], av.pad_id)
     v6 = vecs.repeat_interleave(4, 0)[:6]
     grads = []
     for shared in (True, False):
@@ -391,3 +392,30 @@ def test_sigkill_mid_run_then_resume_matches_a_straight_run(sft_nla, tiny_store,
     assert torch.equal(a, b)
     summary = json.loads((killed / ".train-rl" / "summary.json").read_text())
     assert summary["resumed_from"] in (4, 8, 12)
+
+
+def test_rollouts_sample_the_distribution_the_policy_loss_assumes(sft_nla, tiny):
+    """Why rollouts do not go through HF `generate`: it also applies the model's own
+    generation_config (Qwen2.5-Instruct ships top_k 20 and a repetition penalty), so its
+    samples would not follow softmax(logits / T), whose log-probs the policy loss uses."""
+    import copy
+
+    from nlakit.train.rollout import sample_rollouts
+    from nlakit.verbalizer import Verbalizer
+
+    base = NLA.load(sft_nla, target=tiny).av
+    model = copy.deepcopy(base.model)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.generation_config.top_k = 1  # a shipped setting that HF generate would obey
+    av = Verbalizer(model, base.tokenizer, base.marker, 10.0, base.template)
+    vecs = torch.randn(2, 64, generator=gen)
+    hf = av.generate(vecs, n=4, temperature=1.0, max_new_tokens=8, seed=0)
+    assert len({tuple(e.token_ids) for e in hf[:4]}) == 1  # top_k 1: greedy, whatever T says
+    ours = sample_rollouts(av, vecs, 4, 1.0, 1.0, 8, 64, seed=0)
+    assert len({tuple(e.token_ids) for e in ours[:4]}) > 1
+    assert [e.token_ids for e in ours] == \
+        [e.token_ids for e in sample_rollouts(av, vecs, 4, 1.0, 1.0, 8, 64, seed=0)]
