@@ -1,0 +1,85 @@
+"""Running the viewer: `serve` (blocking, the CLI's entry) and `BackgroundServer` (a real
+uvicorn server on a thread, for tests, scripts and notebooks)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..errors import NLAError
+from .app import LOOPBACK_NAMES, create_app, is_loopback
+from .limits import ServeLimits
+
+log = logging.getLogger(__name__)
+
+
+def allowed_hosts_for(host: str) -> list[str]:
+    """Host headers to accept: loopback names, plus the bound address when it is another;
+    any host when bound to all interfaces (0.0.0.0 / ::)."""
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    return LOOPBACK_NAMES + ([host] if host not in LOOPBACK_NAMES else [])
+
+
+def serve(nla_dir, *, acts=None, eval_dir=None, audit=None, host: str = "127.0.0.1",
+          port: int = 8000, limits: ServeLimits | None = None, device: str | None = None,
+          chunk: int = 16, log_level: str = "info") -> None:
+    """Load the NLA once and serve the viewer until interrupted (prints the URL).
+
+    Binds 127.0.0.1 unless `host` says otherwise; any other address logs a warning, since the
+    server has no authentication and runs the model for whoever reaches it."""
+    import uvicorn
+
+    from ..nla import NLA
+
+    if not is_loopback(host):
+        log.warning("serving on %s: anyone who can reach this address can run the model "
+                    "(there is no authentication); use the default 127.0.0.1 to keep it local",
+                    host)
+    nla = NLA.load(nla_dir, device=device) if not isinstance(nla_dir, NLA) else nla_dir
+    app = create_app(nla, acts=acts, eval_dir=eval_dir, audit=audit, limits=limits,
+                     chunk=chunk, allowed_hosts=allowed_hosts_for(host))
+    shown = f"[{host}]" if ":" in host else host
+    print(f"nlakit serve: http://{shown}:{port}/  (Ctrl-C stops it)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+class BackgroundServer:
+    """A real HTTP server for `app` on a thread: ``with BackgroundServer(app) as url: ...``.
+    port=0 picks a free port (the URL says which)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.app = app
+        self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                     lifespan="off")
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, name="nlakit-serve-http",
+                                       daemon=True)
+        self.url = None
+
+    def start(self, timeout: float = 30.0) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise NLAError("the viewer's HTTP server did not start")
+            time.sleep(0.01)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        close = getattr(self.app.state, "close", None)
+        if close:
+            close()
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
