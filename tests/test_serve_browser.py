@@ -1,0 +1,65 @@
+"""`nlakit serve` in a real browser: headless Chromium (Debian's chromium + chromium-driver)
+driven by Selenium against a real server on 127.0.0.1. Without Chromium these tests FAIL
+with the install command; they never skip."""
+
+import httpx
+import pytest
+
+from nlakit import NLAError
+from nlakit.serve import BackgroundServer, ServeLimits, create_app
+from nlakit.serve.browser import INSTALL, chrome_driver, explain_flow, find_chromium
+from nlakit.serve.testing import SAMPLE_TEXT, tiny_viewer_nla, with_explanations, write_run
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+LIMITS = ServeLimits(max_new_tokens=8, default_new_tokens=6)
+HOSTILE = ("<script>document.title='pwned'</script>"
+           "<img src=x onerror=\"document.title='pwned-img'\"> & \"quotes\"")
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    try:
+        find_chromium()
+    except NLAError as e:
+        pytest.fail(f"{e}\ninstall it with: {INSTALL}", pytrace=False)
+    d = chrome_driver(tmp_path_factory.mktemp("chromium-profile"))
+    yield d
+    d.quit()
+
+
+def test_explain_page_shows_the_apis_explanations(driver, tiny, tmp_path):
+    nla = tiny_viewer_nla(tiny, 2, rawvar=0.5)
+    app = create_app(nla, limits=LIMITS, chunk=4)
+    with BackgroundServer(app) as url:
+        shot = tmp_path / "explain.png"
+        res = explain_flow(driver, url, SAMPLE_TEXT, click=-3, screenshot=shot)
+        job = httpx.get(f"{url}/api/jobs/{res.job_id}").json()
+    results = job["result"]["results"]
+    assert job["status"] == "done" and res.n_tokens == len(results) == job["total"]
+    clicked = results[res.position]
+    assert res.shown_explanation == clicked["explanation"] != ""
+    assert res.token == clicked["token"]
+    assert res.shown_explanations == {r["position"]: r["explanation"] for r in results}
+    assert res.status.startswith("done")
+    assert not res.console_errors, res.console_errors
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_hostile_model_output_is_shown_as_text_never_run(driver, tiny, tiny_store, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    nla = with_explanations(tiny_viewer_nla(tiny, tiny_store.layer), HOSTILE)
+    run = write_run(nla, tiny_store, tmp_path / "run")
+    app = create_app(nla, acts=tiny_store.path, eval_dir=run, limits=LIMITS)
+    with BackgroundServer(app) as url:
+        res = explain_flow(driver, url, "x = 1", click=-1)
+        assert res.shown_explanation == HOSTILE  # the literal text, visible as text
+        assert "pwned" not in res.title
+        assert not driver.find_elements(By.CSS_SELECTOR, "#detail img, #tokens img")
+        driver.get(f"{url}/browse")
+        cell = driver.find_element(By.CSS_SELECTOR, "#rows tbody td.expl")
+        assert cell.text == HOSTILE
+        assert "pwned" not in driver.title
+        assert len(driver.find_elements(By.TAG_NAME, "script")) == 1  # /static/app.js only
+        assert not driver.find_elements(By.CSS_SELECTOR, "#rows img")
