@@ -1,0 +1,338 @@
+"""TopK sparse autoencoders on a store's activations: the ladder an NLA's text is read against.
+
+A TopK SAE (Gao et al. 2024) encodes x as the k largest pre-activations of
+W_enc (x - b_dec) + b_enc, passed through a ReLU, and decodes x' = W_dec^T z + b_dec, with
+unit-norm decoder rows. Trained for k = 1, 4, 16, 64 on the store's training splits and scored
+on the held-out rows with the eval's metrics (fve_nrm, and kl / ce_recovered by splicing, see
+`nlakit.splice`), it answers "how many sparse latents is the explanation worth?" (`worth_k`).
+
+What the SAE sees. Inputs are the rows' *directions* scaled to sqrt(d): x = s·g/||g||, the space
+mse_nrm lives in, because an NLA predicts directions only and is scored on them; each SAE's
+reconstruction is scored (fve_nrm) and spliced (rescaled to the true norm) exactly like an NLA's
+prediction. An SAE trained on raw activations would spend capacity on the norm, which no metric
+here rewards.
+
+Training data (`training_vectors`). The stored training rows are ~10 per document (a few
+thousand vectors for a small store): far too few for 8×d latents. `source="tokens"` re-runs the
+target over the training splits' documents and takes every eligible token (index >=
+min_position, non-special: extraction's rule), which is how SAEs are trained anyway; the
+held-out documents are never read. `source="rows"` uses the stored rows only.
+
+Why not sae-lens. `pip install --dry-run sae-lens` (6.54.12) resolves beside this project's pins
+without replacing torch or transformers, but brings 48 packages (transformer-lens, wandb, plotly,
+nltk, statsmodels, opentelemetry, ...) for what is ~100 lines of torch here, and its trainer
+streams activations from a TransformerLens model rather than from a tensor of stored vectors.
+`TopKSAE.save` writes W_enc/b_enc/W_dec/b_dec in SAELens' tensor names and shapes (W_enc [d, m],
+W_dec [m, d]) with a cfg.json, so the weights are easy to load there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import NLAError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KS = (1, 4, 16, 64)
+TRAINING_SPLITS = ("av_sft", "ar_sft", "rl")
+
+
+def directions(vectors: torch.Tensor) -> torch.Tensor:
+    """s·g/||g|| with s = sqrt(d): the space the SAE is trained and scored in. [n, d]"""
+    v = torch.as_tensor(vectors).float()
+    norm = v.norm(dim=-1, keepdim=True)
+    if (norm == 0).any():
+        raise NLAError("a vector has zero norm; its direction is undefined")
+    return v / norm * math.sqrt(v.shape[-1])
+
+
+class TopKSAE(nn.Module):
+    """x' = W_dec^T ReLU(TopK_k(W_enc^T (x - b_dec) + b_enc)) + b_dec; W_dec rows unit norm."""
+
+    def __init__(self, d: int, width: int, k: int, *, seed: int = 0):
+        super().__init__()
+        if not 1 <= k <= width:
+            raise NLAError(f"k must be in 1..width ({width}), got {k}")
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(width, d, generator=g)
+        w = w / w.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w.clone())  # [m, d]
+        self.W_enc = nn.Parameter(w.t().clone())  # [d, m]
+        self.b_enc = nn.Parameter(torch.zeros(width))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.d, self.width, self.k = d, width, k
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc  # [n, m]
+
+    def encode(self, x: torch.Tensor, k: int | None = None):
+        """(values [n, k] after the ReLU, latent indices [n, k])."""
+        top = self.pre_acts(x).topk(k or self.k, dim=-1)
+        return F.relu(top.values), top.indices
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values,
+                               mode="sum") + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(*self.encode(x))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def reconstruct(self, vectors: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """Reconstructions of raw vectors [n, d] (their directions, see module doc). [n, d]"""
+        x = directions(vectors)
+        return torch.cat([self(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    def save(self, path: str | Path, extra: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        from .fileio import atomic_path
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path / "sae_weights.safetensors") as tmp:
+            save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                      str(tmp))
+        cfg = {"architecture": "topk", "d_in": self.d, "d_sae": self.width, "k": self.k,
+               "input": "s * g / ||g||, s = sqrt(d) (directions)", **(extra or {})}
+        with atomic_path(path / "cfg.json") as tmp:
+            tmp.write_text(json.dumps(cfg, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TopKSAE:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg = json.loads((path / "cfg.json").read_text())
+        sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"])
+        sae.load_state_dict(load_file(str(path / "sae_weights.safetensors")))
+        return sae
+
+
+@dataclass
+class SAETrainConfig:
+    k: int
+    width: int | None = None  # default 8 * d
+    epochs: float = 8.0  # passes over the training vectors
+    batch_size: int = 1024
+    lr: float | None = None  # default 2e-4 / sqrt(width / 2**14) (Gao et al.), capped at 1e-3
+    aux_k: int | None = None  # AuxK: latents used to model the residual, default d // 2
+    aux_coef: float = 1 / 32
+    dead_after: int = 100_000  # a latent is dead after this many training vectors without firing
+    seed: int = 0
+
+
+def train_sae(x: torch.Tensor, config: SAETrainConfig, *, progress: bool = False):
+    """Train a TopK SAE on x [n, d] (already in the space it should model, e.g. `directions`).
+
+    Loss: mean squared error + aux_coef × the AuxK loss (the top-aux_k *dead* latents modelling
+    the residual, which revives them); Adam, linear decay over the last 20% of steps; decoder
+    rows renormalised after every step. b_dec starts at the data mean. Deterministic for a seed.
+    Returns (sae, log dict with the final training fve and dead-latent count)."""
+    x = torch.as_tensor(x).float()
+    n, d = x.shape
+    cfg = config
+    width = cfg.width or 8 * d
+    lr = cfg.lr or min(1e-3, 2e-4 / math.sqrt(width / 2**14))
+    aux_k = min(cfg.aux_k or d // 2, width)
+    torch.manual_seed(cfg.seed)
+    sae = TopKSAE(d, width, cfg.k, seed=cfg.seed)
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    steps = max(1, int(math.ceil(cfg.epochs * n / cfg.batch_size)))
+    decay_from = int(0.8 * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from)))
+    since_fired = torch.zeros(width)
+    g = torch.Generator().manual_seed(cfg.seed)
+    var = float(((x - x.mean(0)) ** 2).sum(-1).mean())
+    perm, at = torch.randperm(n, generator=g), 0
+    t0 = time.perf_counter()
+    from tqdm.auto import trange
+
+    for _ in trange(steps, desc=f"SAE k={cfg.k}", disable=not progress):
+        if at + cfg.batch_size > n:
+            perm, at = torch.randperm(n, generator=g), 0
+        xb = x[perm[at:at + cfg.batch_size]]
+        at += cfg.batch_size
+        pre = sae.pre_acts(xb)
+        top = pre.topk(cfg.k, dim=-1)
+        vals = F.relu(top.values)
+        recon = sae.decode(vals, top.indices)
+        err = xb - recon
+        loss = (err ** 2).sum(-1).mean()
+        with torch.no_grad():
+            fired = torch.zeros(width, dtype=torch.bool)
+            fired[top.indices[vals > 0]] = True
+            since_fired += xb.shape[0]
+            since_fired[fired] = 0
+        dead = since_fired > cfg.dead_after
+        if dead.any() and cfg.aux_coef > 0:
+            kk = min(aux_k, int(dead.sum()))
+            dpre = pre.masked_fill(~dead, float("-inf")).topk(kk, dim=-1)
+            aux = F.embedding_bag(dpre.indices, sae.W_dec, per_sample_weights=F.relu(dpre.values),
+                                  mode="sum")
+            aux_loss = ((err.detach() - aux) ** 2).sum(-1).mean() / max(var, 1e-12)
+            loss = loss + cfg.aux_coef * torch.nan_to_num(aux_loss, nan=0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        sae.normalize_decoder()
+    sae.eval().requires_grad_(False)
+    with torch.no_grad():
+        recon = torch.cat([sae(x[i:i + 4096]) for i in range(0, n, 4096)])
+        fve = 1 - float(((x - recon) ** 2).sum(-1).mean()) / var
+    return sae, {"k": cfg.k, "width": width, "steps": steps, "lr": lr, "n_train": n,
+                 "train_fve": fve, "dead_latents": int(dead.sum()),
+                 "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg)}
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def training_vectors(store, *, source: str = "tokens", splits=TRAINING_SPLITS, target=None,
+                     max_vectors: int | None = None, batch_size: int = 8,
+                     seed: int = 0, progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """Raw block-K vectors of the store's training splits [n, d] and a description.
+
+    source="rows": the stored rows. source="tokens": every eligible token (index >=
+    min_position, not special) of the training splits' documents, recomputed with the target
+    (only blocks 0..K), documents re-read from the store's corpus; `max_vectors` keeps a seeded
+    random subset."""
+    from .store import vectors_from_arrow
+
+    have = set(store.meta.get("counts", {}).get("rows_per_split", {})) | set(store.splits)
+    splits = [s for s in splits if s in have]
+    if source == "rows":
+        parts = []
+        for s in splits:
+            for b in store.iter_batches(s, columns=["vector"]):
+                parts.append(vectors_from_arrow(b.column("vector"), store.d_model))
+        v = torch.from_numpy(np.concatenate(parts).copy())
+        return v, {"source": "stored rows", "splits": splits, "n": len(v)}
+    if source != "tokens":
+        raise NLAError(f"source must be 'rows' or 'tokens', got {source!r}")
+    from .activations import _tokenize
+    from .models import forward_to_layer, special_token_ids
+    from .splice import _reopen_corpus, load_target
+
+    model, tok = target if target is not None else load_target(store)
+    cfg = store.meta.get("config", {}) or {}
+    max_tokens = int(cfg.get("max_tokens_per_doc") or 1024)
+    min_pos = int(cfg.get("min_position", 50))
+    docs = set()
+    for s in splits:
+        docs |= set(store.table(s, columns=["doc_id"]).column("doc_id").to_pylist())
+    special = special_token_ids(tok)
+    seqs = []
+    for doc in _reopen_corpus(store, tok, chat_model=(model, tok)):
+        if doc.doc_id in docs:
+            ids = _tokenize(tok, doc, max_tokens)
+            keep = [i for i in range(min_pos, len(ids)) if ids[i] not in special]
+            if keep:
+                seqs.append((ids, keep))
+    if not seqs:
+        raise NLAError("no training document has an eligible token")
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    seqs.sort(key=lambda s: -len(s[0]))
+    out = []
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(0, len(seqs), batch_size), desc="SAE training vectors",
+                  disable=not progress):
+        batch = seqs[i:i + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        x = torch.full((len(batch), width), pad, dtype=torch.long)
+        m = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, (ids, _) in enumerate(batch):
+            x[j, :len(ids)] = torch.tensor(ids)
+            m[j, :len(ids)] = 1
+        h = forward_to_layer(model, x.to(device), m.to(device), store.layer)
+        for j, (_, keep) in enumerate(batch):
+            out.append(h[j, keep].float().cpu())
+    v = torch.cat(out)
+    if max_vectors is not None and len(v) > max_vectors:
+        idx = torch.randperm(len(v), generator=torch.Generator().manual_seed(seed))[:max_vectors]
+        v = v[idx.sort().values]
+    return v, {"source": f"every token at index >= {min_pos} (not special) of the training "
+                         f"splits' documents, recomputed", "splits": splits,
+               "documents": len(seqs), "n": len(v)}
+
+
+# ---- reading an NLA against the ladder ---------------------------------------------------------
+
+
+def worth_k(ladder: dict[int, float], value: float) -> dict:
+    """Where `value` (an NLA's metric, higher = better) sits on a ladder {k: metric}: k found by
+    linear interpolation in log2(k) between the bracketing rungs (the ladder made monotone by a
+    running maximum). {"k": float or None, "relation": "below"|"within"|"above", "text"}."""
+    ks = sorted(ladder)
+    vals = np.maximum.accumulate([ladder[k] for k in ks])
+    if value < vals[0]:
+        return {"k": None, "relation": "below",
+                "text": f"worth less than {ks[0]} latent{'s' if ks[0] > 1 else ''}"}
+    if value > vals[-1]:
+        return {"k": None, "relation": "above", "text": f"worth more than {ks[-1]} latents"}
+    for (k0, v0), (k1, v1) in zip(zip(ks, vals), zip(ks[1:], vals[1:])):
+        if v0 <= value <= v1:
+            f = 0.0 if v1 == v0 else (value - v0) / (v1 - v0)
+            k = 2 ** (math.log2(k0) + f * (math.log2(k1) - math.log2(k0)))
+            return {"k": k, "relation": "within", "text": f"worth about {k:.1f} latents"}
+    return {"k": float(ks[0]), "relation": "within", "text": f"worth about {ks[0]} latents"}
+
+
+def plot_ladder(ladder: dict[str, dict[int, float]], lines: dict[str, dict[str, float]],
+                path: str | Path, *, title: str = "") -> Path:
+    """One panel per metric: the SAE ladder (metric vs k, log2 axis) with horizontal lines for
+    the NLA and the baselines. ladder: {metric: {k: value}}; lines: {metric: {name: value}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ladder)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 1)), (0, (3, 1, 1, 1))]
+    for ax, metric in zip(axes[0], names):
+        ks = sorted(ladder[metric])
+        ax.plot(ks, [ladder[metric][k] for k in ks], "o-", color="black", label="TopK SAE")
+        for j, (name, v) in enumerate(lines.get(metric, {}).items()):
+            if v is not None and np.isfinite(v):
+                ax.axhline(v, linestyle=styles[j % len(styles)], color=f"C{j}", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("k (active latents)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["DEFAULT_KS", "SAETrainConfig", "TopKSAE", "directions", "plot_ladder",
+           "train_sae", "training_vectors", "worth_k"]

@@ -1,0 +1,105 @@
+"""TopK SAEs: exact reconstruction with k = d on a low-rank toy set, sparsity, the ladder reading,
+training vectors recomputed from the tiny store, save/load and the plot."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nlakit.sae import (
+    SAETrainConfig,
+    TopKSAE,
+    directions,
+    plot_ladder,
+    train_sae,
+    training_vectors,
+    worth_k,
+)
+
+
+def _low_rank(d=16, r=4, n=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, r, generator=g))[0]
+    return torch.randn(n, r, generator=g) @ basis.T * 3 + torch.randn(d, generator=g)
+
+
+def test_topk_sae_with_k_equal_d_reconstructs_a_low_rank_set_exactly():
+    x = _low_rank()
+    d = x.shape[1]
+    sae, log = train_sae(x, SAETrainConfig(k=d, width=8 * d, epochs=150, batch_size=256,
+                                           lr=2e-2))
+    rel = ((sae(x) - x).norm(dim=1) / x.norm(dim=1)).max()  # worst row
+    assert log["train_fve"] > 0.99999
+    assert rel < 0.01
+    # one latent cannot span a rank-4 set: the exactness above is not for free
+    sae1, log1 = train_sae(x, SAETrainConfig(k=1, width=8 * d, epochs=30, batch_size=256,
+                                             lr=1e-2))
+    assert log1["train_fve"] < 0.99
+
+
+def test_encode_keeps_k_nonnegative_latents_and_decode_matches_dense():
+    sae = TopKSAE(d=8, width=32, k=3, seed=1)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
+    vals, idx = sae.encode(x)
+    assert vals.shape == idx.shape == (10, 3) and (vals >= 0).all()
+    pre = sae.pre_acts(x)
+    assert torch.equal(idx.sort(-1).values, pre.topk(3, -1).indices.sort(-1).values)
+    dense = torch.zeros(10, 32).scatter(1, idx, vals)
+    assert torch.allclose(sae(x), dense @ sae.W_dec + sae.b_dec, atol=1e-5)
+    with pytest.raises(Exception, match="k must be"):
+        TopKSAE(d=8, width=4, k=5)
+
+
+def test_directions_are_scaled_unit_rows():
+    v = torch.tensor([[3.0, 4.0], [0.0, -2.0]])
+    out = directions(v)
+    assert torch.allclose(out.norm(dim=1), torch.full((2,), math.sqrt(2)))
+    assert torch.allclose(out[0] / out[0].norm(), v[0] / 5)
+
+
+def test_worth_k_interpolates_in_log_k():
+    ladder = {1: 0.1, 4: 0.3, 16: 0.5, 64: 0.7}
+    assert worth_k(ladder, 0.4)["k"] == pytest.approx(8.0)
+    assert worth_k(ladder, 0.3)["k"] == pytest.approx(4.0)
+    assert worth_k(ladder, 0.05)["relation"] == "below"
+    assert worth_k(ladder, 0.9)["relation"] == "above" and worth_k(ladder, 0.9)["k"] is None
+    # a non-monotone ladder is read through its running maximum
+    assert worth_k({1: 0.2, 4: 0.1, 16: 0.6}, 0.4)["k"] == pytest.approx(8.0)
+
+
+def test_save_load_round_trip(tmp_path):
+    sae = TopKSAE(d=8, width=16, k=2, seed=3)
+    sae.save(tmp_path / "sae", extra={"layer": 2})
+    back = TopKSAE.load(tmp_path / "sae")
+    x = torch.randn(4, 8)
+    assert back.k == 2 and torch.equal(back(x), sae(x))
+    for name, shape in (("W_enc", (8, 16)), ("W_dec", (16, 8))):
+        assert tuple(getattr(back, name).shape) == shape  # SAELens' layout
+
+
+def test_training_vectors_from_rows_and_recomputed_tokens(tiny, tiny_store):
+    rows, info = training_vectors(tiny_store, source="rows")
+    n_train = sum(tiny_store.num_rows(s) for s in ("av_sft", "ar_sft", "rl"))
+    assert rows.shape == (n_train, tiny_store.d_model) and info["n"] == n_train
+    toks, info_t = training_vectors(tiny_store, source="tokens", target=tiny)
+    assert toks.shape[0] > rows.shape[0]
+    # every stored training row is among the recomputed token vectors (same model, same rule)
+    dist = torch.cdist(rows[:20], toks).min(dim=1).values
+    assert dist.max() < 1e-3 * rows[:20].norm(dim=1).min()
+    # held-out vectors are not
+    held = tiny_store.vectors("heldout")[:10]
+    assert torch.cdist(held, toks).min(dim=1).values.min() > 1e-2
+    sub, _ = training_vectors(tiny_store, source="tokens", target=tiny, max_vectors=50)
+    assert sub.shape[0] == 50
+
+
+def test_plot_ladder_writes_a_png(tmp_path):
+    path = plot_ladder({"fve_nrm": {1: 0.1, 4: 0.3}, "kl": {1: 2.0, 4: 1.0}},
+                       {"fve_nrm": {"nla": 0.2, "quote_8": np.nan}, "kl": {"nla": 1.5}},
+                       tmp_path / "ladder.png", title="t")
+    assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
