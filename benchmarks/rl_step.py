@@ -1,7 +1,7 @@
 """Seconds per RL (GRPO) step on the embedded SmolLM2, broken down by phase.
 
     python benchmarks/rl_step.py [--nla DIR] [--acts DIR] [--steps 3] [--batch-size 4]
-                                 [--group-size 4] [--max-new-tokens 64] [--sampler fast|hf]
+                                 [--group-size 4] [--max-new-tokens 64] [--no-shared-prefix]
 
 Runs the real `train_rl` loop for a few steps and reads the per-phase timings it logs
 (rollout = sampling G explanations per activation; scoring = the AR's batched forward and the
@@ -13,7 +13,10 @@ untrained NLA built from SmolLM2 at layer 20 (speed does not depend on training;
 rarely closes its tag, so most samples run to the cap — the slow case for generation).
 Without --acts it uses runs/dev/acts, else extracts a small store.
 
---compare-samplers times rollouts of the same vectors with both samplers, alternating.
+--compare-samplers times rollouts of the same vectors with HF `generate` (`Verbalizer.generate`)
+and with nlakit's rollout sampler (the one RL uses), alternating. RL keeps only nlakit's sampler:
+HF `generate` also applies the model's generation_config (top_k, repetition penalty), so its
+samples would not follow the distribution the policy loss assumes.
 """
 
 from __future__ import annotations
@@ -71,9 +74,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--sampler", default="fast", choices=["fast", "hf"],
-                    help="fast: nlakit's sampler + shared-prefix log-probs (after); hf: "
-                         "Verbalizer.generate + per-row prompts (before)")
+    ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                    help="log-prob passes compute the prompt prefix once per batch (the default; "
+                         "--no-shared-prefix: every row computes its whole prompt, as before)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--compare-samplers", type=int, default=0, metavar="REPEATS",
                     help="also A/B time samplers x threads and the log-prob passes")
@@ -103,8 +106,8 @@ def run_steps(nla_dir: Path, nla_desc: str, acts: Path, args, work: Path) -> dic
 
     cfg = RLConfig(max_steps=args.steps, batch_size=args.batch_size,
                    group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                   eval_every=10**9, eval_rows=0, save_every=10**9, sampler=args.sampler,
-                   shared_prefix=args.sampler == "fast")
+                   eval_every=10**9, eval_rows=0, save_every=10**9,
+                   shared_prefix=args.shared_prefix)
     t0 = time.perf_counter()
     train_rl(nla_dir, acts, work / "out", cfg, progress=False, export=False)
     wall = time.perf_counter() - t0
@@ -118,7 +121,7 @@ def run_steps(nla_dir: Path, nla_desc: str, acts: Path, args, work: Path) -> dic
     step = med("time_step_s")
     print(f"NLA {nla_desc}")
     print(f"acts {acts}; {args.batch_size} activations x G={args.group_size}, cap "
-          f"{args.max_new_tokens} tokens, sampler {args.sampler}, threads "
+          f"{args.max_new_tokens} tokens, shared prefix {args.shared_prefix}, threads "
           f"{torch.get_num_threads()}, {len(timed)} timed steps (+1 warm-up)")
     print(f"{'phase':<12}{'s/step':>9}{'share':>8}")
     for ph in PHASES:
@@ -139,7 +142,7 @@ def compare_samplers(nla_dir: Path, acts: Path, args) -> dict:
     and without the shared prompt prefix."""
     from nlakit.nla import NLA
     from nlakit.store import ActivationStore
-    from nlakit.train.rl import _pad_responses, response_logprobs, sample_rollouts
+    from nlakit.train.rollout import pad_responses, response_logprobs, sample_rollouts
 
     nla = NLA.load(nla_dir)
     vectors = ActivationStore(acts).vectors("rl")[: args.batch_size]
@@ -148,12 +151,18 @@ def compare_samplers(nla_dir: Path, acts: Path, args) -> dict:
     variants = [(s, t) for t in args.compare_threads for s in ("hf", "fast")]
     times = {f"{s}/{t}t": [] for s, t in variants}
     tokens = {k: [] for k in times}
-    sample_rollouts(av, vectors, G, 1.0, 1.0, 4, 64, seed=0, sampler="fast")  # warm-up
+    def rollouts(sampler, cap, seed):
+        if sampler == "hf":
+            return av.generate(vectors, n=G, temperature=1.0, top_p=1.0, max_new_tokens=cap,
+                               batch_size=64, seed=seed)
+        return sample_rollouts(av, vectors, G, 1.0, 1.0, cap, 64, seed=seed)
+
+    rollouts("fast", 4, 0)  # warm-up
     for rep in range(args.compare_samplers):
         for s, t in (variants if rep % 2 == 0 else variants[::-1]):
             torch.set_num_threads(t)
             t0 = time.perf_counter()
-            exps = sample_rollouts(av, vectors, G, 1.0, 1.0, cap, 64, seed=rep, sampler=s)
+            exps = rollouts(s, cap, rep)
             times[f"{s}/{t}t"].append(time.perf_counter() - t0)
             tokens[f"{s}/{t}t"].append(sum(e.n_tokens for e in exps))
     print(f"rollouts of {args.batch_size} x G={G}, cap {cap} tokens, {args.compare_samplers} "
@@ -167,7 +176,7 @@ def compare_samplers(nla_dir: Path, acts: Path, args) -> dict:
     for name, p in model.named_parameters():  # a stand-in for LoRA: train the q projections
         p.requires_grad_("q_proj" in name)
     exps = sample_rollouts(av, vectors, G, 1.0, 1.0, args.max_new_tokens, 64, seed=0)
-    resp, mask = _pad_responses([e.token_ids for e in exps], av.pad_id)
+    resp, mask = pad_responses([e.token_ids for e in exps], av.pad_id)
     vec = vectors.repeat_interleave(G, 0)
     lp_times = {"per-row prompt": [], "shared prefix": []}
     for rep in range(args.compare_samplers):

@@ -160,3 +160,19 @@ def test_configs_have_help_validate_and_keep_their_defaults():
     with pytest.raises(NLAError, match="contrastive reward needs --batch-size >= 2"):
         RLConfig(reward="contrastive", batch_size=1)
     assert RLConfig(failure_reward=None, group_size=2, temperature=0.0).group_size == 2
+
+
+def test_metrics_reach_tensorboard_when_it_is_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = make_accelerator(tmp_path)
+    log = MetricsLog(acc, tmp_path / "metrics.jsonl", "rl")
+    log.start()
+    log.write({"step": 0, "heldout_fve_nrm": 0.25, "examples": [{"text": "x"}]})
+    log.write({"step": 1, "loss": 0.5, "skipped": False, "example": "text"})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["rl/heldout_fve_nrm", "rl/loss"]
+    assert [(e.step, e.value) for e in events.Scalars("rl/loss")] == [(1, 0.5)]
