@@ -98,15 +98,15 @@ def throughput(args) -> dict:
 
 def _child_extract(args) -> None:
     """Run in a fresh process: one real extraction; print peak RSS as JSON."""
-    from nlakit.activations import extract
+    from nlakit.activations import ExtractConfig, extract
     from nlakit.corpus import load_corpus
     from nlakit.models import load_model
 
     model, tok = load_model(args.model)
     corpus = load_corpus("builtin:docs", tokenizer=tok, max_docs=args.child_docs)
     start = time.perf_counter()
-    store = extract((model, tok), corpus, args.child_out, layer=args.layer,
-                    max_tokens_per_doc=args.mem_max_tokens, batch_size=args.batch_size,
+    cfg = ExtractConfig(max_tokens_per_doc=args.mem_max_tokens, batch_size=args.batch_size)
+    store = extract((model, tok), corpus, args.child_out, cfg, layer=args.layer,
                     progress=False)
     seconds = time.perf_counter() - start
     hwm = None

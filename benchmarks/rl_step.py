@@ -56,13 +56,14 @@ def _acts_dir(arg: str | None, work: Path) -> Path:
     if (dev / "meta.yaml").is_file():
         return dev
     from nlakit import load_model
-    from nlakit.activations import extract
+    from nlakit.activations import ExtractConfig, extract
     from nlakit.corpus import load_corpus
 
     model = load_model("smollm2-135m")
     corpus = load_corpus("builtin", tokenizer=model[1], max_docs=30)
-    extract(model, corpus, work / "acts", layer=20, positions_per_doc=4,
-            max_tokens_per_doc=192, progress=False)
+    extract(model, corpus, work / "acts", ExtractConfig(positions_per_doc=4,
+                                                        max_tokens_per_doc=192),
+            layer=20, progress=False)
     return work / "acts"
 
 

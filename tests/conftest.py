@@ -34,12 +34,12 @@ def tiny(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_store(tiny, tmp_path_factory):
     """An activation store of the tiny model over 40 built-in documentation documents."""
-    from nlakit.activations import extract
+    from nlakit.activations import ExtractConfig, extract
     from nlakit.corpus import load_corpus
 
     corpus = load_corpus("builtin:docs", tokenizer=tiny[1], max_docs=40)
-    return extract(tiny, corpus, tmp_path_factory.mktemp("store") / "acts", layer=2,
-                   positions_per_doc=5, min_position=20, max_tokens_per_doc=256,
+    cfg = ExtractConfig(positions_per_doc=5, min_position=20, max_tokens_per_doc=256)
+    return extract(tiny, corpus, tmp_path_factory.mktemp("store") / "acts", cfg, layer=2,
                    progress=False)
 
 

@@ -188,7 +188,8 @@ def test_audit_cli_reuses_eval_explanations_and_writes_combined_report(untrained
     root = untrained.save(tmp_path / "nla")
     common = ["--nla", str(root), "--acts", str(tiny_store.path), "--max-rows", "12",
               "--max-new-tokens", "3", "--n-boot", "50"]
-    assert main(["eval", *common, "--quote", "4", "--json", str(tmp_path / "eval.json")]) == 0
+    assert main(["eval", *common, "--quote-tokens", "4", "--json",
+                 str(tmp_path / "eval.json")]) == 0
     report = tmp_path / "rep" / "report.html"
     assert main(["audit", *common, "--paraphraser", "rules", "--explanations",
                  str(tmp_path / "eval.json"), "--eval-json", str(tmp_path / "eval.json"),

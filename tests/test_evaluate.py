@@ -146,8 +146,8 @@ def test_eval_cli_writes_json_and_report(untrained, tiny_store, tmp_path, capsys
     root = untrained.save(tmp_path / "nla")
     report = tmp_path / "out" / "report.html"
     rc = main(["eval", "--nla", str(root), "--acts", str(tiny_store.path), "--split", "all",
-               "--max-rows", "15", "--max-new-tokens", "3", "--quote", "4", "--n-boot", "100",
-               "--report", str(report)])
+               "--max-rows", "15", "--max-new-tokens", "3", "--quote-tokens", "4", "--n-boot",
+               "100", "--report", str(report)])
     assert rc == 0
     data = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert data["split"] == "all" and data["n_rows"] <= 15
@@ -175,7 +175,7 @@ def test_baselines_only_needs_no_av(untrained, tiny_store, tmp_path):
 
     root = untrained.save(tmp_path / "nla")
     rc = main(["eval", "--baselines-only", "--ar", str(root / "ar"), "--acts",
-               str(tiny_store.path), "--max-rows", "12", "--quote", "3", "--n-boot", "50",
+               str(tiny_store.path), "--max-rows", "12", "--quote-tokens", "3", "--n-boot", "50",
                "--report", str(tmp_path / "b" / "r.html")])
     assert rc == 0
     d = json.loads((tmp_path / "b" / "eval.json").read_text())

@@ -13,7 +13,7 @@ import torch
 import nlakit.activations as acts
 from nlakit import NLAError, __version__
 from nlakit import metrics as M
-from nlakit.activations import assign_split, extract, sample_positions
+from nlakit.activations import ExtractConfig, assign_split, extract, sample_positions
 from nlakit.cli import main
 from nlakit.corpus import load_corpus
 from nlakit.errors import ConfigMismatchError
@@ -56,6 +56,13 @@ def corpus_file(tmp_path_factory, texts):
     return path
 
 
+def _extract(model, corpus, out, *, layer=None, overwrite=False, progress=True,
+             split_fractions=None, **config):
+    """extract() with the stage config's fields as keywords (split_fractions: its splits)."""
+    cfg = ExtractConfig(**config, splits=split_fractions)
+    return extract(model, corpus, out, cfg, layer=layer, overwrite=overwrite, progress=progress)
+
+
 def _corpus(path, tok, **kw):
     return load_corpus(str(path), tokenizer=tok, **kw)
 
@@ -63,7 +70,7 @@ def _corpus(path, tok, **kw):
 @pytest.fixture(scope="module")
 def store(tiny, corpus_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("ex") / "store"
-    return extract(tiny, _corpus(corpus_file, tiny[1]), out, batch_size=3, shard_docs=5, **KW)
+    return _extract(tiny, _corpus(corpus_file, tiny[1]), out, batch_size=3, shard_docs=5, **KW)
 
 
 def _rows(store):
@@ -164,7 +171,7 @@ def test_sample_positions_unit():
 
 
 def test_deterministic_across_batching(tiny, corpus_file, store, tmp_path):
-    other = extract(tiny, _corpus(corpus_file, tiny[1]), tmp_path / "b1", batch_size=1,
+    other = _extract(tiny, _corpus(corpus_file, tiny[1]), tmp_path / "b1", batch_size=1,
                     shard_docs=2, **KW)
     a, b = store.table(), other.table()
     for col in ("row_id", "doc_id", "doc_index", "split", "position", "token_id", "prefix"):
@@ -172,7 +179,7 @@ def test_deterministic_across_batching(tiny, corpus_file, store, tmp_path):
     torch.testing.assert_close(store.vectors(), other.vectors(), atol=2e-5, rtol=1e-4)
     assert len(other.meta["parts"]) == 7 and len(store.meta["parts"]) == 3
     # another seed changes positions and splits
-    seeded = extract(tiny, _corpus(corpus_file, tiny[1]), tmp_path / "s1", seed=1,
+    seeded = _extract(tiny, _corpus(corpus_file, tiny[1]), tmp_path / "s1", seed=1,
                      batch_size=3, **KW)
     def pairs(s):
         return [(r["doc_id"], r["position"]) for r in _rows(s)]
@@ -182,7 +189,7 @@ def test_deterministic_across_batching(tiny, corpus_file, store, tmp_path):
 
 def test_split_is_per_document(tiny, tmp_path):
     corpus = load_corpus("builtin:docs", max_docs=200)
-    store = extract(tiny, corpus, tmp_path / "splits", layer=0, positions_per_doc=2,
+    store = _extract(tiny, corpus, tmp_path / "splits", layer=0, positions_per_doc=2,
                     min_position=4, max_tokens_per_doc=24, batch_size=16, progress=False)
     rows = store.table(columns=["doc_id", "split"]).to_pylist()
     split_of: dict[str, set] = {}
@@ -293,16 +300,16 @@ def _jsonl(path, texts):
 def test_all_short_corpus(tiny, tmp_path):
     corpus = _corpus(_jsonl(tmp_path / "short.jsonl", ["tiny text", "also short"]), tiny[1])
     with pytest.raises(NLAError, match="shorter than"):
-        extract(tiny, corpus, tmp_path / "out", **KW)
+        _extract(tiny, corpus, tmp_path / "out", **KW)
 
 
 def test_empty_corpus(tiny, tmp_path):
     corpus = _corpus(_jsonl(tmp_path / "empty.jsonl", ["", "   "]), tiny[1])
     with pytest.raises(NLAError, match="empty"):
-        extract(tiny, corpus, tmp_path / "out", **KW)
+        _extract(tiny, corpus, tmp_path / "out", **KW)
     (tmp_path / "blank.jsonl").write_text("", encoding="utf-8")
     with pytest.raises(NLAError, match="empty"):
-        extract(tiny, _corpus(tmp_path / "blank.jsonl", tiny[1]), tmp_path / "out2", **KW)
+        _extract(tiny, _corpus(tmp_path / "blank.jsonl", tiny[1]), tmp_path / "out2", **KW)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -315,17 +322,17 @@ def test_empty_corpus(tiny, tmp_path):
 ])
 def test_bad_arguments(tiny, corpus_file, tmp_path, kwargs, match):
     with pytest.raises(NLAError, match=match):
-        extract(tiny, _corpus(corpus_file, tiny[1]), tmp_path / "out", **{**KW, **kwargs})
+        _extract(tiny, _corpus(corpus_file, tiny[1]), tmp_path / "out", **{**KW, **kwargs})
     assert not (tmp_path / "out" / "meta.yaml").exists()
 
 
 def test_other_layer_is_refused(tiny, corpus_file, tmp_path):
     out = tmp_path / "store"
-    extract(tiny, _corpus(corpus_file, tiny[1]), out, **KW)
+    _extract(tiny, _corpus(corpus_file, tiny[1]), out, **KW)
     with pytest.raises(ConfigMismatchError, match="layer"):
-        extract(tiny, _corpus(corpus_file, tiny[1]), out, **{**KW, "layer": 2})
+        _extract(tiny, _corpus(corpus_file, tiny[1]), out, **{**KW, "layer": 2})
     assert ActivationStore(out).layer == LAYER  # untouched
-    replaced = extract(tiny, _corpus(corpus_file, tiny[1]), out,
+    replaced = _extract(tiny, _corpus(corpus_file, tiny[1]), out,
                        **{**KW, "layer": 2}, overwrite=True)
     assert replaced.layer == 2 and read_yaml(out / "meta.yaml")["layer"] == 2
     assert replaced.num_rows() == ActivationStore(out).num_rows() > 0
@@ -336,7 +343,7 @@ def test_non_store_dir_is_refused(tiny, corpus_file, tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(ConfigMismatchError, match="not empty"):
-        extract(tiny, _corpus(corpus_file, tiny[1]), out, **KW)
+        _extract(tiny, _corpus(corpus_file, tiny[1]), out, **KW)
     assert (out / "precious.txt").read_text() == "keep me"
     with pytest.raises(NLAError, match="not an activation store"):
         ActivationStore(out)
@@ -351,7 +358,7 @@ def test_rerun_complete_is_noop(tiny, corpus_file, store, monkeypatch):
 
     monkeypatch.setattr(acts, "_write_shard", boom)
     monkeypatch.setattr(acts, "_finalize", boom)
-    again = extract(tiny, _corpus(corpus_file, tiny[1]), store.path, batch_size=3, shard_docs=5,
+    again = _extract(tiny, _corpus(corpus_file, tiny[1]), store.path, batch_size=3, shard_docs=5,
                     **KW)
     assert again.meta == store.meta
     assert {p: os.stat(p).st_mtime_ns for p in before} == before
@@ -371,17 +378,17 @@ def test_resume_after_interrupt(tiny, corpus_file, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
     monkeypatch.setattr(acts, "_write_shard", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        extract(tiny, _corpus(corpus_file, tiny[1]), out, batch_size=3, shard_docs=4, **KW)
+        _extract(tiny, _corpus(corpus_file, tiny[1]), out, batch_size=3, shard_docs=4, **KW)
     assert (out / "progress.yaml").is_file() and not (out / "meta.yaml").exists()
     assert [p.name for p in (out / "parts").iterdir()] == ["part-00000.parquet"]
     with pytest.raises(NLAError, match="unfinished"):
         ActivationStore(out)
     calls.clear()
     interrupt[0] = False
-    resumed = extract(tiny, _corpus(corpus_file, tiny[1]), out, batch_size=3, shard_docs=4, **KW)
+    resumed = _extract(tiny, _corpus(corpus_file, tiny[1]), out, batch_size=3, shard_docs=4, **KW)
     assert calls == ["part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
     monkeypatch.setattr(acts, "_write_shard", real)
-    fresh = extract(tiny, _corpus(corpus_file, tiny[1]), tmp_path / "fresh", batch_size=3,
+    fresh = _extract(tiny, _corpus(corpus_file, tiny[1]), tmp_path / "fresh", batch_size=3,
                     shard_docs=4, **KW)
     a, b = resumed.table(), fresh.table()
     assert a.schema == b.schema and a.num_rows == b.num_rows > 0

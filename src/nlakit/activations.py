@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -101,6 +101,61 @@ def parse_fractions(text: str) -> dict[str, float]:
     return check_fractions(out)
 
 
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class ExtractConfig:
+    """The ``extract`` stage: which documents to read and which token positions to keep.
+
+    The target model and layer are inputs of the stage (`extract(model, ..., layer=)`, the
+    pipeline's top-level ``model``/``layer``), not part of this section."""
+
+    corpus: str = field(default="builtin", metadata=_help(
+        "builtin[:docs|:chats], a text file/folder, .jsonl, .parquet, or a saved datasets "
+        "folder"))
+    text_field: str = field(default="text", metadata=_help("text field/column of jsonl/parquet"))
+    blocks: bool = field(default=False, metadata=_help(
+        "text files: one document per blank-line separated block"))
+    max_docs: int | None = field(default=None, metadata=_help("stop after this many documents"))
+    max_tokens_per_doc: int = field(default=1024, metadata=_help(
+        "truncate documents to this many tokens"))
+    positions_per_doc: int = field(default=10, metadata=_help(
+        "token positions sampled per document"))
+    min_position: int = field(default=50, metadata=_help(
+        "sample only tokens at index >= this (early positions have outlier norms)"))
+    seed: int = field(default=0, metadata=_help("seed of positions and splits"))
+    splits: dict[str, float] | str | None = field(default=None, metadata=_help(
+        "document-level split fractions, e.g. av_sft=0.25,ar_sft=0.25,rl=0.4,heldout=0.1 "
+        "(None: those)"))
+    batch_size: int = field(default=8, metadata=_help("documents per forward pass"))
+    shard_docs: int = field(default=64, metadata=_help(
+        "documents per parquet part (the unit of resumption)"))
+
+    def __post_init__(self):
+        if self.positions_per_doc < 1:
+            raise NLAError(f"positions_per_doc must be >= 1, got {self.positions_per_doc}")
+        if self.min_position < 0:
+            raise NLAError(f"min_position must be >= 0, got {self.min_position}")
+        if self.max_tokens_per_doc <= self.min_position:
+            raise NLAError(f"max_tokens_per_doc ({self.max_tokens_per_doc}) must exceed "
+                           f"min_position ({self.min_position}), or no token can be sampled")
+        if self.batch_size < 1 or self.shard_docs < 1:
+            raise NLAError(f"batch_size and shard_docs must be >= 1, got {self.batch_size} "
+                           f"and {self.shard_docs}")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise NLAError(f"max_docs must be >= 1, got {self.max_docs}")
+        if isinstance(self.splits, str):
+            self.splits = parse_fractions(self.splits)
+        elif self.splits is not None:
+            self.splits = check_fractions(dict(self.splits))
+
+    @property
+    def fractions(self) -> dict[str, float]:
+        return dict(self.splits or DEFAULT_SPLIT_FRACTIONS)
+
+
 @dataclass
 class _Tokenized:
     index: int  # document index in corpus order
@@ -155,18 +210,18 @@ def _shards(corpus: Corpus, shard_docs: int) -> Iterator[list[tuple[int, Documen
         yield chunk
 
 
-def _config(model, corpus: Corpus, layer, positions_per_doc, min_position, seed, fractions,
-            max_tokens_per_doc, shard_docs) -> dict:
+def _store_config(model, corpus: Corpus, layer: int, cfg: ExtractConfig) -> dict:
+    """What the store's meta.yaml records as its configuration (a resume must match it)."""
     return {
         "model": dict(getattr(model, "nlakit_source", {"spec": type(model).__name__})),
         "layer": layer,
         "corpus": corpus.description,
-        "positions_per_doc": positions_per_doc,
-        "min_position": min_position,
-        "seed": seed,
-        "split_fractions": fractions,
-        "max_tokens_per_doc": max_tokens_per_doc,
-        "shard_docs": shard_docs,
+        "positions_per_doc": cfg.positions_per_doc,
+        "min_position": cfg.min_position,
+        "seed": cfg.seed,
+        "split_fractions": cfg.fractions,
+        "max_tokens_per_doc": cfg.max_tokens_per_doc,
+        "shard_docs": cfg.shard_docs,
         "store_version": STORE_VERSION,
     }
 
@@ -204,84 +259,78 @@ def _prepare_out_dir(out: Path, config: dict, overwrite: bool) -> bool:
     return False
 
 
-def extract(
-    model,
-    corpus: Corpus | str,
-    out: str | Path,
-    *,
-    layer: int | None = None,
-    positions_per_doc: int = 10,
-    min_position: int = 50,
-    seed: int = 0,
-    split_fractions: dict[str, float] | None = None,
-    batch_size: int = 8,
-    max_tokens_per_doc: int = 1024,
-    shard_docs: int = 64,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> ActivationStore:
+def extract(model, corpus: Corpus | str, out: str | Path, config: ExtractConfig | None = None,
+            *, layer: int | None = None, overwrite: bool = False,
+            progress: bool = True) -> ActivationStore:
     """Extract block-`layer` activations of `model` over `corpus` into the store at `out`.
 
-    model: a spec string (see `load_model`) or a loaded ``(model, tokenizer)`` pair.
-    Returns the complete `ActivationStore`. Re-running with the same arguments resumes an
-    interrupted run, or returns the finished store untouched.
+    model: a spec string (see `load_model`) or a loaded ``(model, tokenizer)`` pair. corpus: a
+    `Corpus`, or a spec read with the config's text_field/blocks/max_docs. Returns the
+    complete `ActivationStore`. Re-running with the same arguments resumes an interrupted
+    run, or returns the finished store untouched.
     """
-    if isinstance(model, str):
-        model, tokenizer = load_model(model)
-    else:
-        model, tokenizer = model
+    cfg = config or ExtractConfig()
+    model, tokenizer = load_model(model) if isinstance(model, str) else model
     if isinstance(corpus, str):
-        corpus = load_corpus(corpus, tokenizer=tokenizer, chat_model=(model, tokenizer))
+        corpus = load_corpus(corpus, tokenizer=tokenizer, text_field=cfg.text_field,
+                             blocks=cfg.blocks, max_docs=cfg.max_docs,
+                             chat_model=(model, tokenizer))
     layer = check_layer(model, layer)
-    if positions_per_doc < 1:
-        raise NLAError(f"positions_per_doc must be >= 1, got {positions_per_doc}")
-    if min_position < 0:
-        raise NLAError(f"min_position must be >= 0, got {min_position}")
-    if max_tokens_per_doc <= min_position:
-        raise NLAError(f"max_tokens_per_doc ({max_tokens_per_doc}) must exceed min_position "
-                       f"({min_position}), or no token can be sampled")
-    fractions = check_fractions(split_fractions or DEFAULT_SPLIT_FRACTIONS)
     out = Path(out)
-    config = _config(model, corpus, layer, positions_per_doc, min_position, seed, fractions,
-                     max_tokens_per_doc, shard_docs)
-    if _prepare_out_dir(out, config, overwrite):
+    store_config = _store_config(model, corpus, layer, cfg)
+    if _prepare_out_dir(out, store_config, overwrite):
         log.info("%s already holds the complete store for this configuration", out)
         return ActivationStore(out)
-
-    special = special_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    d = d_model(model)
-    schema = store_schema(d)
+    ctx = _ShardContext(model, tokenizer, layer, cfg)
     parts: list[Path] = []
     bar = tqdm(desc=f"extracting layer {layer}", unit="doc", disable=not progress,
                total=corpus.max_docs)
-    for shard_index, chunk in enumerate(_shards(corpus, shard_docs)):
+    for shard_index, chunk in enumerate(_shards(corpus, cfg.shard_docs)):
         part = out / PARTS_DIR / f"part-{shard_index:05d}.parquet"
         parts.append(part)
         if not part.is_file():
-            _write_shard(part, chunk, model, tokenizer, layer, schema, special, pad_id,
-                         positions_per_doc, min_position, seed, fractions, max_tokens_per_doc,
-                         batch_size)
+            _write_shard(part, chunk, ctx)
         bar.update(len(chunk))
     bar.close()
     if not parts:
         raise NLAError(f"corpus {corpus.description.get('source')} is empty: no documents "
                        "with text")
-    return _finalize(out, parts, config, d, layer, model, fractions)
+    return _finalize(out, parts, store_config, ctx.d, layer, model, cfg.fractions)
 
 
-def _write_shard(part, chunk, model, tokenizer, layer, schema, special, pad_id,
-                 positions_per_doc, min_position, seed, fractions, max_tokens, batch_size):
+@dataclass
+class _ShardContext:
+    """What every shard of one extraction shares."""
+    model: torch.nn.Module
+    tokenizer: object
+    layer: int
+    cfg: ExtractConfig
+
+    def __post_init__(self):
+        self.special = special_token_ids(self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else 0
+        self.d = d_model(self.model)
+        self.schema = store_schema(self.d)
+
+
+def _tokenize_shard(chunk, ctx: _ShardContext) -> list[_Tokenized]:
+    cfg = ctx.cfg
     docs = []
-    short = 0
     for index, doc in chunk:
-        ids = _tokenize(tokenizer, doc, max_tokens)
-        positions = sample_positions(ids, doc.doc_id, seed, positions_per_doc, min_position,
-                                     special)
-        short += not positions
-        docs.append(_Tokenized(index, doc, ids, positions, assign_split(doc.doc_id, seed,
-                                                                        fractions)))
-    vectors = _shard_rows(model, tokenizer, docs, layer, batch_size, pad_id)
+        ids = _tokenize(ctx.tokenizer, doc, cfg.max_tokens_per_doc)
+        positions = sample_positions(ids, doc.doc_id, cfg.seed, cfg.positions_per_doc,
+                                     cfg.min_position, ctx.special)
+        docs.append(_Tokenized(index, doc, ids, positions,
+                               assign_split(doc.doc_id, cfg.seed, cfg.fractions)))
+    return docs
+
+
+def _write_shard(part: Path, chunk: list[tuple[int, Document]], ctx: _ShardContext) -> None:
+    """Tokenize, sample and run one shard of documents; write its rows as one parquet part."""
+    tokenizer, schema = ctx.tokenizer, ctx.schema
+    docs = _tokenize_shard(chunk, ctx)
+    vectors = _shard_rows(ctx.model, tokenizer, docs, ctx.layer, ctx.cfg.batch_size, ctx.pad_id)
     rows: dict[str, list] = {name: [] for name in schema.names}
     for t in docs:
         for j, pos in enumerate(t.positions):
@@ -295,19 +344,18 @@ def _write_shard(part, chunk, model, tokenizer, layer, schema, special, pad_id,
             rows["prefix"].append(_prefix_text(tokenizer, t.ids[: pos + 1], t.doc.text))
             rows["vector"].append(vectors[t.index][j])
     # row_id is global and stable: document index * positions_per_doc + rank within document
-    rows["row_id"] = [i * positions_per_doc + r for i, r in _ranks(rows["doc_index"])]
-    d = schema.field("vector").type.list_size
+    rows["row_id"] = [i * ctx.cfg.positions_per_doc + r for i, r in _ranks(rows["doc_index"])]
     flat = (np.stack(rows["vector"]).reshape(-1) if rows["vector"]
             else np.zeros(0, dtype=np.float32))
     arrays = [pa.array(rows[name], type=schema.field(name).type) for name in schema.names[:-1]]
-    arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), d))
+    arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), ctx.d))
     table = pa.Table.from_arrays(arrays, schema=schema)
     counts = {
         "docs": len(docs),
-        "docs_short": short,
+        "docs_short": sum(not t.positions for t in docs),
         "tokens": sum(len(t.ids) for t in docs),
         "docs_per_split": {s: sum(1 for t in docs if t.split == s and t.positions)
-                           for s in fractions},
+                           for s in ctx.cfg.fractions},
     }
     table = table.replace_schema_metadata({"nlakit_counts": repr(counts)})
     with atomic_path(part) as tmp:
@@ -371,4 +419,5 @@ def _finalize(out, parts, config, d, layer, model, fractions) -> ActivationStore
     return ActivationStore(out)
 
 
-__all__ = ["DEFAULT_SPLIT_FRACTIONS", "SPLITS", "assign_split", "extract", "sample_positions"]
+__all__ = ["DEFAULT_SPLIT_FRACTIONS", "SPLITS", "ExtractConfig", "assign_split", "extract",
+           "sample_positions"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -302,15 +302,75 @@ def make_paraphraser(kind: str, **options) -> Paraphraser:
 # ---- the audit ----------------------------------------------------------------------------
 
 
+EDITS = ("paraphrase", "shuffle_units", "delete_quotes", "ablation")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
 @dataclass
 class AuditConfig:
-    split: str = HELDOUT
-    max_rows: int | None = None
-    max_new_tokens: int = 150
-    batch_size: int = 16
-    seed: int = 0
-    n_boot: int = 1000
-    edits: tuple[str, ...] = ("paraphrase", "shuffle_units", "delete_quotes", "ablation")
+    """The ``audit`` stage: which rows, which edits, and the paraphraser."""
+
+    split: str = field(default=HELDOUT, metadata=_help("a split name, or all"))
+    max_rows: int | None = field(default=None, metadata=_help(
+        "audit about this many rows, choosing whole documents (seeded)"))
+    max_new_tokens: int = field(default=150, metadata=_help("explanation length cap in tokens"))
+    batch_size: int = field(default=16, metadata=_help("rows per generation/AR batch"))
+    seed: int = field(default=0, metadata=_help("seed of the row choice, edits and bootstrap"))
+    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples"))
+    edits: tuple[str, ...] = field(default=EDITS, metadata=_help(
+        "the edits to run (comma-separated on the command line)"))
+    paraphraser: str = field(default="rules", metadata=_help(
+        "paraphraser of the paraphrase edit: rules, local, openai, or none"))
+    paraphraser_options: dict = field(default_factory=dict, metadata=_help(
+        "the paraphraser's options (see ParaphraserOptions); another option is an error"))
+
+    def __post_init__(self):
+        if isinstance(self.edits, str):
+            self.edits = [e.strip() for e in self.edits.split(",") if e.strip()]
+        self.edits = tuple(self.edits)
+        unknown = sorted(set(self.edits) - set(EDITS))
+        if unknown:
+            raise NLAError(f"audit: unknown edit(s) {unknown}; edits: {', '.join(EDITS)}")
+        for name in ("max_new_tokens", "batch_size", "n_boot"):
+            if getattr(self, name) < 1:
+                raise NLAError(f"audit: {name} must be >= 1, got {getattr(self, name)}")
+        if self.paraphraser not in (*PARAPHRASER_OPTIONS, "none"):
+            raise NLAError(f"audit: unknown paraphraser {self.paraphraser!r}; use "
+                           f"{', '.join(paraphraser_names())} or none")
+        if not isinstance(self.paraphraser_options, dict):
+            raise NLAError("audit: paraphraser_options must be a mapping")
+        if self.paraphraser != "none":
+            from .labels import check_options
+
+            check_options(f"the {self.paraphraser!r} paraphraser", self.paraphraser_options,
+                          PARAPHRASER_OPTIONS[self.paraphraser])
+
+
+@dataclass
+class ParaphraserOptions:
+    """The options of the paraphrasers (each takes the ones in ``PARAPHRASER_OPTIONS``); on
+    the command line ``--paraphraser-NAME``, in a pipeline config ``paraphraser_options``."""
+
+    per_unit: bool | None = field(default=None, metadata=_help(
+        "paraphrase each line/sentence separately (keeps structure with small models)"))
+    model: str | None = field(default=None, metadata=_help("local: model spec"))
+    dtype: str | None = field(default=None, metadata=_help("local: float32, bfloat16 ..."))
+    device: str | None = field(default=None, metadata=_help("local: cpu, cuda, auto"))
+    batch_size: int | None = field(default=None, metadata=_help("local: texts per batch (8)"))
+    max_new_tokens: int | None = field(default=None, metadata=_help(
+        "local/openai: cap on generated tokens (160 local, 200 openai)"))
+    base_url: str | None = field(default=None, metadata=_help("openai: endpoint base URL"))
+    api_model: str | None = field(default=None, metadata=_help("openai: model name"))
+    api_key_env: str | None = field(default=None, metadata=_help(
+        "openai: environment variable with the key"))
+    no_api_key: bool | None = field(default=None, metadata=_help("openai: send no key"))
+    concurrency: int | None = field(default=None, metadata=_help("openai: concurrent requests"))
+    max_requests: int | None = field(default=None, metadata=_help("openai: request budget"))
+    max_retries: int | None = field(default=None, metadata=_help("openai: retries per request"))
+    timeout: float | None = field(default=None, metadata=_help("openai: seconds per request"))
 
 
 def _ci(values, groups, cfg) -> dict:

@@ -1,4 +1,11 @@
-"""The `nlakit` command: parses arguments and calls the library; no logic of its own."""
+"""The `nlakit` command: parses arguments and calls the library; no logic of its own.
+
+The stage subcommands (extract, label, train av|ar|control|rl, eval, audit, report) are
+generated from the stage table (`nlakit.pipeline.STAGE_TABLE`): a flag for every field of the
+stage's config dataclass and of its inputs dataclass, each help showing the real default, and
+``--config FILE.yaml`` holding the keys of the pipeline section of the same name (flags
+override it). A flag that does not belong to a subcommand is an error (argparse's).
+"""
 
 from __future__ import annotations
 
@@ -7,54 +14,192 @@ import json
 import logging
 import os
 import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
 
 from .errors import NLAError
 
+# options dataclasses whose fields are flags of a subcommand and fill one mapping of its config:
+# stage -> (config field, "module:Class", flag prefix)
+OPTION_GROUPS = {"label": ("options", "nlakit.labels:LabellerOptions", ""),
+                 "audit": ("paraphraser_options", "nlakit.audit:ParaphraserOptions",
+                           "paraphraser-")}
+# shorthand switches: subcommand words -> {flag: (config field, value, help)}
+_FULL = {"full": ("lora_rank", 0, "full fine-tuning instead of LoRA (= --lora-rank 0)")}
+SHORTHANDS = {
+    ("train", "av"): _FULL, ("train", "ar"): _FULL, ("train", "control"): _FULL,
+    ("train", "rl"): {**_FULL,
+                      "ar-full": ("ar_lora_rank", 0, "full fine-tuning of the AR body "
+                                                     "(= --ar-lora-rank 0)"),
+                      "no-failure-penalty": ("failure_reward", None, "do not replace the "
+                                             "reward of failed samples (= --failure-reward "
+                                             "none)")},
+}
+STAGE_HELP = {
+    "extract": "store block-K activations of a model over a corpus",
+    "label": "warm-start labels for SFT rows (local model, OpenAI-compatible API, or grounded "
+             "context labels)",
+    "train_av": "supervised warm start of the AV", "train_ar": "supervised warm start of the AR",
+    "train_control": "the control AV: the AV trained on activations shuffled across rows",
+    "train_rl": "RL (GRPO) of an NLA: the AV as policy, the AR trained alongside",
+    "eval": "score an NLA against baselines with document-level CIs",
+    "audit": "robustness of reconstruction under meaning-preserving edits of the explanations",
+    "report": "HTML + Markdown report from eval/audit JSON files",
+}
+_NONE = ("none", "null")
 
-def _add_model_options(p: argparse.ArgumentParser, default: str | None = "smollm2-135m") -> None:
-    p.add_argument("--model", default=default,
-                   help="target model: alias smollm2-135m, a .gguf file, a model directory or "
-                        "a Hugging Face id (default: %(default)s)")
-    p.add_argument("--dtype", default=None,
-                   help="float32 (CPU default), bfloat16, float16 or auto")
-    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto")
+
+def _load(ref: str):
+    import importlib
+
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _add_corpus_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default="builtin",
-                   help="builtin[:docs|:chats], a text file/folder, .jsonl, .parquet, or a saved "
-                        "datasets folder (default: %(default)s)")
-    p.add_argument("--text-field", default="text", help="text field/column for jsonl/parquet")
-    p.add_argument("--blocks", action="store_true",
-                   help="text files: one document per blank-line separated block")
-    p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    p.add_argument("--max-tokens-per-doc", type=int, default=1024,
-                   help="truncate documents to this many tokens (default: %(default)s)")
+# ---- flags generated from dataclass fields ----------------------------------------------------
 
 
-def cmd_extract(args) -> int:
-    from .activations import extract, parse_fractions
-    from .corpus import load_corpus
-    from .models import load_model
+def _parts(hint) -> tuple[set, bool]:
+    """The non-None types of a type hint and whether it admits None."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(
+        hint) is typing.Union else (hint,)
+    kinds = {typing.get_origin(a) or a for a in args if a is not type(None)}
+    return kinds, type(None) in args
 
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    corpus = load_corpus(args.corpus, tokenizer=tok, text_field=args.text_field,
-                         blocks=args.blocks, max_docs=args.max_docs, chat_model=(model, tok))
-    store = extract(
-        (model, tok), corpus, args.out, layer=args.layer,
-        positions_per_doc=args.positions_per_doc, min_position=args.min_position,
-        seed=args.seed, split_fractions=parse_fractions(args.splits) if args.splits else None,
-        batch_size=args.batch_size, max_tokens_per_doc=args.max_tokens_per_doc,
-        shard_docs=args.shard_docs, overwrite=args.overwrite,
-    )
-    _print_store(store)
+
+def _converter(hint):
+    """argparse `type` for a field: scalars parsed, 'none' for an optional field, a mapping as
+    YAML; tuples and lists stay the comma-separated string the config parses itself."""
+    kinds, optional = _parts(hint)
+
+    def convert(text: str):
+        if optional and text.lower() in _NONE:
+            return None
+        if dict in kinds and str not in kinds:
+            import yaml
+
+            value = yaml.safe_load(text)
+            if not isinstance(value, dict):
+                raise argparse.ArgumentTypeError(f"expected a YAML mapping, got {text!r}")
+            return value
+        for kind in (int, float):
+            if kind in kinds and not kinds & {str, tuple, list}:
+                try:
+                    return kind(text)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(
+                        f"expected {kind.__name__}{' or none' if optional else ''}, got "
+                        f"{text!r}") from None
+        return text
+    convert.__name__ = "value"
+    return convert
+
+
+def _default_text(f) -> str:
+    if f.metadata.get("required"):
+        return "required"
+    value = f.default_factory() if f.default_factory is not MISSING else f.default
+    if isinstance(value, (tuple, list)):
+        value = ",".join(map(str, value))
+    return f"default: {value}"
+
+
+def add_dataclass_flags(parser, cls, group: str, *, exclude=(), prefix: str = "") -> None:
+    """A flag for every field of `cls` (but `exclude`): ``--PREFIX-NAME``; parsed values land in
+    the namespace as ``GROUP:NAME`` and only when given (so a --config file can fill the rest)."""
+    hints = typing.get_type_hints(cls)
+    box = parser.add_argument_group(f"{cls.__name__} ({group})")
+    for f in fields(cls):
+        if f.name in exclude or f.name.startswith("_"):
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} ({_default_text(f)})".strip()
+        kinds, _ = _parts(hints[f.name])
+        kw = {"dest": f"{group}:{f.name}", "help": help_text.replace("%", "%%"),
+              "default": argparse.SUPPRESS}
+        if kinds == {bool}:
+            box.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            box.add_argument(flag, type=_converter(hints[f.name]), metavar="X",
+                             required=bool(f.metadata.get("required")), **kw)
+
+
+def _given(args, group: str) -> dict:
+    return {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith(group + ":")}
+
+
+# ---- the stage subcommands ---------------------------------------------------------------------
+
+
+def _add_stage_parser(sub, stage, words: tuple[str, ...], full: bool) -> None:
+    p = sub.add_parser(words[-1], help=STAGE_HELP.get(stage.name), allow_abbrev=False,
+                       description=STAGE_HELP.get(stage.name))
+    p.set_defaults(func=cmd_stage, stage=stage.name)
+    if not full:  # only the subcommand being run builds its flags (they import its modules)
+        return
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help=f"YAML with the keys of the pipeline's `{stage.name}` section; flags "
+                        "override it")
+    top = {"dtype"}  # set at the pipeline's top level, a flag here
+    add_dataclass_flags(p, stage.config_class(), "config",
+                        exclude=set(stage.exclude) - top | set(_option_field(stage.name)))
+    add_dataclass_flags(p, stage.inputs_class, "inputs")
+    if stage.name in OPTION_GROUPS:
+        _, ref, prefix = OPTION_GROUPS[stage.name]
+        add_dataclass_flags(p, _load(ref), "options", prefix=prefix)
+    for flag, (_, _, help_text) in SHORTHANDS.get(words, {}).items():
+        p.add_argument("--" + flag, action="store_true", dest=f"shorthand:{flag}",
+                       help=help_text)
+
+
+def _option_field(stage: str) -> tuple[str, ...]:
+    return (OPTION_GROUPS[stage][0],) if stage in OPTION_GROUPS else ()
+
+
+def stage_from_args(args):
+    """(stage, config, inputs) of a parsed stage subcommand: the --config section, then the
+    flags, built into the stage's dataclasses exactly as the pipeline builds them."""
+    from .fileio import read_yaml
+    from .pipeline import BY_NAME, stage_config
+
+    stage = BY_NAME[args.stage]
+    section = {}
+    if args.config:
+        if not Path(args.config).is_file():
+            raise NLAError(f"--config {args.config} does not exist")
+        section = read_yaml(args.config) or {}
+        if not isinstance(section, dict):
+            raise NLAError(f"--config {args.config} must hold a mapping (the keys of the "
+                           f"pipeline's `{stage.name}` section)")
+    overrides = _given(args, "config")
+    if stage.name in OPTION_GROUPS:
+        name = OPTION_GROUPS[stage.name][0]
+        overrides[name] = {**(section.get(name) or {}), **_given(args, "options")}
+    for flag, (name, value, _) in SHORTHANDS.get(stage.command, {}).items():
+        if getattr(args, f"shorthand:{flag}", False):
+            overrides[name] = value
+    config = stage_config(stage, section, overrides)
+    return stage, config, stage.inputs_class(**_given(args, "inputs"))
+
+
+def cmd_stage(args) -> int:
+    stage, config, inputs = stage_from_args(args)
+    out = stage.run(config, inputs)
+    PRINTERS.get(stage.name, _print_train)(out, inputs)
     return 0
 
 
-def _print_store(store) -> None:
-    meta = store.meta
+# ---- what each stage subcommand prints ---------------------------------------------------------
+
+
+def _print_store(path, inputs=None) -> None:
+    from .store import ActivationStore
+
+    meta = ActivationStore(path).meta
     counts, stats = meta["counts"], meta["stats"]["all"]
-    print(f"store      {store.path}")
+    print(f"store      {path}")
     print(f"model      {meta['model'].get('spec')}  layer {meta['layer']} of "
           f"{meta['num_layers']}  d_model {meta['d_model']}")
     print(f"documents  {counts['docs']} read, {counts['docs_short']} too short "
@@ -69,6 +214,62 @@ def _print_store(store) -> None:
           f"{stats['mean_direction_fve_nrm']:.4f}  (all {stats['n']} rows)")
 
 
+def _print_labels(path, inputs) -> None:
+    from .labels import LabelSet
+
+    meta = LabelSet(path).meta
+    counts = meta["counts"]
+    print(f"labels     {path}")
+    print(f"labeller   {meta['labeller']['kind']}  "
+          f"{meta['labeller'].get('model') or meta['labeller'].get('api_model')}  "
+          f"prompt {meta['labeller']['prompt_version']}")
+    print(f"rows       {counts['rows']} ({', '.join(meta['splits'])}): kept {counts['kept']}, "
+          f"dropped {counts['dropped']} {counts['dropped_by_reason'] or ''}")
+    print(f"cache      {counts['from_cache']} from cache, {counts['labelled_now']} labelled now"
+          + (f" at {meta['labelling_rows_per_s']} rows/s" if meta["labelling_rows_per_s"]
+             else ""))
+
+
+def _print_train(path, inputs) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for role in ("av", "ar", "rl"):
+        summary = Path(path) / f".train-{role}" / "summary.json"
+        if summary.is_file() and (role == "rl") == isinstance(inputs, _rl_inputs_class()):
+            print(summary.read_text().strip())
+
+
+def _rl_inputs_class():
+    from .stages import RLInputs
+
+    return RLInputs
+
+
+def _print_scores(table: str):
+    def show(path, inputs) -> None:
+        data = json.loads(Path(path).read_text())
+        if table == "eval":
+            from .evaluate import format_table
+        else:
+            from .audit import format_audit_table as format_table
+        print(format_table(data))
+        print(f"wrote {path}")
+        if inputs.report:
+            print(f"wrote {inputs.report} and {Path(inputs.report).with_suffix('.md')}")
+    return show
+
+
+def _print_report(path, inputs) -> None:
+    print(f"wrote {path} and {Path(path).with_suffix('.md')}")
+
+
+PRINTERS = {"extract": _print_store, "label": _print_labels, "eval": _print_scores("eval"),
+            "audit": _print_scores("audit"), "report": _print_report}
+
+
+# ---- the other commands ------------------------------------------------------------------------
+
+
 def cmd_info(args) -> int:
     from .store import ActivationStore
 
@@ -76,55 +277,18 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(store.meta, indent=2, default=str))
     else:
-        _print_store(store)
+        _print_store(store.path)
     return 0
 
 
-def _config_from_args(config_cls, args, **overrides):
-    """A config dataclass from the CLI arguments that name its fields (None = keep default)."""
-    from dataclasses import fields
-
-    known = {f.name for f in fields(config_cls)}
-    values = {k: v for k, v in vars(args).items() if k in known and v is not None}
-    return config_cls(**{**values, **overrides})
-
-
-def cmd_train(args) -> int:
-    if args.role == "rl":
-        return cmd_train_rl(args)
-    if args.data is None:
-        raise NLAError(f"`nlakit train {args.role}` needs --data (a labelled set from "
-                       "`nlakit label`)")
-    from .train.sft import SFTConfig, train_sft
-
-    overrides = {"lora_rank": 0} if args.full else {}
-    summary = train_sft(args.role, args.data, args.out,
-                        _config_from_args(SFTConfig, args, **overrides), acts=args.acts,
-                        overwrite=args.overwrite)
-    if summary is not None:
-        print(json.dumps(summary, indent=2, default=str))
-    return 0
-
-
-def cmd_train_rl(args) -> int:
-    from .train.rl import RLConfig, train_rl
-
-    if not args.nla or not args.acts:
-        raise NLAError("`nlakit train rl` needs --nla (the SFT NLA directory) and --acts (the "
-                       "activation store with rl and heldout splits)")
-    overrides = {}
-    if args.full:
-        overrides["lora_rank"] = 0
-    if args.ar_full:
-        overrides["ar_lora_rank"] = 0
-    if args.no_failure_penalty:
-        overrides["failure_reward"] = None
-    summary = train_rl(args.nla, args.acts, args.out,
-                       _config_from_args(RLConfig, args, **overrides), resume=args.resume,
-                       overwrite=args.overwrite)
-    if summary is not None:
-        print(json.dumps(summary, indent=2, default=str))
-    return 0
+def _positions(text: str):
+    if text in ("last", "all"):
+        return text
+    try:
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise NLAError(f"--positions must be last, all or comma-separated integers, got "
+                       f"{text!r}") from None
 
 
 def cmd_explain(args) -> int:
@@ -132,15 +296,7 @@ def cmd_explain(args) -> int:
 
     nla = NLA.load(args.nla, device=args.device) if args.nla else NLA.load(
         av=args.av, ar=args.ar, device=args.device)
-    if args.positions in ("last", "all"):
-        positions = args.positions
-    else:
-        try:
-            positions = [int(p) for p in args.positions.split(",")]
-        except ValueError:
-            raise NLAError(f"--positions must be last, all or comma-separated integers, got "
-                           f"{args.positions!r}") from None
-    rows = nla.explain_text(args.text, positions, best_of=args.best_of,
+    rows = nla.explain_text(args.text, _positions(args.positions), best_of=args.best_of,
                             max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps([{k: v for k, v in vars(r).items() if k != "reconstruction"}
@@ -165,175 +321,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_label(args) -> int:
-    from .labels import label_store
-
-    names = ("model", "dtype", "device", "batch_size", "temperature", "top_p", "max_new_tokens",
-             "seed", "max_prefix_chars", "top_k", "base_url", "api_model", "api_key_env",
-             "concurrency", "max_requests", "max_retries", "timeout")
-    options = {name: getattr(args, name) for name in names}
-    options["no_api_key"] = args.no_api_key or None
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    labels = label_store(args.acts, args.labeller, args.out, splits=splits,
-                         max_rows=args.max_rows, progress=not args.no_progress, **options)
-    meta = labels.meta
-    counts = meta["counts"]
-    print(f"labels     {labels.path}")
-    print(f"labeller   {meta['labeller']['kind']}  "
-          f"{meta['labeller'].get('model') or meta['labeller'].get('api_model')}  "
-          f"prompt {meta['labeller']['prompt_version']}")
-    print(f"rows       {counts['rows']} ({', '.join(meta['splits'])}): kept {counts['kept']}, "
-          f"dropped {counts['dropped']} {counts['dropped_by_reason'] or ''}")
-    print(f"cache      {counts['from_cache']} from cache, {counts['labelled_now']} labelled now"
-          + (f" at {meta['labelling_rows_per_s']} rows/s" if meta["labelling_rows_per_s"]
-             else ""))
-    return 0
-
-
-def _load_nla_args(args):
-    from .nla import NLA
-
-    if args.nla:
-        return NLA.load(args.nla, device=args.device)
-    return NLA.load(av=args.av, ar=args.ar, device=args.device)
-
-
-def _out_paths(args, default_name: str):
-    from pathlib import Path
-
-    if args.json:
-        json_path = Path(args.json)
-    elif args.report:
-        json_path = Path(args.report).with_name(default_name)
-    else:
-        json_path = Path(default_name)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    return json_path
-
-
-def cmd_eval(args) -> int:
-    import time
-
-    from .evaluate import EvalConfig, evaluate, format_table, write_eval_json
-    from .store import ActivationStore
-
-    t0 = time.perf_counter()
-    if args.baselines_only:
-        from .evaluate import ReconstructorOnly
-
-        if not (args.ar or args.nla):
-            raise NLAError("--baselines-only needs --ar AR_DIR or --nla DIR")
-        nla = ReconstructorOnly.load(args.ar or f"{args.nla}/ar", device=args.device)
-    else:
-        nla = _load_nla_args(args)
-    store = ActivationStore(args.acts)
-    control = None
-    if args.control:
-        from .nla import NLA
-
-        control = NLA.load(av=args.control, ar=args.ar or f"{args.nla}/ar", device=args.device)
-    try:
-        quotes = tuple(int(x) for x in args.quote.split(",") if x.strip())
-    except ValueError:
-        raise NLAError(f"--quote must be comma-separated token counts, got "
-                       f"{args.quote!r}") from None
-    cfg = EvalConfig(split=args.split, max_rows=args.max_rows,
-                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                     quote_tokens=quotes, best_of=args.best_of, seed=args.seed,
-                     n_boot=args.n_boot)
-    result = evaluate(nla, store, cfg, labels=args.labels, control_av=control)
-    result.data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
-    json_path = write_eval_json(result, _out_paths(args, "eval.json"))
-    print(format_table(result.data))
-    print(f"wrote {json_path}")
-    if args.report:
-        from .report import write_report
-
-        html, md = write_report(args.report, eval_data=result.data, title="nlakit eval")
-        print(f"wrote {html} and {md}")
-    return 0
-
-
-def cmd_audit(args) -> int:
-    import time
-
-    from .audit import PARAPHRASER_OPTIONS, AuditConfig, audit, make_paraphraser
-    from .audit import format_audit_table as format_table
-    from .fileio import write_json
-    from .store import ActivationStore
-
-    t0 = time.perf_counter()
-    nla = _load_nla_args(args)
-    store = ActivationStore(args.acts)
-    para = None
-    if args.paraphraser != "none":
-        options = dict(per_unit=args.paraphrase_per_line, model=args.paraphraser_model,
-                       device=args.device, batch_size=args.batch_size,
-                       max_new_tokens=args.paraphrase_max_new_tokens,
-                       base_url=args.base_url, api_model=args.api_model,
-                       api_key_env=args.api_key_env, no_api_key=args.no_api_key or None,
-                       max_requests=args.max_requests)
-        para = make_paraphraser(args.paraphraser, **{
-            k: v for k, v in options.items() if k in PARAPHRASER_OPTIONS[args.paraphraser]})
-    given = None
-    if args.explanations:
-        from pathlib import Path
-
-        data = json.loads(Path(args.explanations).read_text())
-        given = {int(r["row_id"]): r["explanation"] for r in data.get("rows", [])}
-    cfg = AuditConfig(split=args.split, max_rows=args.max_rows,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      seed=args.seed, n_boot=args.n_boot)
-    data = audit(nla, store, cfg, paraphraser=para, explanations=given)
-    data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
-    json_path = _out_paths(args, "audit.json")
-    write_json(json_path, data)
-    print(format_table(data))
-    print(f"wrote {json_path}")
-    if args.report:
-        from .report import write_report
-
-        eval_data = None
-        if args.eval_json:
-            from pathlib import Path
-
-            eval_data = json.loads(Path(args.eval_json).read_text())
-        html, md = write_report(args.report, eval_data=eval_data, audit_data=data,
-                                title="nlakit audit" if eval_data is None else "nlakit report")
-        print(f"wrote {html} and {md}")
-    return 0
-
-
-def cmd_report(args) -> int:
-    from pathlib import Path
-
-    from .report import write_report
-
-    ev = json.loads(Path(args.eval).read_text()) if args.eval else None
-    au = json.loads(Path(args.audit).read_text()) if args.audit else None
-    html, md = write_report(args.out, eval_data=ev, audit_data=au, title=args.title)
-    print(f"wrote {html} and {md}")
-    return 0
-
-
-def _add_eval_common(p) -> None:
-    p.add_argument("--nla", default=None, help="NLA directory (holding av/ and ar/)")
-    p.add_argument("--av", default=None, help="AV directory (official layout)")
-    p.add_argument("--ar", default=None, help="AR directory (official layout)")
-    p.add_argument("--acts", required=True, help="activation store of the NLA's layer")
-    p.add_argument("--split", default="heldout", help="a split name or all (default heldout)")
-    p.add_argument("--max-rows", type=int, default=None,
-                   help="evaluate about this many rows, choosing whole documents (seeded)")
-    p.add_argument("--max-new-tokens", type=int, default=150, help="explanation length cap")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", default=None, help="result JSON (default: next to --report)")
-    p.add_argument("--report", default=None,
-                   help="write a self-contained HTML report here (and a .md summary beside it)")
-
-
 def cmd_pipeline(args) -> int:
     from .pipeline import format_summary, plan, run_pipeline
 
@@ -344,8 +331,6 @@ def cmd_pipeline(args) -> int:
     summary = run_pipeline(args.config, overrides=args.set, start=args.start, stop=args.stop,
                            progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary under torchrun/accelerate launch
-        from pathlib import Path
-
         eval_json = Path(summary["run_dir"]) / "eval" / "eval.json"
         if eval_json.is_file():
             from .evaluate import format_table
@@ -365,96 +350,11 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog="nlakit", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"nlakit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("extract", help="store block-K activations of a model over a corpus")
-    _add_model_options(p)
-    _add_corpus_options(p)
-    p.add_argument("--layer", type=int, default=None, help="block K (default floor(2L/3))")
-    p.add_argument("--out", required=True, help="output store directory")
-    p.add_argument("--positions-per-doc", type=int, default=10)
-    p.add_argument("--min-position", type=int, default=50,
-                   help="sample only tokens at index >= this (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--splits", default=None,
-                   help="document-level split fractions, e.g. "
-                        "av_sft=0.25,ar_sft=0.25,rl=0.4,heldout=0.1 (the default)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard-docs", type=int, default=64,
-                   help="documents per parquet part (the unit of resumption)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a store made with another configuration")
-    p.set_defaults(func=cmd_extract)
-
+def _add_other_commands(sub) -> None:
     p = sub.add_parser("info", help="summarise an activation store")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print the whole meta.yaml as JSON")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("train", help="supervised warm start of the AV or the AR, or RL (GRPO) "
-                                     "of an NLA")
-    p.add_argument("role", choices=["av", "ar", "rl"])
-    p.add_argument("--data", default=None, help="av/ar: labelled set from `nlakit label` "
-                                                "(required for av and ar)")
-    p.add_argument("--acts", default=None, help="activation store (default: the labels' store)")
-    p.add_argument("--out", required=True,
-                   help="NLA directory: writes OUT/av or OUT/ar (train both into one dir)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per process per step")
-    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 16)")
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--keep-adapters", action="store_true",
-                   help="AV: save LoRA adapters instead of merged weights")
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None)
-    p.add_argument("--eval-rows", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-response-tokens", type=int, default=None)
-    p.add_argument("--control", choices=["shuffled"], default=None,
-                   help="AV control: train on vectors permuted across rows")
-    p.add_argument("--injection-scale", type=float, default=None)
-    p.add_argument("--marker", default=None, help="override the injection marker character")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier checkpoint")
-    rl = p.add_argument_group("rl (GRPO on the AV, AR trained alongside)")
-    rl.add_argument("--nla", default=None, help="rl: the starting NLA directory (SFT warm start)")
-    rl.add_argument("--resume", action="store_true", help="rl: continue the checkpoint in --out")
-    rl.add_argument("--group-size", type=int, default=None,
-                    help="rl: explanations sampled per activation (default 4 CPU, 8 GPU)")
-    rl.add_argument("--av-lr", type=float, default=None, help="rl: AV learning rate (1e-5)")
-    rl.add_argument("--ar-lr", type=float, default=None, help="rl: AR learning rate (5e-5)")
-    rl.add_argument("--ar-lora-rank", type=int, default=None, help="rl: AR body LoRA rank (16)")
-    rl.add_argument("--ar-full", action="store_true", help="rl: full fine-tuning of the AR body")
-    rl.add_argument("--temperature", type=float, default=None, help="rl: sampling temperature")
-    rl.add_argument("--top-p", type=float, default=None, help="rl: nucleus sampling (1.0)")
-    rl.add_argument("--max-new-tokens", type=int, default=None,
-                    help="rl: response cap in tokens; hitting it scores -2 (default 150)")
-    rl.add_argument("--reward", choices=["negmse", "neglog", "contrastive"], default=None,
-                    help="rl: -mse_nrm (default), -log mse_nrm, or InfoNCE over the batch")
-    rl.add_argument("--contrastive-temperature", type=float, default=None)
-    rl.add_argument("--no-failure-penalty", action="store_true",
-                    help="rl: do not replace the reward of failed samples with -2")
-    rl.add_argument("--length-penalty", type=float, default=None,
-                    help="rl: reward lost by a response of full cap length (default 0)")
-    rl.add_argument("--kl-coef", type=float, default=None, help="rl: KL coefficient (0.01)")
-    rl.add_argument("--kl-estimator", choices=["k1", "k3"], default=None)
-    rl.add_argument("--clip", type=float, default=None, help="rl: ratio clip (0.2)")
-    rl.add_argument("--truncate-explanations", action="store_true", default=None,
-                    help="rl: matryoshka - score a random-length prefix of each explanation")
-    rl.add_argument("--truncate-min-tokens", type=int, default=None)
-    rl.add_argument("--max-grad-norm", type=float, default=None)
-    rl.add_argument("--eval-max-new-tokens", type=int, default=None)
-    rl.add_argument("--rollout-batch-size", type=int, default=None,
-                    help="rl: sequences per generation batch (default 64)")
-    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("explain", help="explain tokens of a text with a trained NLA")
     p.add_argument("text")
@@ -475,90 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["official", "nlakit"], default="official")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("label", help="warm-start labels for SFT rows (local model, "
-                                     "OpenAI-compatible API, or grounded context labels)")
-    p.add_argument("--acts", required=True, help="activation store directory")
-    p.add_argument("--labeller", required=True,
-                   help="local, openai, context, or a registered/entry-point labeller")
-    p.add_argument("--out", required=True, help="output label-set directory")
-    p.add_argument("--splits", default="av_sft,ar_sft,heldout",
-                   help="comma-separated splits to label (default: %(default)s)")
-    p.add_argument("--max-rows", type=int, default=None, help="at most this many rows per split")
-    p.add_argument("--model", default=None,
-                   help="local/context: model to run (default: the store's target model)")
-    p.add_argument("--dtype", default=None, help="local/context: float32, bfloat16, auto ...")
-    p.add_argument("--device", default=None, help="local/context: cpu, cuda, auto")
-    p.add_argument("--batch-size", type=int, default=None, help="local/context: rows per batch")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="local/openai sampling temperature (default 0: greedy)")
-    p.add_argument("--top-p", type=float, default=None, help="local/openai nucleus sampling")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="local/openai: cap on generated tokens (default 64 local, 200 openai)")
-    p.add_argument("--seed", type=int, default=None, help="local: sampling seed")
-    p.add_argument("--max-prefix-chars", type=int, default=None,
-                   help="local/openai: show the labeller at most the last N characters of the "
-                        "prefix (default 300 local, 2000 openai)")
-    p.add_argument("--top-k", type=int, default=None, help="context: predictions shown (3)")
-    p.add_argument("--base-url", default=None,
-                   help="openai: endpoint base, e.g. https://api.openai.com/v1 or "
-                        "http://127.0.0.1:8000/v1")
-    p.add_argument("--api-model", default=None, help="openai: model name at the endpoint")
-    p.add_argument("--api-key-env", default=None,
-                   help="openai: environment variable holding the key (default OPENAI_API_KEY)")
-    p.add_argument("--no-api-key", action="store_true",
-                   help="openai: send no key (local servers without authentication)")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="openai: concurrent requests (default 8)")
-    p.add_argument("--max-requests", type=int, default=None,
-                   help="openai: hard budget of HTTP requests for this run (retries count)")
-    p.add_argument("--max-retries", type=int, default=None,
-                   help="openai: retries per request on 429/5xx/timeouts (default 5)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="openai: seconds per request (default 60)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=cmd_label)
-
-    p = sub.add_parser("eval", help="score an NLA against baselines with document-level CIs")
-    _add_eval_common(p)
-    p.add_argument("--quote", default="8,32",
-                   help="quote baseline lengths in tokens, comma-separated (default %(default)s)")
-    p.add_argument("--best-of", type=int, default=1,
-                   help="also score best-of-N sampled explanations reranked by the AR")
-    p.add_argument("--labels", default=None, help="label set for the label baseline")
-    p.add_argument("--control", default=None,
-                   help="control AV directory (trained on shuffled activations)")
-    p.add_argument("--baselines-only", action="store_true",
-                   help="load only the AR and score the baselines (no AV needed)")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("audit", help="robustness of reconstruction under meaning-preserving "
-                                     "edits of the explanations")
-    _add_eval_common(p)
-    p.add_argument("--paraphraser", choices=["rules", "local", "openai", "none"],
-                   default="rules", help="paraphraser for the paraphrase test (default rules)")
-    p.add_argument("--paraphraser-model", default=None, help="local: model spec")
-    p.add_argument("--paraphrase-max-new-tokens", type=int, default=160)
-    p.add_argument("--paraphrase-per-line", action="store_true",
-                   help="paraphrase each line/sentence separately (keeps structure with small "
-                        "paraphraser models)")
-    p.add_argument("--base-url", default=None, help="openai: endpoint base URL")
-    p.add_argument("--api-model", default=None, help="openai: model name")
-    p.add_argument("--api-key-env", default=None, help="openai: env var with the key")
-    p.add_argument("--no-api-key", action="store_true", help="openai: send no key")
-    p.add_argument("--max-requests", type=int, default=None, help="openai: request budget")
-    p.add_argument("--explanations", default=None,
-                   help="eval.json whose explanations to audit (same rows) instead of "
-                        "generating them again")
-    p.add_argument("--eval-json", default=None,
-                   help="include this eval.json in the --report")
-    p.set_defaults(func=cmd_audit)
-
-    p = sub.add_parser("report", help="HTML + Markdown report from eval/audit JSON files")
-    p.add_argument("--eval", default=None, help="eval.json")
-    p.add_argument("--audit", default=None, help="audit.json")
-    p.add_argument("--out", required=True, help="report.html (report.md is written beside it)")
-    p.add_argument("--title", default="nlakit report")
-    p.set_defaults(func=cmd_report)
     p = sub.add_parser("pipeline", help="run every stage (extract -> label -> train av/ar/rl "
                                         "-> eval -> audit -> report) from one YAML config")
     p.add_argument("config", help="pipeline YAML (see configs/)")
@@ -578,11 +394,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--title", default=None)
     p.set_defaults(func=cmd_plot)
+
+
+def _command_words(argv: list[str]) -> tuple[str, ...]:
+    words = [a for a in argv if not a.startswith("-")][:2]
+    return tuple(words[:2] if words[:1] == ["train"] else words[:1])
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the stage subcommand it names gets its generated flags
+    (building them imports that stage's modules), without it every subcommand does."""
+    from . import __version__
+    from .pipeline import STAGE_TABLE
+
+    wanted = _command_words(argv) if argv is not None else None
+    parser = argparse.ArgumentParser(prog="nlakit", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"nlakit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = None
+    for stage in STAGE_TABLE:
+        if stage.command is None:
+            continue
+        full = wanted is None or wanted == stage.command
+        if stage.command[0] == "train":
+            if train is None:
+                tp = sub.add_parser("train", help="supervised warm start of the AV or the AR, "
+                                                  "the control AV, or RL (GRPO) of an NLA")
+                train = tp.add_subparsers(dest="role", required=True)
+            _add_stage_parser(train, stage, stage.command, full)
+        else:
+            _add_stage_parser(sub, stage, stage.command, full)
+    _add_other_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

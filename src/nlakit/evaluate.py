@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -237,16 +237,41 @@ class ReconstructorOnly:
         return cls(ar)
 
 
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
 @dataclass
 class EvalConfig:
-    split: str = HELDOUT
-    max_rows: int | None = None
-    max_new_tokens: int = 150
-    batch_size: int = 16
-    quote_tokens: tuple[int, ...] = DEFAULT_QUOTE_TOKENS
-    best_of: int = 1
-    seed: int = 0
-    n_boot: int = 1000
+    """The ``eval`` stage: which rows, and how the NLA and its baselines are scored."""
+
+    split: str = field(default=HELDOUT, metadata=_help("a split name, or all"))
+    max_rows: int | None = field(default=None, metadata=_help(
+        "evaluate about this many rows, choosing whole documents (seeded)"))
+    max_new_tokens: int = field(default=150, metadata=_help("explanation length cap in tokens"))
+    batch_size: int = field(default=16, metadata=_help("rows per generation/AR batch"))
+    quote_tokens: tuple[int, ...] = field(default=DEFAULT_QUOTE_TOKENS, metadata=_help(
+        "quote baseline lengths in tokens (comma-separated on the command line)"))
+    best_of: int = field(default=1, metadata=_help(
+        "also score best-of-N sampled explanations reranked by the AR"))
+    seed: int = field(default=0, metadata=_help("seed of the row choice and the bootstrap"))
+    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples"))
+    labels: bool = field(default=True, metadata=_help(
+        "score the warm-start labels as a baseline when a label set is given"))
+
+    def __post_init__(self):
+        if isinstance(self.quote_tokens, str):
+            try:
+                self.quote_tokens = [int(x) for x in self.quote_tokens.split(",") if x.strip()]
+            except ValueError:
+                raise NLAError(f"quote_tokens must be comma-separated token counts, got "
+                               f"{self.quote_tokens!r}") from None
+        self.quote_tokens = tuple(int(q) for q in self.quote_tokens)
+        for name in ("max_new_tokens", "batch_size", "best_of", "n_boot"):
+            if getattr(self, name) < 1:
+                raise NLAError(f"eval: {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise NLAError(f"eval: max_rows must be >= 1, got {self.max_rows}")
 
 
 @dataclass

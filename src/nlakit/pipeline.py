@@ -1,19 +1,10 @@
 """`nlakit pipeline CONFIG.yaml`: every stage of an NLA run from one YAML file.
 
-Stages, in order, each writing under ``runs/NAME/`` (NAME = the config's ``name``):
-
-  extract   -> acts/        activation store (train/rl/heldout splits)
-  label     -> labels/      warm-start labels of the SFT (and heldout) rows
-  train_av  -> sft/av       supervised AV
-  train_ar  -> sft/ar       supervised AR
-  train_control -> control/av  the same AV trained on activations shuffled across rows (off
-                            unless ``train_control: {enabled: true}``); the eval's control
-  train_rl  -> rl/          GRPO on the AV, AR trained alongside (``train_rl: {enabled: false}``
-                            skips it)
-  nla       -> nla/         the final NLA checkpoint (hard links to rl/ or sft/)
-  eval      -> eval/eval.json   held-out scores against the baselines
-  audit     -> audit/audit.json robustness of the explanations to meaning-preserving edits
-  report    -> report/report.html (+ report.md)
+`STAGES` below is the one place the data flow is written: each stage's name, the stages whose
+output it reads, its config class (the YAML section of the same name holds exactly its fields),
+its ``run`` function (`nlakit.stages`, the same one the CLI subcommand calls), the inputs it is
+given inside a run directory, its outputs under ``runs/NAME/`` (NAME = the config's ``name``),
+and when it is enabled.
 
 A stage is skipped when its stamp (``runs/NAME/.pipeline/STAGE.json``) holds the hash of the
 same stage config and the same upstream stages; a stage without a stamp is run, and the stage's
@@ -26,43 +17,177 @@ every later one.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import stages as S
 from .errors import ConfigMismatchError, NLAError
 from .fileio import read_yaml, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
-STAGES = ("extract", "label", "train_av", "train_ar", "train_control", "train_rl", "nla",
-          "eval", "audit", "report")
 STAMP_DIR = ".pipeline"
-TRAINING_STAGES = ("train_av", "train_ar", "train_control", "train_rl")
+SFT_CONFIG = "nlakit.train.sft:SFTConfig"
 
-# Keys of each section that are not fields of the stage's config dataclass.
-EXTRACT_KEYS = {"corpus": "builtin", "text_field": "text", "blocks": False, "max_docs": None,
-                "max_tokens_per_doc": 1024, "positions_per_doc": 10, "min_position": 50,
-                "seed": 0, "splits": None, "batch_size": 8, "shard_docs": 64}
-LABEL_KEYS = {"labeller": "context", "splits": ["av_sft", "ar_sft", "heldout"],
-              "max_rows": None, "options": {}}
-AUDIT_EXTRA = {"enabled": True, "paraphraser": "rules", "paraphraser_options": {}}
-EVAL_EXTRA = {"labels": True}
-RL_EXTRA = {"enabled": True}
-CONTROL_EXTRA = {"enabled": False}
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table."""
+    name: str
+    upstream: tuple[str, ...]  # stages whose outputs this one reads
+    config: str | None  # "module:Class" of the section's dataclass (imported on use)
+    run: Callable  # run(config, inputs) -> output path, from nlakit.stages
+    inputs: Callable  # (pipeline, progress) -> the run's inputs inside the run directory
+    outputs: tuple[str, ...]  # paths under the run directory (the first is the result; all
+    #                           are deleted by --from)
+    enabled: bool | None = None  # default of the section's `enabled` key; None: always runs
+    exclude: tuple[str, ...] = ()  # config fields set from the top level, not the section
+    inherits: str | None = None  # a section whose settings this one starts from
+    optional_upstream: tuple[str, ...] = ()  # upstream stages read only when they are enabled
+    command: tuple[str, ...] | None = None  # the CLI subcommand that runs the same `run`
+    inputs_class: type | None = None  # the CLI's inputs dataclass
+    training: bool = False  # runs in every process under torchrun / accelerate launch
+
+    def config_class(self) -> type | None:
+        if self.config is None:
+            return None
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def section_keys(self) -> set[str]:
+        """The keys a config section of this stage may hold."""
+        keys = {f.name for f in fields(self.config_class())} - set(self.exclude)
+        return keys | ({"enabled"} if self.enabled is not None else set())
+
+
+# ---- the inputs of each stage inside a run directory ----------------------------------------
+
+
+def _extract_inputs(p: Pipeline, progress: bool) -> S.ExtractInputs:
+    c = p.cfg
+    return S.ExtractInputs(out=str(p.path("acts")), model=c.model, layer=c.layer, dtype=c.dtype,
+                           device=c.device, progress=progress)
+
+
+def _label_inputs(p: Pipeline, progress: bool) -> S.LabelInputs:
+    return S.LabelInputs(acts=str(p.path("acts")), out=str(p.path("labels")), progress=progress)
+
+
+def _sft_inputs(out: str):
+    def inputs(p: Pipeline, progress: bool) -> S.SFTInputs:
+        return S.SFTInputs(data=str(p.path("labels")), out=str(p.path(out)),
+                           acts=str(p.path("acts")), progress=progress)
+    return inputs
+
+
+def _rl_inputs(p: Pipeline, progress: bool) -> S.RLInputs:
+    resume = (p.path("rl") / ".train-rl" / "checkpoint" / "state.pt").is_file()
+    if resume:
+        print(f"[pipeline {p.cfg.name}] resuming RL from its checkpoint", flush=True)
+    return S.RLInputs(nla=str(p.path("sft")), acts=str(p.path("acts")), out=str(p.path("rl")),
+                      resume=resume, progress=progress)
+
+
+def _nla_inputs(p: Pipeline, progress: bool) -> S.NLAInputs:
+    return S.NLAInputs(source=str(p.path("rl" if p.enabled("train_rl") else "sft")),
+                       out=str(p.path("nla")))
+
+
+def _eval_inputs(p: Pipeline, progress: bool) -> S.EvalInputs:
+    control = p.enabled("train_control")
+    return S.EvalInputs(acts=str(p.path("acts")), nla=str(p.path("nla")), device=p.cfg.device,
+                        json=str(p.path("eval/eval.json")), label_set=str(p.path("labels")),
+                        control=str(p.path("control/av")) if control else None,
+                        progress=progress)
+
+
+def _audit_inputs(p: Pipeline, progress: bool) -> S.AuditInputs:
+    # the explanations the eval already generated, when it evaluated the same rows
+    return S.AuditInputs(acts=str(p.path("acts")), nla=str(p.path("nla")), device=p.cfg.device,
+                         json=str(p.path("audit/audit.json")),
+                         explanations=str(p.path("eval/eval.json")), progress=progress)
+
+
+def _report_inputs(p: Pipeline, progress: bool) -> S.ReportInputs:
+    audit = p.path("audit/audit.json")
+    return S.ReportInputs(out=str(p.path("report/report.html")),
+                          eval=str(p.path("eval/eval.json")),
+                          audit=str(audit) if p.enabled("audit") and audit.is_file() else None)
+
+
+# ---- the stage table: the only place the data flow is written -------------------------------
+
+STAGE_TABLE: tuple[Stage, ...] = (
+    Stage("extract", (), "nlakit.activations:ExtractConfig", S.run_extract, _extract_inputs,
+          ("acts",), command=("extract",), inputs_class=S.ExtractInputs),
+    Stage("label", ("extract",), "nlakit.labels:LabelConfig", S.run_label, _label_inputs,
+          ("labels",), command=("label",), inputs_class=S.LabelInputs),
+    Stage("train_av", ("label",), SFT_CONFIG, S.run_train_av, _sft_inputs("sft"),
+          ("sft/av", "sft/.train-av"), exclude=("dtype",), command=("train", "av"),
+          inputs_class=S.SFTInputs, training=True),
+    Stage("train_ar", ("label",), SFT_CONFIG, S.run_train_ar, _sft_inputs("sft"),
+          ("sft/ar", "sft/.train-ar"), exclude=("dtype", "control"), command=("train", "ar"),
+          inputs_class=S.SFTInputs, training=True),
+    Stage("train_control", ("label",), SFT_CONFIG, S.run_train_control, _sft_inputs("control"),
+          ("control",), enabled=False, exclude=("dtype", "control"), inherits="train_av",
+          command=("train", "control"), inputs_class=S.SFTInputs, training=True),
+    Stage("train_rl", ("train_av", "train_ar", "extract"), "nlakit.train.rl:RLConfig",
+          S.run_train_rl, _rl_inputs, ("rl",), enabled=True, exclude=("dtype",),
+          command=("train", "rl"), inputs_class=S.RLInputs, training=True),
+    Stage("nla", ("train_av", "train_ar", "train_rl"), None, S.run_nla, _nla_inputs, ("nla",)),
+    Stage("eval", ("nla", "label"), "nlakit.evaluate:EvalConfig", S.run_eval, _eval_inputs,
+          ("eval/eval.json", "eval"), optional_upstream=("train_control",), command=("eval",),
+          inputs_class=S.EvalInputs),
+    Stage("audit", ("nla", "eval"), "nlakit.audit:AuditConfig", S.run_audit, _audit_inputs,
+          ("audit/audit.json", "audit"), enabled=True, command=("audit",),
+          inputs_class=S.AuditInputs),
+    Stage("report", ("eval", "audit"), "nlakit.report:ReportConfig", S.run_report,
+          _report_inputs, ("report/report.html", "report"), command=("report",),
+          inputs_class=S.ReportInputs),
+)
+BY_NAME = {s.name: s for s in STAGE_TABLE}
+STAGES = tuple(BY_NAME)
+TRAINING_STAGES = tuple(s.name for s in STAGE_TABLE if s.training)
+SECTIONS = tuple(s.name for s in STAGE_TABLE if s.config is not None)
+
+
+def stage_config(stage: str | Stage, section: dict, overrides: dict | None = None) -> Any:
+    """The stage's config dataclass from a section mapping (an unknown key is an error; the
+    ``enabled`` switch is not part of the config) and `overrides` (the CLI's flags, the
+    pipeline's top-level dtype). The pipeline and every CLI subcommand build configs here."""
+    st = BY_NAME[stage] if isinstance(stage, str) else stage
+    _check_keys(st.name, section, st.section_keys())
+    values = {k: v for k, v in section.items() if k != "enabled"}
+    values.update(overrides or {})
+    try:
+        cfg = st.config_class()(**values)
+    except TypeError as e:  # a field the dataclass does not have
+        raise NLAError(f"stage {st.name}: {e}") from None
+    if st.name == "train_rl":
+        S.check_rl_config(cfg)
+    return cfg
+
+
+def _default(f):
+    from dataclasses import MISSING
+
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 @dataclass
 class PipelineConfig:
-    """The parsed YAML. Sections are plain dicts, validated against the stage configs."""
+    """The parsed YAML: top-level settings and one mapping per stage section."""
     name: str
     model: str = "smollm2-135m"
     layer: int | None = None
@@ -92,10 +217,6 @@ def _check_keys(section: str, given: dict, allowed: set[str]) -> None:
                        f"{', '.join(sorted(allowed))}")
 
 
-def _dataclass_keys(cls) -> set[str]:
-    return {f.name for f in fields(cls)}
-
-
 def set_value(data: dict, assignment: str) -> None:
     """Apply one ``--set a.b=value`` override (value parsed as YAML) to the raw config dict."""
     if "=" not in assignment:
@@ -111,12 +232,7 @@ def set_value(data: dict, assignment: str) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> PipelineConfig:
-    """Read and validate a pipeline YAML; every section's keys are checked before any work."""
-    from .audit import AuditConfig
-    from .evaluate import EvalConfig
-    from .train.rl import RLConfig
-    from .train.sft import SFTConfig
-
+    """Read and validate a pipeline YAML; every section's config is built before any work."""
     path = Path(path)
     if not path.is_file():
         raise NLAError(f"pipeline config {path} does not exist (see configs/ for examples)")
@@ -125,67 +241,22 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Pipeline
         raise NLAError(f"{path} must hold a YAML mapping of sections")
     for assignment in overrides:
         set_value(data, assignment)
-    top = _dataclass_keys(PipelineConfig)
-    _check_keys("top level", data, top)
+    _check_keys("top level", data, {f.name for f in fields(PipelineConfig)})
     if not re.fullmatch(r"[\w.-]+", str(data.get("name") or "")):
         raise NLAError(f"{path}: `name` must be a plain run name (letters, digits, - _ .), got "
                        f"{data.get('name')!r}; outputs go to runs/NAME/")
-    for section in ("extract", "label", "train_av", "train_ar", "train_control", "train_rl",
-                    "eval", "audit", "report"):
+    for section in SECTIONS:
         if data.get(section) is None:
             data[section] = {}
         if not isinstance(data[section], dict):
             raise NLAError(f"{path}: section {section!r} must be a mapping")
     cfg = PipelineConfig(**data)
-    _check_keys("extract", cfg.extract, set(EXTRACT_KEYS))
-    _check_keys("label", cfg.label, set(LABEL_KEYS))
-    sft_keys = _dataclass_keys(SFTConfig) - {"dtype"}
-    _check_keys("train_av", cfg.train_av, sft_keys)
-    _check_keys("train_ar", cfg.train_ar, sft_keys - {"control"})
-    _check_keys("train_control", cfg.train_control, (sft_keys - {"control"}) | set(CONTROL_EXTRA))
-    _check_keys("train_rl", cfg.train_rl, (_dataclass_keys(RLConfig) - {"dtype"}) | set(RL_EXTRA))
-    _check_keys("eval", cfg.eval, _dataclass_keys(EvalConfig) | set(EVAL_EXTRA))
-    _check_keys("audit", cfg.audit, _dataclass_keys(AuditConfig) | set(AUDIT_EXTRA))
-    _check_keys("report", cfg.report, {"title"})
-    # build each dataclass once now, so a bad value fails before hours of work
-    SFTConfig(**cfg.train_av)
-    SFTConfig(**cfg.train_ar)
-    SFTConfig(**_control_section(cfg))
-    rl = RLConfig(**_without(cfg.train_rl, RL_EXTRA))
-    from .train import rewards
-
-    if rl.reward not in rewards.REWARDS or rl.kl_estimator not in rewards.KL_ESTIMATORS:
-        raise NLAError(f"train_rl: reward must be one of {', '.join(rewards.REWARDS)} and "
-                       f"kl_estimator one of {', '.join(rewards.KL_ESTIMATORS)}; got "
-                       f"{rl.reward!r} / {rl.kl_estimator!r}")
-    EvalConfig(**_eval_config_kwargs(cfg.eval))
-    AuditConfig(**_audit_config_kwargs(cfg.audit))
     if cfg.threads is not None and int(cfg.threads) < 1:
         raise NLAError(f"threads must be >= 1, got {cfg.threads}")
+    pipe = Pipeline(cfg)
+    for stage in SECTIONS:  # build each config once now, so a bad value fails before hours of work
+        pipe.config(stage)
     return cfg
-
-
-def _control_section(cfg: PipelineConfig) -> dict:
-    """The control AV's SFT settings: the real AV's, overridden by train_control, shuffled."""
-    return {**cfg.train_av, **_without(cfg.train_control, CONTROL_EXTRA), "control": "shuffled"}
-
-
-def _without(section: dict, extra: dict) -> dict:
-    return {k: v for k, v in section.items() if k not in extra}
-
-
-def _eval_config_kwargs(section: dict) -> dict:
-    kw = _without(section, EVAL_EXTRA)
-    if "quote_tokens" in kw:
-        kw["quote_tokens"] = tuple(kw["quote_tokens"])
-    return kw
-
-
-def _audit_config_kwargs(section: dict) -> dict:
-    kw = _without(section, AUDIT_EXTRA)
-    if "edits" in kw:
-        kw["edits"] = tuple(kw["edits"])
-    return kw
 
 
 # ---- stage bookkeeping ------------------------------------------------------------------------
@@ -208,89 +279,76 @@ class Pipeline:
         self.stamps = self.run / STAMP_DIR
         self.hashes: dict[str, str] = {}
 
-    # paths
-    @property
-    def acts(self) -> Path:
-        return self.run / "acts"
+    def path(self, relative: str) -> Path:
+        return self.run / relative
 
-    @property
-    def labels(self) -> Path:
-        return self.run / "labels"
+    def section(self, stage: str) -> dict:
+        """The stage's section as written (a section that inherits starts from its parent's)."""
+        st = BY_NAME[stage]
+        own = dict(getattr(self.cfg, stage, None) or {})
+        if st.inherits:
+            return {**getattr(self.cfg, st.inherits), **own}
+        return own
 
-    @property
-    def sft(self) -> Path:
-        return self.run / "sft"
+    def enabled(self, stage: str) -> bool:
+        st = BY_NAME[stage]
+        return st.enabled is None or bool(
+            (getattr(self.cfg, stage, None) or {}).get("enabled", st.enabled))
 
-    @property
-    def rl(self) -> Path:
-        return self.run / "rl"
+    def config(self, stage: str) -> Any:
+        """The stage's config dataclass (None for the config-less nla stage)."""
+        st = BY_NAME[stage]
+        if st.config is None:
+            return None
+        section = self.section(stage)
+        if st.inherits:  # the parent's keys, checked against the parent's section
+            section = {k: v for k, v in section.items() if k not in st.exclude}
+        top = {k: getattr(self.cfg, k) for k in st.exclude if hasattr(self.cfg, k)}
+        cfg = stage_config(st, section, top)
+        if stage == "label":
+            self._label_defaults(cfg)
+        if stage == "report" and cfg.title is None:
+            cfg.title = f"nlakit run {self.cfg.name}"
+        return cfg
 
-    @property
-    def nla(self) -> Path:
-        return self.run / "nla"
+    def _label_defaults(self, cfg) -> None:
+        """A labeller that runs a model gets the run's dtype and device unless its options say."""
+        from .labels import get_labeller_class
 
-    @property
-    def eval_json(self) -> Path:
-        return self.run / "eval" / "eval.json"
-
-    @property
-    def audit_json(self) -> Path:
-        return self.run / "audit" / "audit.json"
-
-    @property
-    def report_html(self) -> Path:
-        return self.run / "report" / "report.html"
-
-    def rl_enabled(self) -> bool:
-        return bool(self.cfg.train_rl.get("enabled", True))
-
-    def control_enabled(self) -> bool:
-        return bool(self.cfg.train_control.get("enabled", False))
-
-    def disabled(self, stage: str) -> bool:
-        return ((stage == "train_rl" and not self.rl_enabled())
-                or (stage == "train_control" and not self.control_enabled())
-                or (stage == "audit" and not self.audit_enabled()))
-
-    def audit_enabled(self) -> bool:
-        return bool(self.cfg.audit.get("enabled", True))
-
-    def outputs(self, stage: str) -> list[Path]:
-        """What a stage writes (deleted by --from STAGE)."""
-        return {"extract": [self.acts], "label": [self.labels],
-                "train_av": [self.sft / "av", self.sft / ".train-av"],
-                "train_ar": [self.sft / "ar", self.sft / ".train-ar"],
-                "train_control": [self.run / "control"],
-                "train_rl": [self.rl], "nla": [self.nla], "eval": [self.eval_json.parent],
-                "audit": [self.audit_json.parent], "report": [self.report_html.parent]}[stage]
+        takes = get_labeller_class(cfg.labeller).OPTIONS or ()
+        for key in ("dtype", "device"):
+            if key in takes:
+                cfg.options.setdefault(key, getattr(self.cfg, key))
 
     def stage_config(self, stage: str) -> dict:
-        """Everything that determines a stage's output, besides its upstream stages."""
+        """Everything that determines a stage's output besides its upstream stages, in the
+        form nlakit 0.1 stamped it (so the stamps of older run directories still match)."""
         c = self.cfg
-        target = {"model": c.model, "layer": c.layer, "dtype": c.dtype}
-        return {"extract": {**target, **EXTRACT_KEYS, **c.extract},
-                "label": {**LABEL_KEYS, **c.label},
-                "train_av": {"dtype": c.dtype, **c.train_av},
-                "train_ar": {"dtype": c.dtype, **c.train_ar},
-                "train_control": {"dtype": c.dtype, **_control_section(c)},
-                "train_rl": {"dtype": c.dtype, **RL_EXTRA, **c.train_rl},
-                "nla": {"from": "rl" if self.rl_enabled() else "sft"},
-                "eval": {**EVAL_EXTRA, **c.eval},
-                "audit": {**AUDIT_EXTRA, **c.audit},
-                "report": {"title": c.report.get("title", f"nlakit run {c.name}")}}[stage]
-
-    # the stages whose output each stage reads (eval also reads train_control when enabled)
-    UPSTREAM = {"extract": (), "label": ("extract",), "train_av": ("label",),
-                "train_ar": ("label",), "train_control": ("label",),
-                "train_rl": ("train_av", "train_ar", "extract"),
-                "nla": ("train_av", "train_ar", "train_rl"), "eval": ("nla", "label"),
-                "audit": ("nla", "eval"), "report": ("eval", "audit")}
+        section = self.section(stage)
+        cls = BY_NAME[stage].config_class()
+        defaults = ({f.name: _default(f) for f in fields(cls) if f.name not in ("dtype",)}
+                    if cls else {})
+        extra = {"enabled": BY_NAME[stage].enabled} if BY_NAME[stage].enabled else {}
+        return {"extract": lambda: {"model": c.model, "layer": c.layer, "dtype": c.dtype,
+                                    **defaults, **section},
+                "label": lambda: {**defaults, **section},
+                "train_av": lambda: {"dtype": c.dtype, **section},
+                "train_ar": lambda: {"dtype": c.dtype, **section},
+                "train_control": lambda: {
+                    "dtype": c.dtype, **{k: v for k, v in section.items() if k != "enabled"},
+                    "control": "shuffled"},
+                "train_rl": lambda: {"dtype": c.dtype, **extra, **section},
+                "nla": lambda: {"from": "rl" if self.enabled("train_rl") else "sft"},
+                "eval": lambda: {"labels": True, **section},
+                "audit": lambda: {**extra, "paraphraser": "rules", "paraphraser_options": {},
+                                  **section},
+                "report": lambda: {"title": section.get("title", f"nlakit run {c.name}")},
+                }[stage]()
 
     def stage_hash(self, stage: str) -> str:
         if stage not in self.hashes:
-            upstream = self.UPSTREAM.get(stage, ())
-            if stage == "eval" and self.control_enabled():
-                upstream = (*upstream, "train_control")
+            st = BY_NAME[stage]
+            upstream = st.upstream + tuple(u for u in st.optional_upstream if self.enabled(u))
             ups = [self.stage_hash(u) for u in upstream]
             self.hashes[stage] = stable_hash(stage, self.stage_config(stage), ups)
         return self.hashes[stage]
@@ -321,7 +379,8 @@ class Pipeline:
     def clear_from(self, stage: str) -> None:
         """Delete the outputs and stamps of `stage` and every later stage."""
         for s in STAGES[STAGES.index(stage):]:
-            for p in self.outputs(s):
+            for p in BY_NAME[s].outputs:
+                p = self.path(p)
                 if p.is_dir():
                     shutil.rmtree(p)
                 elif p.exists():
@@ -359,10 +418,7 @@ class Pipeline:
         if dist is not None:
             dist.wait_for_everyone()
         last = STAGES.index(stop) if stop else len(STAGES) - 1
-        results = []
-        for stage in STAGES[:last + 1]:
-            results.append(self.run_stage(stage, progress))
-        return results
+        return [self.run_stage(stage, progress) for stage in STAGES[:last + 1]]
 
     def _distributed(self):
         """accelerate's process state under torchrun / `accelerate launch` (None alone)."""
@@ -374,10 +430,9 @@ class Pipeline:
         return PartialState(cpu=not torch.cuda.is_available())
 
     def run_stage(self, stage: str, progress: bool = True) -> StageResult:
-        output = str(self.outputs(stage)[0] if stage not in ("eval", "audit", "report") else
-                     {"eval": self.eval_json, "audit": self.audit_json,
-                      "report": self.report_html}[stage])
-        if self.disabled(stage):
+        st = BY_NAME[stage]
+        output = str(self.path(st.outputs[0]))
+        if not self.enabled(stage):
             return StageResult(stage, "disabled", 0.0, "-")
         status = self.status(stage)
         if status == "complete":
@@ -392,9 +447,9 @@ class Pipeline:
         if main:
             print(f"[pipeline {self.cfg.name}] stage {stage} ...", flush=True)
         t0 = time.perf_counter()
-        if main or stage in TRAINING_STAGES:
+        if main or st.training:
             try:
-                getattr(self, f"_run_{stage}")(progress and main)
+                st.run(self.config(stage), st.inputs(self, progress and main))
             except ConfigMismatchError as e:  # a partial output of other settings
                 raise ConfigMismatchError(
                     f"{e} (in the pipeline: `nlakit pipeline CONFIG --from {stage}` deletes "
@@ -404,169 +459,26 @@ class Pipeline:
             self.write_stamp(stage, seconds)
         if dist is not None:
             dist.wait_for_everyone()
-        if not main:
-            return StageResult(stage, "done", seconds, output)
-        print(f"[pipeline {self.cfg.name}] stage {stage} done in {seconds:.0f} s -> {output}",
-              flush=True)
+        if main:
+            print(f"[pipeline {self.cfg.name}] stage {stage} done in {seconds:.0f} s -> "
+                  f"{output}", flush=True)
         return StageResult(stage, "done", seconds, output)
-
-    def _run_extract(self, progress: bool) -> None:
-        from .activations import extract, parse_fractions
-        from .corpus import load_corpus
-        from .models import load_model
-
-        e = {**EXTRACT_KEYS, **self.cfg.extract}
-        model, tok = load_model(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device)
-        corpus = load_corpus(e["corpus"], tokenizer=tok, text_field=e["text_field"],
-                             blocks=e["blocks"], max_docs=e["max_docs"], chat_model=(model, tok))
-        splits = e["splits"]
-        if isinstance(splits, str):
-            splits = parse_fractions(splits)
-        extract((model, tok), corpus, self.acts, layer=self.cfg.layer,
-                positions_per_doc=e["positions_per_doc"], min_position=e["min_position"],
-                seed=e["seed"], split_fractions=splits, batch_size=e["batch_size"],
-                max_tokens_per_doc=e["max_tokens_per_doc"], shard_docs=e["shard_docs"])
-
-    def _run_label(self, progress: bool) -> None:
-        from .labels import label_store
-
-        lab = {**LABEL_KEYS, **self.cfg.label}
-        splits = lab["splits"]
-        if isinstance(splits, str):
-            splits = [s.strip() for s in splits.split(",") if s.strip()]
-        options = dict(lab["options"] or {})
-        if lab["labeller"] in ("local", "context"):  # their OPTIONS take dtype and device
-            options.setdefault("dtype", self.cfg.dtype)
-            options.setdefault("device", self.cfg.device)
-        label_store(self.acts, lab["labeller"], self.labels, splits=splits,
-                    max_rows=lab["max_rows"], progress=progress, **options)
-
-    def _train_sft(self, role: str, progress: bool) -> None:
-        from .train.sft import SFTConfig, train_sft
-
-        section = self.cfg.train_av if role == "av" else self.cfg.train_ar
-        cfg = SFTConfig(**{"dtype": self.cfg.dtype, **section})
-        train_sft(role, self.labels, self.sft, cfg, acts=self.acts, progress=progress)
-
-    def _run_train_av(self, progress: bool) -> None:
-        self._train_sft("av", progress)
-
-    def _run_train_ar(self, progress: bool) -> None:
-        self._train_sft("ar", progress)
-
-    def _run_train_control(self, progress: bool) -> None:
-        from .train.sft import SFTConfig, train_sft
-
-        cfg = SFTConfig(**{"dtype": self.cfg.dtype, **_control_section(self.cfg)})
-        train_sft("av", self.labels, self.run / "control", cfg, acts=self.acts,
-                  progress=progress)
-
-    def _run_train_rl(self, progress: bool) -> None:
-        from .train.rl import RLConfig, train_rl
-
-        cfg = RLConfig(**{"dtype": self.cfg.dtype, **_without(self.cfg.train_rl, RL_EXTRA)})
-        resume = (self.rl / ".train-rl" / "checkpoint" / "state.pt").is_file()
-        if resume:
-            print(f"[pipeline {self.cfg.name}] resuming RL from its checkpoint", flush=True)
-        train_rl(self.sft, self.acts, self.rl, cfg, resume=resume, progress=progress)
-
-    def _run_nla(self, progress: bool) -> None:
-        from .checkpoint import write_dir_atomic
-
-        source = self.rl if self.rl_enabled() else self.sft
-
-        def write(tmp: Path) -> None:
-            for sub in ("av", "ar"):
-                shutil.copytree(source / sub, tmp / sub, copy_function=_link_or_copy)
-            if (source / "nla.yaml").is_file():
-                _link_or_copy(source / "nla.yaml", tmp / "nla.yaml")
-
-        write_dir_atomic(self.nla, write)
-
-    def _load_nla(self):
-        from .nla import NLA
-
-        return NLA.load(self.nla, device=self.cfg.device)
-
-    def _run_eval(self, progress: bool) -> None:
-        from .evaluate import EvalConfig, evaluate, write_eval_json
-        from .store import ActivationStore
-
-        section = {**EVAL_EXTRA, **self.cfg.eval}
-        t0 = time.perf_counter()
-        control = None
-        if self.control_enabled():
-            from .nla import NLA
-
-            control = NLA.load(av=self.run / "control" / "av", ar=self.nla / "ar",
-                               device=self.cfg.device)
-        result = evaluate(self._load_nla(), ActivationStore(self.acts),
-                          EvalConfig(**_eval_config_kwargs(section)),
-                          labels=self.labels if section["labels"] else None,
-                          control_av=control, progress=progress)
-        result.data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
-        write_eval_json(result, self.eval_json)  # its table is printed after the last stage
-
-    def _run_audit(self, progress: bool) -> None:
-        from .audit import AuditConfig, audit, make_paraphraser
-        from .audit import format_audit_table as format_table
-        from .store import ActivationStore
-
-        section = {**AUDIT_EXTRA, **self.cfg.audit}
-        para = None
-        if section["paraphraser"] not in (None, "none"):
-            options = dict(section["paraphraser_options"] or {})
-            if section["paraphraser"] == "local":
-                options.setdefault("device", self.cfg.device)
-            para = make_paraphraser(section["paraphraser"], **options)
-        cfg = AuditConfig(**_audit_config_kwargs(section))
-        # the explanations the eval already generated, when it evaluated the same rows
-        from .evaluate import select_rows
-
-        store = ActivationStore(self.acts)
-        ev = json.loads(self.eval_json.read_text())
-        given = {int(r["row_id"]): r["explanation"] for r in ev.get("rows", [])
-                 if r.get("explanation") is not None}
-        wanted = select_rows(store, cfg.split, cfg.max_rows, cfg.seed).row_ids
-        if not all(int(r) in given for r in wanted):
-            given = None  # other rows than the eval's: the audit generates its own
-        t0 = time.perf_counter()
-        data = audit(self._load_nla(), store, cfg, paraphraser=para, explanations=given)
-        data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
-        write_json(self.audit_json, data)
-        print(format_table(data), flush=True)
-
-    def _run_report(self, progress: bool) -> None:
-        from .report import write_report
-
-        ev = json.loads(self.eval_json.read_text())
-        au = json.loads(self.audit_json.read_text()) if (
-            self.audit_enabled() and self.audit_json.is_file()) else None
-        write_report(self.report_html, eval_data=ev, audit_data=au,
-                     title=self.stage_config("report")["title"])
 
     # ---- summary ------------------------------------------------------------------------------
 
     def summary(self, results: list[StageResult]) -> dict:
         out: dict[str, Any] = {"name": self.cfg.name, "run_dir": str(self.run),
                                "stages": [asdict(r) for r in results]}
-        if self.eval_json.is_file():
-            ev = json.loads(self.eval_json.read_text())
+        eval_json, audit_json = self.path("eval/eval.json"), self.path("audit/audit.json")
+        if eval_json.is_file():
+            ev = json.loads(eval_json.read_text())
             out["eval"] = {name: m["fve_nrm"]["mean"] for name, m in ev["methods"].items()}
             out["eval_rows"] = ev.get("n_rows")
-        if self.audit_json.is_file():
-            au = json.loads(self.audit_json.read_text())
+        if audit_json.is_file():
+            au = json.loads(audit_json.read_text())
             out["audit"] = {name: t.get("drop", {}).get("mean") for name, t in
                             au.get("tests", {}).items() if "drop" in t}
         return out
-
-
-def _link_or_copy(src, dst) -> None:
-    """Hard link (no extra disk for a ~1 GB checkpoint); copy across filesystems."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def run_pipeline(config: str | Path | PipelineConfig, *, overrides: list[str] | tuple = (),
@@ -588,13 +500,7 @@ def run_pipeline(config: str | Path | PipelineConfig, *, overrides: list[str] | 
 def plan(config: str | Path, overrides: list[str] | tuple = ()) -> list[tuple[str, str]]:
     """(stage, status) for every stage without running anything."""
     pipe = Pipeline(load_config(config, overrides))
-    out = []
-    for s in STAGES:
-        if pipe.disabled(s):
-            out.append((s, "disabled"))
-        else:
-            out.append((s, pipe.status(s)))
-    return out
+    return [(s, pipe.status(s) if pipe.enabled(s) else "disabled") for s in STAGES]
 
 
 def format_summary(summary: dict) -> str:
@@ -609,5 +515,5 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["STAGES", "Pipeline", "PipelineConfig", "format_summary", "load_config", "plan",
-           "run_pipeline", "set_value"]
+__all__ = ["STAGES", "STAGE_TABLE", "Pipeline", "PipelineConfig", "Stage", "format_summary",
+           "load_config", "plan", "run_pipeline", "set_value", "stage_config"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +288,14 @@ def render_markdown(eval_data: dict | None = None, audit_data: dict | None = Non
             out.append(f"- {ab['verdict']}")
         out.append("")
     return "\n".join(out)
+
+
+@dataclass
+class ReportConfig:
+    """The ``report`` stage."""
+
+    title: str | None = field(default=None, metadata={
+        "help": "page title (None: 'nlakit run NAME' in a pipeline, else 'nlakit report')"})
 
 
 def write_report(path: str | Path, eval_data: dict | None = None,

@@ -10,11 +10,14 @@ from .core import (
     DEFAULT_SPLITS,
     PROMPT_VERSION,
     LabelCache,
+    LabelConfig,
     LabelFailure,
     Labeller,
+    LabellerOptions,
     LabelRow,
     LabelSet,
     ParsedLabel,
+    check_options,
     get_labeller_class,
     label_messages,
     label_store,
@@ -41,7 +44,8 @@ def __getattr__(name):  # the built-in labellers load on first use
     raise AttributeError(name)
 
 
-__all__ = ["DEFAULT_SPLITS", "PROMPT_VERSION", "ContextLabeller", "LabelCache", "LabelFailure",
+__all__ = ["DEFAULT_SPLITS", "PROMPT_VERSION", "ContextLabeller", "LabelCache", "LabelConfig",
+           "LabelFailure", "LabellerOptions", "check_options",
            "LabelRow", "LabelSet", "Labeller", "LocalLabeller", "OpenAILabeller", "ParsedLabel",
            "get_labeller_class", "label_messages", "label_store", "labeller_names",
            "make_labeller", "parse_label", "register_labeller"]

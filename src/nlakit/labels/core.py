@@ -29,7 +29,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -225,6 +225,86 @@ class LabelCache:
         self._db.close()
 
 
+# ---- the stage config --------------------------------------------------------------------
+
+
+@dataclass
+class LabelConfig:
+    """The ``label`` stage: which labeller labels which rows of the activation store."""
+
+    labeller: str = field(default="context", metadata={
+        "help": "local, openai, context, or a registered/entry-point labeller"})
+    splits: list[str] | str = field(default_factory=lambda: list(DEFAULT_SPLITS), metadata={
+        "help": "splits to label (comma-separated on the command line)"})
+    max_rows: int | None = field(default=None, metadata={
+        "help": "at most this many rows per split"})
+    options: dict = field(default_factory=dict, metadata={
+        "help": "the labeller's options (see LabellerOptions); another option is an error"})
+
+    def __post_init__(self):
+        if isinstance(self.splits, str):
+            self.splits = [s.strip() for s in self.splits.split(",") if s.strip()]
+        self.splits = list(self.splits)
+        if not self.splits:
+            raise NLAError("label: no splits to label")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise NLAError(f"label: max_rows must be >= 1, got {self.max_rows}")
+        if not isinstance(self.options, dict):
+            raise NLAError(f"label: options must be a mapping, got {self.options!r}")
+        cls = get_labeller_class(self.labeller)
+        check_options(f"the {self.labeller!r} labeller", self.options, cls.OPTIONS)
+
+
+@dataclass
+class LabellerOptions:
+    """The options of the built-in labellers (each takes the ones in its ``OPTIONS``); on the
+    command line a flag each, in a pipeline config the ``label.options`` mapping."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "local/context: model to run (default: the store's target model)"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "local/context: float32, bfloat16, auto ..."})
+    device: str | None = field(default=None, metadata={"help": "local/context: cpu, cuda, auto"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "local/context: rows per batch (default 8 local, 32 context)"})
+    temperature: float | None = field(default=None, metadata={
+        "help": "local/openai: sampling temperature (default 0: greedy)"})
+    top_p: float | None = field(default=None, metadata={"help": "local/openai: nucleus sampling"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "local/openai: cap on generated tokens (default 64 local, 200 openai)"})
+    seed: int | None = field(default=None, metadata={"help": "local: sampling seed"})
+    max_prefix_chars: int | None = field(default=None, metadata={
+        "help": "local/openai: show at most the last N characters of the prefix (default 300 "
+                "local, 2000 openai)"})
+    top_k: int | None = field(default=None, metadata={"help": "context: predictions shown (3)"})
+    n_words: int | None = field(default=None, metadata={
+        "help": "context: last words of the context quoted (6)"})
+    base_url: str | None = field(default=None, metadata={
+        "help": "openai: endpoint base, e.g. https://api.openai.com/v1"})
+    api_model: str | None = field(default=None, metadata={
+        "help": "openai: model name at the endpoint"})
+    api_key_env: str | None = field(default=None, metadata={
+        "help": "openai: environment variable holding the key (default OPENAI_API_KEY)"})
+    no_api_key: bool | None = field(default=None, metadata={
+        "help": "openai: send no key (local servers without authentication)"})
+    concurrency: int | None = field(default=None, metadata={
+        "help": "openai: concurrent requests (default 8)"})
+    max_requests: int | None = field(default=None, metadata={
+        "help": "openai: hard budget of HTTP requests for this run (retries count)"})
+    max_retries: int | None = field(default=None, metadata={
+        "help": "openai: retries per request on 429/5xx/timeouts (default 5)"})
+    timeout: float | None = field(default=None, metadata={
+        "help": "openai: seconds per request (default 60)"})
+
+
+def check_options(what: str, options: dict, allowed) -> None:
+    """Refuse options that `what` does not take (allowed None: it takes any)."""
+    unknown = sorted(set(options) - set(allowed)) if allowed is not None else []
+    if unknown:
+        raise NLAError(f"option(s) {', '.join(unknown)} do not apply to {what}; it takes "
+                       f"{', '.join(allowed) or 'no options'}")
+
+
 # ---- labellers --------------------------------------------------------------------------------
 
 
@@ -330,10 +410,7 @@ def make_labeller(name: str, store=None, **options) -> Labeller:
     """Build a labeller by name; ``options`` are its settings (None values mean default)."""
     options = {k: v for k, v in options.items() if v is not None}
     cls = get_labeller_class(name)
-    unknown = sorted(set(options) - set(cls.OPTIONS)) if cls.OPTIONS is not None else []
-    if unknown:
-        raise NLAError(f"option(s) {', '.join(unknown)} do not apply to the {name!r} labeller; "
-                       f"it takes {', '.join(cls.OPTIONS) or 'no options'}")
+    check_options(f"the {name!r} labeller", options, cls.OPTIONS)
     return cls.from_options(store, options)
 
 
@@ -582,6 +659,6 @@ def label_store(acts, labeller: Labeller | str, out: str | Path, *,
     return LabelSet(out)
 
 
-__all__ = ["PROMPT_VERSION", "LabelCache", "LabelFailure", "LabelRow", "LabelSet", "Labeller",
-           "ParsedLabel", "get_labeller_class", "label_messages", "label_store",
-           "make_labeller", "parse_label", "register_labeller"]
+__all__ = ["PROMPT_VERSION", "LabelCache", "LabelConfig", "LabelFailure", "LabelRow", "LabelSet",
+           "Labeller", "LabellerOptions", "ParsedLabel", "check_options", "get_labeller_class",
+           "label_messages", "label_store", "make_labeller", "parse_label", "register_labeller"]

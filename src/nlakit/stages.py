@@ -1,0 +1,357 @@
+"""Every stage's inputs and its ``run(config, inputs) -> output`` function.
+
+A stage is a config dataclass (what the pipeline's section of the same name holds: one place
+per default, validated in ``__post_init__``, a help string per field) and a `run` function.
+Its *inputs* (the directories it reads and writes, the target model, the device, overwrite and
+resume switches) are a second small dataclass here: the CLI fills them from flags, the
+pipeline from its run directory (see `nlakit.pipeline.STAGES`). Both call the same `run`.
+
+  stage          config                       inputs            run
+  extract        activations.ExtractConfig    ExtractInputs     run_extract
+  label          labels.LabelConfig           LabelInputs       run_label
+  train_av       train.sft.SFTConfig          SFTInputs         run_train_av
+  train_ar       train.sft.SFTConfig          SFTInputs         run_train_ar
+  train_control  train.sft.SFTConfig          SFTInputs         run_train_control
+  train_rl       train.rl.RLConfig            RLInputs          run_train_rl
+  eval           evaluate.EvalConfig          EvalInputs        run_eval
+  audit          audit.AuditConfig            AuditInputs       run_audit
+  report         report.ReportConfig          ReportInputs      run_report
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import NLAError
+
+log = logging.getLogger(__name__)
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+def _required(text: str):
+    return field(metadata={"help": text, "required": True})
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ExtractInputs:
+    out: str = _required("output store directory")
+    model: str = field(default="smollm2-135m", metadata=_help(
+        "target model: alias smollm2-135m, a .gguf file, a model directory or a Hugging Face "
+        "id"))
+    layer: int | None = field(default=None, metadata=_help("block K (None: floor(2L/3))"))
+    dtype: str | None = field(default=None, metadata=_help(
+        "float32 (CPU default), bfloat16, float16 or auto"))
+    device: str | None = field(default=None, metadata=_help("cpu (default), cuda, cuda:N, auto"))
+    overwrite: bool = field(default=False, metadata=_help(
+        "replace a store made with another configuration"))
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+
+
+@dataclass
+class LabelInputs:
+    acts: str = _required("activation store directory")
+    out: str = _required("output label-set directory")
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+
+
+@dataclass
+class SFTInputs:
+    data: str = _required("labelled set from `nlakit label`")
+    out: str = _required("NLA directory: writes OUT/av or OUT/ar (train both into one dir)")
+    acts: str | None = field(default=None, metadata=_help(
+        "activation store (None: the labels' store)"))
+    overwrite: bool = field(default=False, metadata=_help("discard an earlier checkpoint"))
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+
+
+@dataclass
+class RLInputs:
+    nla: str = _required("the starting NLA directory (the SFT warm start)")
+    acts: str = _required("activation store with rl and heldout splits")
+    out: str = _required("output NLA directory")
+    resume: bool = field(default=False, metadata=_help("continue the checkpoint in --out"))
+    overwrite: bool = field(default=False, metadata=_help("discard an earlier checkpoint"))
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+
+
+@dataclass
+class _ScoreInputs:
+    """What eval and audit both read: the NLA, the store, where the results go."""
+    acts: str = _required("activation store of the NLA's layer")
+    nla: str | None = field(default=None, metadata=_help("NLA directory (holding av/ and ar/)"))
+    av: str | None = field(default=None, metadata=_help("AV directory (official layout)"))
+    ar: str | None = field(default=None, metadata=_help("AR directory (official layout)"))
+    device: str | None = field(default=None, metadata=_help("cpu, cuda, cuda:N or auto"))
+    json: str | None = field(default=None, metadata=_help(
+        "result JSON (None: next to --report, else in the current directory)"))
+    report: str | None = field(default=None, metadata=_help(
+        "also write a self-contained HTML report here (and a .md summary beside it)"))
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+
+
+@dataclass
+class EvalInputs(_ScoreInputs):
+    label_set: str | None = field(default=None, metadata=_help(
+        "label set of the `label` baseline (scored when the config's labels is true)"))
+    control: str | None = field(default=None, metadata=_help(
+        "control AV directory (trained on shuffled activations)"))
+    baselines_only: bool = field(default=False, metadata=_help(
+        "load only the AR and score the baselines (no AV needed)"))
+
+
+@dataclass
+class AuditInputs(_ScoreInputs):
+    explanations: str | None = field(default=None, metadata=_help(
+        "eval.json whose explanations to audit instead of generating them again (used when it "
+        "holds every audited row)"))
+    eval_json: str | None = field(default=None, metadata=_help(
+        "include this eval.json in the --report"))
+
+
+@dataclass
+class ReportInputs:
+    out: str = _required("report.html (report.md is written beside it)")
+    eval: str | None = field(default=None, metadata=_help("eval.json"))
+    audit: str | None = field(default=None, metadata=_help("audit.json"))
+
+
+# ---- run functions ----------------------------------------------------------------------------
+
+
+def run_extract(config, inputs: ExtractInputs) -> Path:
+    """Activations of the target model over the corpus -> the store directory."""
+    from .activations import extract
+    from .models import load_model
+
+    model, tok = load_model(inputs.model, dtype=inputs.dtype, device=inputs.device)
+    extract((model, tok), config.corpus, inputs.out, config, layer=inputs.layer,
+            overwrite=inputs.overwrite, progress=inputs.progress)
+    return Path(inputs.out)
+
+
+def run_label(config, inputs: LabelInputs) -> Path:
+    """Warm-start labels of the config's splits -> the label-set directory."""
+    from .labels import label_store
+
+    label_store(inputs.acts, config.labeller, inputs.out, splits=config.splits,
+                max_rows=config.max_rows, progress=inputs.progress, **config.options)
+    return Path(inputs.out)
+
+
+def _train_sft(role: str, config, inputs: SFTInputs) -> Path:
+    from .train.sft import train_sft
+
+    summary = train_sft(role, inputs.data, inputs.out, config, acts=inputs.acts,
+                        overwrite=inputs.overwrite, progress=inputs.progress)
+    if summary is not None:
+        log.info("train %s: %s", role, json.dumps(summary, default=str))
+    return Path(inputs.out)
+
+
+def run_train_av(config, inputs: SFTInputs) -> Path:
+    """Supervised AV (response-only cross-entropy) -> OUT/av."""
+    return _train_sft("av", config, inputs)
+
+
+def run_train_ar(config, inputs: SFTInputs) -> Path:
+    """Supervised AR (normalised MSE) -> OUT/ar."""
+    return _train_sft("ar", config, inputs)
+
+
+def run_train_control(config, inputs: SFTInputs) -> Path:
+    """The same AV trained on activations shuffled across rows (the eval's control) -> OUT/av."""
+    return _train_sft("av", replace(config, control="shuffled"), inputs)
+
+
+def check_rl_config(config) -> None:
+    """RLConfig values that name things (the other fields are checked where they are used)."""
+    from .train import rewards
+
+    if config.reward not in rewards.REWARDS or config.kl_estimator not in rewards.KL_ESTIMATORS:
+        raise NLAError(f"train_rl: reward must be one of {', '.join(rewards.REWARDS)} and "
+                       f"kl_estimator one of {', '.join(rewards.KL_ESTIMATORS)}; got "
+                       f"{config.reward!r} / {config.kl_estimator!r}")
+
+
+def run_train_rl(config, inputs: RLInputs) -> Path:
+    """GRPO on the AV with the AR trained alongside -> the RL'd NLA directory."""
+    from .train.rl import train_rl
+
+    check_rl_config(config)
+    summary = train_rl(inputs.nla, inputs.acts, inputs.out, config, resume=inputs.resume,
+                       overwrite=inputs.overwrite, progress=inputs.progress)
+    if summary is not None:
+        log.info("train rl: %s", json.dumps(summary, default=str))
+    return Path(inputs.out)
+
+
+def _load_nla(inputs: _ScoreInputs):
+    from .nla import NLA
+
+    if inputs.nla:
+        return NLA.load(inputs.nla, device=inputs.device)
+    if inputs.av and inputs.ar:
+        return NLA.load(av=inputs.av, ar=inputs.ar, device=inputs.device)
+    raise NLAError("give --nla DIR, or --av AV_DIR and --ar AR_DIR")
+
+
+def _ar_dir(inputs: _ScoreInputs) -> str:
+    if not (inputs.ar or inputs.nla):
+        raise NLAError("this needs --ar AR_DIR or --nla DIR")
+    return inputs.ar or str(Path(inputs.nla) / "ar")
+
+
+def _json_path(inputs: _ScoreInputs, default_name: str) -> Path:
+    if inputs.json:
+        return Path(inputs.json)
+    if inputs.report:
+        return Path(inputs.report).with_name(default_name)
+    return Path(default_name)
+
+
+def run_eval(config, inputs: EvalInputs) -> Path:
+    """Held-out scores of the NLA and its baselines -> eval.json (and --report)."""
+    from .evaluate import ReconstructorOnly, evaluate, write_eval_json
+    from .nla import NLA
+    from .store import ActivationStore
+
+    t0 = time.perf_counter()
+    if inputs.baselines_only:
+        nla = ReconstructorOnly.load(_ar_dir(inputs), device=inputs.device)
+    else:
+        nla = _load_nla(inputs)
+    control = None
+    if inputs.control:
+        control = NLA.load(av=inputs.control, ar=_ar_dir(inputs), device=inputs.device)
+    labels = inputs.label_set if config.labels else None
+    result = evaluate(nla, ActivationStore(inputs.acts), config, labels=labels,
+                      control_av=control, progress=inputs.progress)
+    result.data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
+    path = write_eval_json(result, _json_path(inputs, "eval.json"))
+    if inputs.report:
+        from .report import write_report
+
+        write_report(inputs.report, eval_data=result.data, title="nlakit eval")
+    return path
+
+
+def reusable_explanations(eval_json: str | Path, store, config) -> dict[int, str] | None:
+    """The explanations an eval.json holds for exactly the rows this audit chooses, or None
+    (other rows: the audit generates its own) -- the same rule for the CLI and the pipeline."""
+    from .evaluate import select_rows
+
+    data = json.loads(Path(eval_json).read_text())
+    given = {int(r["row_id"]): r["explanation"] for r in data.get("rows", [])
+             if r.get("explanation") is not None}
+    wanted = select_rows(store, config.split, config.max_rows, config.seed).row_ids
+    if all(int(r) in given for r in wanted):
+        return given
+    log.warning("%s does not hold explanations of every audited row; the audit generates its "
+                "own", eval_json)
+    return None
+
+
+def make_stage_paraphraser(config, device: str | None = None):
+    """The audit config's paraphraser (None for ``none``); a local one runs on `device`."""
+    from .audit import make_paraphraser
+
+    if config.paraphraser == "none":
+        return None
+    options = dict(config.paraphraser_options)
+    if config.paraphraser == "local" and device is not None:
+        options.setdefault("device", device)
+    return make_paraphraser(config.paraphraser, **options)
+
+
+def run_audit(config, inputs: AuditInputs) -> Path:
+    """Reconstruction under meaning-preserving edits of the explanations -> audit.json."""
+    from .audit import audit
+    from .fileio import write_json
+    from .store import ActivationStore
+
+    t0 = time.perf_counter()
+    nla = _load_nla(inputs)
+    store = ActivationStore(inputs.acts)
+    given = None
+    if inputs.explanations and Path(inputs.explanations).is_file():
+        given = reusable_explanations(inputs.explanations, store, config)
+    data = audit(nla, store, config, paraphraser=make_stage_paraphraser(config, inputs.device),
+                 explanations=given)
+    data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
+    path = _json_path(inputs, "audit.json")
+    write_json(path, data)
+    if inputs.report:
+        from .report import write_report
+
+        eval_data = json.loads(Path(inputs.eval_json).read_text()) if inputs.eval_json else None
+        write_report(inputs.report, eval_data=eval_data, audit_data=data,
+                     title="nlakit audit" if eval_data is None else "nlakit report")
+    return path
+
+
+def run_report(config, inputs: ReportInputs) -> Path:
+    """HTML + Markdown report of eval/audit JSON files -> report.html (report.md beside it)."""
+    from .report import write_report
+
+    ev = json.loads(Path(inputs.eval).read_text()) if inputs.eval else None
+    au = json.loads(Path(inputs.audit).read_text()) if inputs.audit else None
+    html, _ = write_report(inputs.out, eval_data=ev, audit_data=au,
+                           title=config.title or "nlakit report")
+    return html
+
+
+@dataclass
+class NLAInputs:
+    source: str = _required("directory holding the final av/ and ar/ (rl/ or sft/)")
+    out: str = _required("the NLA directory to write")
+
+
+def run_nla(config, inputs: NLAInputs) -> Path:
+    """The final NLA checkpoint: hard links to the chosen av/ and ar/ (no extra disk)."""
+    import shutil
+
+    from .checkpoint import write_dir_atomic
+
+    source, out = Path(inputs.source), Path(inputs.out)
+
+    def write(tmp: Path) -> None:
+        for sub in ("av", "ar"):
+            shutil.copytree(source / sub, tmp / sub, copy_function=link_or_copy)
+        if (source / "nla.yaml").is_file():
+            link_or_copy(source / "nla.yaml", tmp / "nla.yaml")
+
+    write_dir_atomic(out, write)
+    return out
+
+
+def link_or_copy(src, dst) -> None:
+    """Hard link (no extra disk for a ~1 GB checkpoint); copy across filesystems."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def config_fields(cls, exclude=()) -> list:
+    """The dataclass fields of a stage config that a section / the CLI may set."""
+    return [f for f in fields(cls) if f.name not in exclude]
+
+
+__all__ = ["AuditInputs", "EvalInputs", "ExtractInputs", "LabelInputs", "NLAInputs", "RLInputs",
+           "ReportInputs", "SFTInputs", "check_rl_config", "config_fields",
+           "make_stage_paraphraser", "reusable_explanations", "run_audit", "run_eval",
+           "run_extract", "run_label", "run_nla", "run_report", "run_train_ar", "run_train_av",
+           "run_train_control", "run_train_rl"]
