@@ -163,3 +163,38 @@ def test_partial_output_of_other_settings_names_the_pipeline_fix(tmp_path, tiny_
         run_pipeline(edited, stop="extract", progress=False)
     summary = run_pipeline(edited, start="extract", stop="extract", progress=False)
     assert summary["stages"][0]["status"] == "done"
+
+
+# the stage hashes nlakit 0.1 (commit b0dc7c6, before the stage table) stamped for this config
+LEGACY_HASHES = {
+    "extract": "5533291d08bd110da4fa4a968eb2d5ec93a3f773aa0560f742c42863ff492130",
+    "label": "a1019afe59ea01fd6f2b1e9cafdae12af8e3c63d6a82a59d12b33720acbd77ae",
+    "train_av": "eed13738fa7ec7ed5de8c4a5b457f49680d1544ee0df27411fceee639bbf4789",
+    "train_ar": "89245e4b6a197038cec8aaf3f0ce42ce890c10d6a7dacaeae2c24d0b6d00f832",
+    "train_control": "8486a8f9aff0dbd232176d7824c19287a350fd6c40c0741831f341e53cf10f02",
+    "train_rl": "b177c912f6fdc7c151476a9420dbf4637a393daf63aded7868689a88ca9fbb67",
+    "nla": "8de580a3747d0ed453e19189544130c8de5d4373f3e2963db2859ebda2622e7a",
+    "eval": "ab1f7fb647db6acc85548fde4e444d8e134f17e014e2db708c7557895e1068e4",
+    "audit": "5f7760b26d9204645af56fbe6f0393df9a0ad64830ceab42fcd4e92f282e8f07",
+    "report": "5d60a65bb95df6a4f840e6fee4a9cceb1df6f558d5e48334a21d3751136c9d07",
+}
+
+
+def test_an_old_run_directory_still_resumes(tmp_path):
+    """Stamps written before the stage table keep matching: the hash of an unchanged config
+    is the same, so an old run's finished stages are skipped, not refused or redone."""
+    from nlakit.pipeline import Pipeline
+
+    config = tiny_config(tmp_path, "/models/tiny", train_control={"enabled": True, "lr": 1e-3})
+    cfg = load_config(config)
+    pipe = Pipeline(cfg)
+    assert {s: pipe.stage_hash(s) for s in STAGES} == LEGACY_HASHES
+    stamps = tmp_path / "runs" / "tiny" / ".pipeline"
+    stamps.mkdir(parents=True)
+    for stage, digest in LEGACY_HASHES.items():  # the 0.1 stamp format
+        (stamps / f"{stage}.json").write_text(json.dumps(
+            {"stage": stage, "hash": digest, "config": {}, "seconds": 1.0,
+             "finished": "2026-11-20T10:00:00+0000"}))
+    assert set(dict(plan(config)).values()) == {"complete"}
+    summary = run_pipeline(config, progress=False)
+    assert {s["status"] for s in summary["stages"]} == {"skipped"}

@@ -1,30 +1,59 @@
-"""nlakit: Natural Language Autoencoders for language-model activations."""
+"""nlakit: Natural Language Autoencoders for language-model activations.
+
+The public API (every name loads its module on first use, so `import nlakit` stays fast):
+
+  nlakit.NLA, nlakit.load_model, nlakit.extract, nlakit.load_corpus, nlakit.ActivationStore,
+  nlakit.label_store, nlakit.LabelSet, nlakit.train_sft, nlakit.train_rl, nlakit.run_pipeline,
+  nlakit.metrics (nlakit.evaluate and nlakit.audit are the modules of those stages);
+  the stage configs (ExtractConfig, LabelConfig, SFTConfig, RLConfig, EvalConfig, AuditConfig,
+  ReportConfig) and run functions (run_extract ... run_report, see `nlakit.stages`).
+"""
 
 __version__ = "0.1.0"
 
-from .errors import NLAError
-from .models import load_model
+from .errors import ConfigMismatchError, NLAError
 
-__all__ = ["ActivationStore", "NLAError", "extract", "load_corpus", "load_model", "metrics"]
+# public name -> "module:attribute" (relative to this package)
+_LAZY = {
+    "NLA": "nla:NLA",
+    "load_model": "models:load_model",
+    "extract": "activations:extract",
+    "ExtractConfig": "activations:ExtractConfig",
+    "load_corpus": "corpus:load_corpus",
+    "ActivationStore": "store:ActivationStore",
+    "label_store": "labels:label_store",
+    "LabelSet": "labels:LabelSet",
+    "LabelConfig": "labels:LabelConfig",
+    "train_sft": "train.sft:train_sft",
+    "SFTConfig": "train.sft:SFTConfig",
+    "train_rl": "train.rl:train_rl",
+    "RLConfig": "train.rl:RLConfig",
+    "EvalConfig": "evaluate:EvalConfig",
+    "AuditConfig": "audit:AuditConfig",
+    "ReportConfig": "report:ReportConfig",
+    "run_pipeline": "pipeline:run_pipeline",
+    **{name: f"stages:{name}" for name in (
+        "run_extract", "run_label", "run_train_av", "run_train_ar", "run_train_control",
+        "run_train_rl", "run_eval", "run_audit", "run_report")},
+}
+
+__all__ = ["ConfigMismatchError", "NLAError", "__version__", "metrics", *_LAZY]
 
 
-def __getattr__(name):  # lazy: `import nlakit` stays fast for the CLI and helpers
-    if name == "extract":
-        from .activations import extract
+def __getattr__(name):
+    import importlib
 
-        return extract
-    if name == "ActivationStore":
-        from .store import ActivationStore
-
-        return ActivationStore
-    if name == "load_corpus":
-        from .corpus import load_corpus
-
-        return load_corpus
     if name == "metrics":
         # not `from . import metrics`: that form looks the name up on this package first,
         # re-entering __getattr__ forever before the submodule is imported
-        import importlib
-
         return importlib.import_module(".metrics", __name__)
-    raise AttributeError(name)
+    if name not in _LAZY:
+        raise AttributeError(f"module 'nlakit' has no attribute {name!r}")
+    module, _, attr = _LAZY[name].partition(":")
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
