@@ -198,7 +198,8 @@ class PolicyUpdate:
 class RLTrainer:
     """One RL run. `run` = set up (models, data, checkpoint), `fit` (the loop), `_finish`
     (final checkpoint, export). A step is `train_step`: rollout, score, update_ar_grads,
-    update_av_grads, optimizer_steps, then `record` and `log`; `maybe_checkpoint` after it."""
+    update_av_grads, the guarded optimizer steps, then `record`; `log_step` and
+    `maybe_checkpoint` after it."""
 
     def __init__(self, nla_dir: str | Path, acts: str | Path, out_dir: str | Path,
                  cfg: RLConfig, *, progress: bool = True):
@@ -328,7 +329,7 @@ class RLTrainer:
                 self.log_warm_start()
             for step in range(start, cfg.max_steps):
                 last = self.train_step(step)
-                self.log(step, last)
+                self.log_step(step, last)
                 bar.set_postfix(reward=f"{last['reward_mean']:.3f}", fve=f"{last['fve_nrm']:.3f}")
                 bar.update(1)
                 self.maybe_checkpoint(step + 1)
@@ -471,7 +472,7 @@ class RLTrainer:
             record["example"] = exps[0].text[:300]
         return record
 
-    def log(self, step: int, record: dict) -> None:
+    def log_step(self, step: int, record: dict) -> None:
         """Held-out evaluation every eval_every steps and after the last; write the record."""
         done = step + 1 == self.cfg.max_steps
         if self.has_heldout and self.acc.is_main_process and \
