@@ -113,6 +113,7 @@ class Viewer:
     def info(self) -> dict:
         return {"nlakit": __version__, "layer": self.nla.layer, "d_model": self.nla.d_model,
                 "target": self.nla.target_info.get("spec"),
+                "trained": bool(self.nla.av_meta.get("nlakit", {}).get("provenance")),
                 "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
                 "rawvar": self.rawvar, "rawvar_source": self.rawvar_source,
                 "has_eval": self.run.eval is not None, "has_audit": self.run.audit is not None,
