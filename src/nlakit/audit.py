@@ -412,6 +412,78 @@ def verdict(name: str, orig: dict, edited: dict, drop: dict, n_changed: int,
             "on what this edit changes.")
 
 
+def _audited_texts(nla, rows: EvalRows, cfg: AuditConfig,
+                   explanations: dict[int, str] | None) -> tuple[list[str], str]:
+    """The explanations to edit and where they come from."""
+    if explanations is not None:
+        missing = [int(r) for r in rows.row_ids if int(r) not in explanations]
+        if missing:
+            raise NLAError(f"{len(missing)} audited rows (e.g. row {missing[0]}) have no given "
+                           "explanation; use the same --split/--max-rows/--seed as the eval")
+        return [explanations[int(r)] for r in rows.row_ids], "given (from an eval result)"
+    exps = nla.explain(rows.vectors, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                       batch_size=cfg.batch_size)
+    return [e.text for e in exps], "generated (greedy)"
+
+
+class _PairedEdits:
+    """Scores edited explanations against the originals, row by row (paired drops)."""
+
+    def __init__(self, nla, rows: EvalRows, den: Denominators, cfg: AuditConfig,
+                 texts: list[str]):
+        self.nla, self.rows, self.den, self.cfg, self.texts = nla, rows, den, cfg, texts
+        self.tests: dict[str, dict] = {}
+        self.examples: dict[str, list] = {}
+        self.base = self.fve(texts)
+
+    def fve(self, ts: list[str], idx=None) -> np.ndarray:
+        v = self.rows.vectors
+        target = v if idx is None else v[torch.as_tensor(idx)]
+        pred = self.nla.reconstruct(ts, batch_size=self.cfg.batch_size)
+        return row_metrics(pred, target, self.den)["fve_nrm"]
+
+    def paired(self, name: str, edited: list[str | None], note: str) -> None:
+        """Test `name`: the rows whose edit exists, scored before and after the edit."""
+        cfg, base, texts = self.cfg, self.base, self.texts
+        idx = np.asarray([i for i, e in enumerate(edited) if e is not None], dtype=np.int64)
+        if idx.size == 0:
+            self.tests[name] = {"skipped": "no row could be edited", "note": note}
+            return
+        ts = [edited[i] for i in idx]
+        f_edit = self.fve(ts, idx)
+        drop = base[idx] - f_edit
+        g = self.rows.doc_ids[idx]
+        changed = np.asarray([ts[j] != texts[i] for j, i in enumerate(idx)])
+        res = {"n_rows": int(idx.size), "n_docs": int(np.unique(g).size),
+               "n_changed": int(changed.sum()), "note": note,
+               "fve_original": _ci(base[idx], g, cfg), "fve_edited": _ci(f_edit, g, cfg),
+               "drop": _ci(drop, g, cfg)}
+        if changed.any() and not changed.all():
+            res["drop_changed_rows"] = _ci(drop[changed], g[changed], cfg)
+        res["kept_fraction"] = (res["fve_edited"]["mean"] / res["fve_original"]["mean"]
+                                if res["fve_original"]["mean"] > 0 else None)
+        res["verdict"] = verdict(name, res["fve_original"], res["fve_edited"], res["drop"],
+                                 res["n_changed"], int(idx.size))
+        self.tests[name] = res
+        order = np.argsort(-drop)
+        self.examples[name] = [
+            {"row_id": int(self.rows.row_ids[idx[j]]), "original": texts[idx[j]],
+             "edited": ts[j], "fve_original": float(base[idx[j]]),
+             "fve_edited": float(f_edit[j])}
+            for j in list(order[:2]) + list(order[-1:]) if changed[j]]
+
+    def paraphrase(self, paraphraser: Paraphraser | None) -> None:
+        if paraphraser is None:
+            self.tests["paraphrase"] = {"skipped": "no paraphraser given"}
+            return
+        para = paraphraser.paraphrase_texts(self.texts)
+        failed = sum(p is None for p in para)
+        self.paired("paraphrase", para, f"paraphraser: {paraphraser.describe()}"
+                    + ("; each line/sentence paraphrased on its own" if paraphraser.per_unit
+                       else "")
+                    + (f"; {failed} rows failed and are left out" if failed else ""))
+
+
 def audit(nla, store, config: AuditConfig | None = None, *, paraphraser: Paraphraser | None =
           None, explanations: dict[int, str] | None = None) -> dict:
     """Run the edits on the explanations of the chosen rows (generated greedily, or taken from
@@ -424,86 +496,31 @@ def audit(nla, store, config: AuditConfig | None = None, *, paraphraser: Paraphr
     timings: dict[str, float] = {}
     rows: EvalRows = select_rows(store, cfg.split, cfg.max_rows, cfg.seed)
     den: Denominators = denominators(store, rows)
-    v, groups = rows.vectors, rows.doc_ids
     t = time.perf_counter()
-    if explanations is not None:
-        missing = [int(r) for r in rows.row_ids if int(r) not in explanations]
-        if missing:
-            raise NLAError(f"{len(missing)} audited rows (e.g. row {missing[0]}) have no given "
-                           "explanation; use the same --split/--max-rows/--seed as the eval")
-        texts = [explanations[int(r)] for r in rows.row_ids]
-        source = "given (from an eval result)"
-    else:
-        texts = [e.text for e in nla.explain(v, n=1, temperature=0.0,
-                                             max_new_tokens=cfg.max_new_tokens,
-                                             batch_size=cfg.batch_size)]
-        source = "generated (greedy)"
+    texts, source = _audited_texts(nla, rows, cfg, explanations)
     timings["explanations"] = time.perf_counter() - t
-
-    def fve(ts: list[str], idx=None) -> np.ndarray:
-        target = v if idx is None else v[torch.as_tensor(idx)]
-        pred = nla.reconstruct(ts, batch_size=cfg.batch_size)
-        return row_metrics(pred, target, den)["fve_nrm"]
-
     t = time.perf_counter()
-    base = fve(texts)
+    ed = _PairedEdits(nla, rows, den, cfg, texts)
     timings["original"] = time.perf_counter() - t
-    tests: dict[str, dict] = {}
-    examples: dict[str, list] = {}
-
-    def paired(name: str, edited: list[str | None], note: str):
-        idx = np.asarray([i for i, e in enumerate(edited) if e is not None], dtype=np.int64)
-        if idx.size == 0:
-            tests[name] = {"skipped": "no row could be edited", "note": note}
-            return
-        ts = [edited[i] for i in idx]
-        f_edit = fve(ts, idx)
-        drop = base[idx] - f_edit
-        g = groups[idx]
-        changed = np.asarray([ts[j] != texts[i] for j, i in enumerate(idx)])
-        res = {"n_rows": int(idx.size), "n_docs": int(np.unique(g).size),
-               "n_changed": int(changed.sum()), "note": note,
-               "fve_original": _ci(base[idx], g, cfg), "fve_edited": _ci(f_edit, g, cfg),
-               "drop": _ci(drop, g, cfg)}
-        if changed.any() and not changed.all():
-            res["drop_changed_rows"] = _ci(drop[changed], g[changed], cfg)
-        res["kept_fraction"] = (res["fve_edited"]["mean"] / res["fve_original"]["mean"]
-                                if res["fve_original"]["mean"] > 0 else None)
-        res["verdict"] = verdict(name, res["fve_original"], res["fve_edited"], res["drop"],
-                                 res["n_changed"], int(idx.size))
-        tests[name] = res
-        order = np.argsort(-drop)
-        examples[name] = [{"row_id": int(rows.row_ids[idx[j]]), "original": texts[idx[j]],
-                           "edited": ts[j], "fve_original": float(base[idx[j]]),
-                           "fve_edited": float(f_edit[j])}
-                          for j in list(order[:2]) + list(order[-1:]) if changed[j]]
-
-    if "paraphrase" in cfg.edits:
-        if paraphraser is None:
-            tests["paraphrase"] = {"skipped": "no paraphraser given"}
-        else:
+    edits = {
+        "paraphrase": lambda: ed.paraphrase(paraphraser),
+        "shuffle_units": lambda: ed.paired(
+            "shuffle_units", [shuffle_units(x, cfg.seed) for x in texts],
+            "lines (or sentences) in a seeded random order; rows with one unit unchanged"),
+        "delete_quotes": lambda: ed.paired(
+            "delete_quotes", [delete_quotes(x) for x in texts],
+            "quoted spans removed; rows without quotes unchanged"),
+    }
+    for name, run in edits.items():
+        if name in cfg.edits:
             t = time.perf_counter()
-            para = paraphraser.paraphrase_texts(texts)
-            failed = sum(p is None for p in para)
-            paired("paraphrase", para, f"paraphraser: {paraphraser.describe()}"
-                   + ("; each line/sentence paraphrased on its own" if paraphraser.per_unit
-                      else "")
-                   + (f"; {failed} rows failed and are left out" if failed else ""))
-            timings["paraphrase"] = time.perf_counter() - t
-    if "shuffle_units" in cfg.edits:
-        t = time.perf_counter()
-        paired("shuffle_units", [shuffle_units(x, cfg.seed) for x in texts],
-               "lines (or sentences) in a seeded random order; rows with one unit unchanged")
-        timings["shuffle_units"] = time.perf_counter() - t
-    if "delete_quotes" in cfg.edits:
-        t = time.perf_counter()
-        paired("delete_quotes", [delete_quotes(x) for x in texts],
-               "quoted spans removed; rows without quotes unchanged")
-        timings["delete_quotes"] = time.perf_counter() - t
+            run()
+            if name != "paraphrase" or paraphraser is not None:
+                timings[name] = time.perf_counter() - t
     ablation = None
     if "ablation" in cfg.edits:
         t = time.perf_counter()
-        ablation = _ablation(texts, base, groups, fve, cfg)
+        ablation = _ablation(texts, ed.base, rows.doc_ids, ed.fve, cfg)
         timings["ablation"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return {
@@ -516,8 +533,8 @@ def audit(nla, store, config: AuditConfig | None = None, *, paraphraser: Paraphr
         "explanations_source": source,
         "config": {"max_rows": cfg.max_rows, "max_new_tokens": cfg.max_new_tokens,
                    "seed": cfg.seed, "edits": list(cfg.edits)},
-        "fve_original": _ci(base, groups, cfg),
-        "tests": tests, "ablation": ablation, "examples": examples,
+        "fve_original": _ci(ed.base, rows.doc_ids, cfg),
+        "tests": ed.tests, "ablation": ablation, "examples": ed.examples,
         "timings_s": {k: round(x, 3) for k, x in timings.items()},
     }
 

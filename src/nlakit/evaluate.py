@@ -296,6 +296,162 @@ def _labels_for(labels, store, rows: EvalRows) -> tuple[np.ndarray, list[str]] |
     return np.asarray(idx), [by_row[int(rows.row_ids[i])] for i in idx]
 
 
+class _Scores:
+    """The scored methods of one evaluation: per-method CI summaries, per-row metrics, notes
+    of what was skipped and timings."""
+
+    def __init__(self, rows: EvalRows, den: Denominators, cfg: EvalConfig):
+        self.rows, self.den, self.cfg = rows, den, cfg
+        self.methods: dict[str, dict] = {}
+        self.per_row: dict[str, dict] = {}
+        self.notes: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+
+    def record(self, name: str, pred: torch.Tensor, idx: np.ndarray | None = None,
+               note: str = "") -> None:
+        """Score predictions [m, d] of the rows `idx` (None: all rows) as method `name`."""
+        v, groups = self.rows.vectors, self.rows.doc_ids
+        target = v if idx is None else v[torch.as_tensor(idx)]
+        g = groups if idx is None else groups[idx]
+        pr = row_metrics(pred, target, self.den)
+        summary = bootstrap_summary(pr, g, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
+        summary["n_rows"] = int(target.shape[0])
+        summary["n_docs"] = int(np.unique(g).size)
+        if note:
+            summary["note"] = note
+        self.methods[name] = summary
+        full = {k: np.full(len(self.rows), np.nan) for k in pr}
+        for k, a in pr.items():
+            if idx is None:
+                full[k] = a
+            else:
+                full[k][idx] = a
+        self.per_row[name] = full
+
+    def timed(self, name: str, fn):
+        t = time.perf_counter()
+        out = fn()
+        self.timings[name] = time.perf_counter() - t
+        return out
+
+
+def _score_nla(nla, sc: _Scores):
+    """The NLA's greedy explanations (and best-of-N); returns (explanations, predictions)."""
+    cfg, v = sc.cfg, sc.rows.vectors
+    if getattr(nla, "av", None) is None:
+        sc.notes["nla"] = "skipped: no AV (baselines only)"
+        return [], None
+    exps = sc.timed("nla_generate", lambda: nla.explain(
+        v, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size))
+    pred = sc.timed("nla_reconstruct", lambda: nla.reconstruct(
+        [e.text for e in exps], batch_size=cfg.batch_size))
+    sc.record("nla", pred, note="greedy explanation read by the AR")
+    if cfg.best_of > 1:
+        _, pred_best = sc.timed(f"nla_best_of_{cfg.best_of}", lambda: best_of_n(
+            nla, v, cfg.best_of, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+            seed=cfg.seed))
+        sc.record(f"nla_best_of_{cfg.best_of}", pred_best,
+                  note=f"best of {cfg.best_of} samples (temperature 1) by the AR's mse_nrm "
+                       "against the true vector (an oracle rerank: an upper bound for "
+                       "reranking)")
+    return exps, pred
+
+
+def _score_constants(store, sc: _Scores, pred_nla) -> None:
+    """The mean-direction constants and the wrong-document control."""
+    rows, v = sc.rows, sc.rows.vectors
+    sc.record("mean_direction", mean_direction_prediction(v),
+              note="constant E g_hat/||E g_hat|| of the evaluated rows themselves: "
+                   "fve_meannorm is 0 by construction")
+    train = training_mean_direction(store, rows.split)
+    if train is not None:
+        mu, names = train
+        sc.record("mean_direction_train", (mu / mu.norm()).expand(len(rows), -1).clone(),
+                  note=f"constant mean direction of the training splits ({'+'.join(names)}), "
+                       "not fitted to the evaluated rows: the honest out-of-sample constant")
+    if pred_nla is None:
+        sc.notes["wrong_document"] = "skipped: needs the NLA's explanations (no AV)"
+    elif rows.n_docs >= 2:
+        wd = wrong_document_index(rows.doc_ids, sc.cfg.seed)
+        sc.record("wrong_document", pred_nla[torch.as_tensor(wd)],
+                  note="each row scored with the NLA explanation of a row of another document")
+    else:
+        sc.notes["wrong_document"] = "skipped: needs at least 2 documents"
+
+
+def _score_texts(nla, store, sc: _Scores, labels, control_av) -> None:
+    """Baselines the AR reads as text: quotes of the context, warm-start labels, the control."""
+    cfg, rows = sc.cfg, sc.rows
+    tok = nla.ar.tokenizer
+    for n in cfg.quote_tokens:
+        t = time.perf_counter()
+        quoted = [quote_text(p, tok, int(n)) for p in rows.prefixes]
+        pred = nla.reconstruct([q for q, _ in quoted], batch_size=cfg.batch_size)
+        sc.timings[f"quote_{n}"] = time.perf_counter() - t
+        short = sum(c < n for _, c in quoted)
+        sc.record(f"quote_{n}", pred, note=f"AR fed the last {n} tokens of the context (AR "
+                  f"tokenizer)" + (f"; {short} rows had fewer tokens" if short else ""))
+    if labels is not None:
+        t = time.perf_counter()
+        found = _labels_for(labels, store, rows)
+        if found is None:
+            sc.notes["label"] = "skipped: no evaluated row has a warm-start label"
+        else:
+            idx, texts = found
+            sc.record("label", nla.reconstruct(texts, batch_size=cfg.batch_size), idx,
+                      note=f"AR fed the warm-start label written from the text alone "
+                           f"({idx.size} of {len(rows)} rows have one)")
+        sc.timings["label"] = time.perf_counter() - t
+    else:
+        sc.notes["label"] = "skipped: no label set given"
+    if control_av is not None:
+        cav = getattr(control_av, "av", control_av)
+        t = time.perf_counter()
+        cexps = cav.generate(rows.vectors, n=1, temperature=0.0,
+                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        sc.record("control", nla.reconstruct([e.text for e in cexps],
+                                             batch_size=cfg.batch_size),
+                  note="greedy explanation of the shuffled-activation control AV, same AR")
+        sc.timings["control"] = time.perf_counter() - t
+    else:
+        sc.notes["control"] = "skipped: no control AV given"
+
+
+def _sanity(sc: _Scores) -> dict:
+    """The mean-direction baseline measured against its closed form 1 - 2/(1 + ||E g_hat||)."""
+    v = sc.rows.vectors
+    m = float(metrics.mean_unit_direction(v).norm())
+    md_mse = float(np.mean(sc.per_row["mean_direction"]["mse_nrm"]))
+    rawvar_rows = metrics.rawvar(v)
+    sanity = {
+        "norm_mean_unit_direction": m,
+        "mean_direction_mse_nrm": md_mse,
+        "meannorm_rows": sc.den.meannorm,
+        "rawvar_rows": rawvar_rows,
+        "expected_mean_direction_fve_nrm_rows": 1 - 2 / (1 + m),
+        "measured_mean_direction_fve_nrm_rows": 1 - md_mse / rawvar_rows,
+    }
+    sanity["ok"] = bool(abs(sanity["expected_mean_direction_fve_nrm_rows"]
+                            - sanity["measured_mean_direction_fve_nrm_rows"]) < 1e-4
+                        and abs(sc.methods["mean_direction"]["fve_meannorm"]["mean"]) < 1e-5)
+    return sanity
+
+
+def _row_records(sc: _Scores, exps) -> list[dict]:
+    rows, per_row = sc.rows, sc.per_row
+    return [
+        {"row_id": int(rows.row_ids[i]), "doc_id": str(rows.doc_ids[i]),
+         "position": int(rows.positions[i]),
+         "prefix_tail": rows.prefixes[i][-PREFIX_CHARS_KEPT:],
+         "explanation": exps[i].text if exps else None,
+         "complete": bool(exps[i].complete) if exps else None,
+         "n_tokens": int(exps[i].n_tokens) if exps else None,
+         "fve_nrm": {k: _num(per_row[k]["fve_nrm"][i]) for k in per_row},
+         "cos": _num(per_row["nla"]["cos"][i]) if "nla" in per_row else None}
+        for i in range(len(rows))
+    ]
+
+
 def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
              control_av=None, progress: bool = True) -> EvalResult:
     """Run every method on the chosen rows; return the JSON-ready result (see module doc).
@@ -308,128 +464,15 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
     if store.layer != nla.layer:
         raise NLAError(f"the store holds layer {store.layer} activations but the NLA rebuilds "
                        f"layer {nla.layer}; evaluate on a store of the same layer")
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     rows = select_rows(store, cfg.split, cfg.max_rows, cfg.seed)
     den = denominators(store, rows)
-    v, groups = rows.vectors, rows.doc_ids
-    methods: dict[str, dict] = {}
-    per_row: dict[str, dict] = {}
-    notes: dict[str, str] = {}
-
-    def record(name: str, pred: torch.Tensor, idx: np.ndarray | None = None, note: str = ""):
-        target = v if idx is None else v[torch.as_tensor(idx)]
-        g = groups if idx is None else groups[idx]
-        pr = row_metrics(pred, target, den)
-        methods[name] = bootstrap_summary(pr, g, n_boot=cfg.n_boot, seed=cfg.seed)
-        methods[name]["n_rows"] = int(target.shape[0])
-        methods[name]["n_docs"] = int(np.unique(g).size)
-        if note:
-            methods[name]["note"] = note
-        full = {k: np.full(len(rows), np.nan) for k in pr}
-        for k, a in pr.items():
-            if idx is None:
-                full[k] = a
-            else:
-                full[k][idx] = a
-        per_row[name] = full
-
-    # the NLA, greedy
-    has_av = getattr(nla, "av", None) is not None
-    exps, pred_nla = [], None
-    if has_av:
-        t = time.perf_counter()
-        exps = nla.explain(v, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.batch_size)
-        timings["nla_generate"] = time.perf_counter() - t
-        t = time.perf_counter()
-        pred_nla = nla.reconstruct([e.text for e in exps], batch_size=cfg.batch_size)
-        timings["nla_reconstruct"] = time.perf_counter() - t
-        record("nla", pred_nla, note="greedy explanation read by the AR")
-    else:
-        notes["nla"] = "skipped: no AV (baselines only)"
-
-    if cfg.best_of > 1 and has_av:
-        t = time.perf_counter()
-        _, pred_best = best_of_n(nla, v, cfg.best_of, max_new_tokens=cfg.max_new_tokens,
-                                 batch_size=cfg.batch_size, seed=cfg.seed)
-        timings[f"nla_best_of_{cfg.best_of}"] = time.perf_counter() - t
-        record(f"nla_best_of_{cfg.best_of}", pred_best,
-               note=f"best of {cfg.best_of} samples (temperature 1) by the AR's mse_nrm against "
-                    "the true vector (an oracle rerank: an upper bound for reranking)")
-
-    record("mean_direction", mean_direction_prediction(v),
-           note="constant E g_hat/||E g_hat|| of the evaluated rows themselves: fve_meannorm "
-                "is 0 by construction")
-
-    train = training_mean_direction(store, rows.split)
-    if train is not None:
-        mu, names = train
-        record("mean_direction_train", (mu / mu.norm()).expand(len(rows), -1).clone(),
-               note=f"constant mean direction of the training splits ({'+'.join(names)}), "
-                    "not fitted to the evaluated rows: the honest out-of-sample constant")
-
-    if not has_av:
-        notes["wrong_document"] = "skipped: needs the NLA's explanations (no AV)"
-    elif rows.n_docs >= 2:
-        wd = wrong_document_index(groups, cfg.seed)
-        record("wrong_document", pred_nla[torch.as_tensor(wd)],
-               note="each row scored with the NLA explanation of a row of another document")
-    else:
-        notes["wrong_document"] = "skipped: needs at least 2 documents"
-
-    tok = nla.ar.tokenizer
-    quote_counts = {}
-    for n in cfg.quote_tokens:
-        t = time.perf_counter()
-        quoted = [quote_text(p, tok, int(n)) for p in rows.prefixes]
-        quote_counts[n] = [c for _, c in quoted]
-        pred = nla.reconstruct([q for q, _ in quoted], batch_size=cfg.batch_size)
-        timings[f"quote_{n}"] = time.perf_counter() - t
-        short = sum(c < n for c in quote_counts[n])
-        record(f"quote_{n}", pred, note=f"AR fed the last {n} tokens of the context (AR "
-               f"tokenizer)" + (f"; {short} rows had fewer tokens" if short else ""))
-
-    if labels is not None:
-        t = time.perf_counter()
-        found = _labels_for(labels, store, rows)
-        if found is None:
-            notes["label"] = "skipped: no evaluated row has a warm-start label"
-        else:
-            idx, texts = found
-            record("label", nla.reconstruct(texts, batch_size=cfg.batch_size), idx,
-                   note=f"AR fed the warm-start label written from the text alone "
-                        f"({idx.size} of {len(rows)} rows have one)")
-        timings["label"] = time.perf_counter() - t
-    else:
-        notes["label"] = "skipped: no label set given"
-
-    if control_av is not None:
-        cav = getattr(control_av, "av", control_av)
-        t = time.perf_counter()
-        cexps = cav.generate(v, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                             batch_size=cfg.batch_size)
-        record("control", nla.reconstruct([e.text for e in cexps], batch_size=cfg.batch_size),
-               note="greedy explanation of the shuffled-activation control AV, same AR")
-        timings["control"] = time.perf_counter() - t
-    else:
-        notes["control"] = "skipped: no control AV given"
-
-    m = float(metrics.mean_unit_direction(v).norm())
-    md_mse = float(np.mean(per_row["mean_direction"]["mse_nrm"]))
-    rawvar_rows = metrics.rawvar(v)
-    sanity = {
-        "norm_mean_unit_direction": m,
-        "mean_direction_mse_nrm": md_mse,
-        "meannorm_rows": den.meannorm,
-        "rawvar_rows": rawvar_rows,
-        "expected_mean_direction_fve_nrm_rows": 1 - 2 / (1 + m),
-        "measured_mean_direction_fve_nrm_rows": 1 - md_mse / rawvar_rows,
-    }
-    sanity["ok"] = bool(abs(sanity["expected_mean_direction_fve_nrm_rows"]
-                            - sanity["measured_mean_direction_fve_nrm_rows"]) < 1e-4
-                        and abs(methods["mean_direction"]["fve_meannorm"]["mean"]) < 1e-5)
-    timings["total"] = time.perf_counter() - t0
+    sc = _Scores(rows, den, cfg)
+    exps, pred_nla = _score_nla(nla, sc)
+    _score_constants(store, sc, pred_nla)
+    _score_texts(nla, store, sc, labels, control_av)
+    sanity = _sanity(sc)
+    sc.timings["total"] = time.perf_counter() - t0
     data = {
         "kind": "nlakit_eval",
         "split": rows.split, "n_rows": len(rows), "n_docs": rows.n_docs,
@@ -443,25 +486,15 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
         "config": {"max_rows": cfg.max_rows, "max_new_tokens": cfg.max_new_tokens,
                    "quote_tokens": list(cfg.quote_tokens), "best_of": cfg.best_of,
                    "seed": cfg.seed, "batch_size": cfg.batch_size},
-        "methods": methods,
-        "skipped": notes,
+        "methods": sc.methods,
+        "skipped": sc.notes,
         "sanity": sanity,
         "explanations": ({"complete": sum(e.complete for e in exps),
                           "hit_cap": sum(e.hit_cap for e in exps),
                           "mean_tokens": float(np.mean([e.n_tokens for e in exps]))}
                          if exps else None),
-        "timings_s": {k: round(x, 3) for k, x in timings.items()},
-        "rows": [
-            {"row_id": int(rows.row_ids[i]), "doc_id": str(rows.doc_ids[i]),
-             "position": int(rows.positions[i]),
-             "prefix_tail": rows.prefixes[i][-PREFIX_CHARS_KEPT:],
-             "explanation": exps[i].text if exps else None,
-             "complete": bool(exps[i].complete) if exps else None,
-             "n_tokens": int(exps[i].n_tokens) if exps else None,
-             "fve_nrm": {k: _num(per_row[k]["fve_nrm"][i]) for k in per_row},
-             "cos": _num(per_row["nla"]["cos"][i]) if has_av else None}
-            for i in range(len(rows))
-        ],
+        "timings_s": {k: round(x, 3) for k, x in sc.timings.items()},
+        "rows": _row_records(sc, exps),
     }
     return EvalResult(data)
 

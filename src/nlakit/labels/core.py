@@ -525,28 +525,9 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="row", disable=not enabled, dynamic_ncols=True)
 
 
-def label_store(acts, labeller: Labeller | str, out: str | Path, *,
-                splits: Sequence[str] = DEFAULT_SPLITS, max_rows: int | None = None,
-                cache: LabelCache | str | Path | None = None, progress: bool = True,
-                **options) -> LabelSet:
-    """Label rows of an activation store and write a label set directory ``out``.
-
-    acts: an ActivationStore or its directory. labeller: a Labeller or a registry name (then
-    ``options`` configure it). splits: which splits to label. max_rows: at most this many rows
-    per split (in row order). Raw labels are cached as they complete; rows already cached are
-    not sent to the labeller again. Raises NLAError when no row survives parsing; meta.yaml is
-    written last, so an interrupted or failed run never looks complete.
-    """
-    from .. import __version__
-    from ..store import ActivationStore
-
-    store = acts if isinstance(acts, ActivationStore) else ActivationStore(acts)
-    out = Path(out)
+def _check_request(store, out: Path, splits: list[str], max_rows: int | None) -> None:
     if out.resolve() == store.path.resolve():
         raise NLAError("--out must be a new directory, not the activation store itself")
-    if isinstance(labeller, str):
-        labeller = make_labeller(labeller, store, **options)
-    splits = list(dict.fromkeys(splits))
     if not splits:
         raise NLAError("no splits to label")
     known = set(store.splits) | set(store.meta["counts"].get("rows_per_split", {}))
@@ -555,23 +536,19 @@ def label_store(acts, labeller: Labeller | str, out: str | Path, *,
         raise NLAError(f"unknown split(s) {unknown}; the store has {sorted(known)}")
     if max_rows is not None and max_rows < 1:
         raise NLAError(f"--max-rows must be >= 1, got {max_rows}")
-    own_cache = not isinstance(cache, LabelCache)
-    cache = cache if isinstance(cache, LabelCache) else LabelCache(cache)
 
-    started = time.time()
-    rows = _store_rows(store, splits, max_rows)
-    if not rows:
-        raise NLAError(f"the splits {splits} of {store.path} hold no rows")
+
+def _label_missing(labeller: Labeller, rows: list[LabelRow], keys: list[str],
+                   raws: dict[str, str], cache: LabelCache,
+                   progress: bool) -> tuple[dict[int, LabelFailure], int, float]:
+    """Label the rows whose key is not cached (each distinct prefix once), caching every raw
+    label as it completes. Returns (failures by row index, rows labelled now, seconds)."""
     identity = labeller.identity()
-    version = identity.get("prompt_version", labeller.prompt_version)
-    keys = [LabelCache.key(r.prefix, identity, version) for r in rows]
-    raws: dict[str, str] = cache.get_many(keys)
-    failures: dict[int, LabelFailure] = {}
-    cached = sum(k in raws for k in keys)
     todo = sorted({k: i for i, k in enumerate(keys) if k not in raws}.values(),
                   key=lambda i: labeller.batch_order(rows[i]))
     duplicates = {i for i, k in enumerate(keys) if k not in raws} - set(todo)
     name = json.dumps(identity, sort_keys=True)
+    failures: dict[int, LabelFailure] = {}
     if todo:
         labeller.prepare()
     bar = _progress(len(todo), f"labelling ({labeller.kind})", progress)
@@ -590,14 +567,14 @@ def label_store(acts, labeller: Labeller | str, out: str | Path, *,
                 bar.update(1)
     finally:
         bar.close()
-        labelling_s = time.time() - label_start
-        if own_cache:
-            cache.close()
-    new = len(todo)
     for i in duplicates:  # identical prefixes were labelled once
         if keys[i] not in raws and i not in failures:
             failures[i] = LabelFailure("request_failed", "an identical prefix failed")
+    return failures, len(todo), time.time() - label_start
 
+
+def _keep_or_drop(labeller: Labeller, rows, keys, raws, failures):
+    """(kept [(row, parsed, raw)], dropped [(row, reason, raw or detail)], count by reason)."""
     kept, dropped = [], []
     for i, (row, key) in enumerate(zip(rows, keys)):
         if i in failures:
@@ -613,13 +590,10 @@ def label_store(acts, labeller: Labeller | str, out: str | Path, *,
     by_reason: dict[str, int] = {}
     for _, reason, _ in dropped:
         by_reason[reason] = by_reason.get(reason, 0) + 1
-    if not kept:
-        examples = "; ".join(repr(raw[:120]) for _, _, raw in dropped[:3])
-        raise NLAError(
-            f"labeller {labeller.kind!r} produced no usable label for any of {len(rows)} rows "
-            f"(dropped by reason: {by_reason}); examples of its output: {examples}. Nothing was "
-            f"written to {out}")
+    return kept, dropped, by_reason
 
+
+def _write_tables(out: Path, kept, dropped) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # the set is incomplete until meta is rewritten
     (out / LABELS_META_FILE).unlink(missing_ok=True)
@@ -633,6 +607,53 @@ def label_store(acts, labeller: Labeller | str, out: str | Path, *,
         pq.write_table(labels, tmp)
     with atomic_path(out / DROPPED_FILE) as tmp:
         pq.write_table(drops, tmp)
+
+
+def label_store(acts, labeller: Labeller | str, out: str | Path, *,
+                splits: Sequence[str] = DEFAULT_SPLITS, max_rows: int | None = None,
+                cache: LabelCache | str | Path | None = None, progress: bool = True,
+                **options) -> LabelSet:
+    """Label rows of an activation store and write a label set directory ``out``.
+
+    acts: an ActivationStore or its directory. labeller: a Labeller or a registry name (then
+    ``options`` configure it). splits: which splits to label. max_rows: at most this many rows
+    per split (in row order). Raw labels are cached as they complete; rows already cached are
+    not sent to the labeller again. Raises NLAError when no row survives parsing; meta.yaml is
+    written last, so an interrupted or failed run never looks complete.
+    """
+    from .. import __version__
+    from ..store import ActivationStore
+
+    store = acts if isinstance(acts, ActivationStore) else ActivationStore(acts)
+    out, splits = Path(out), list(dict.fromkeys(splits))
+    if isinstance(labeller, str):
+        labeller = make_labeller(labeller, store, **options)
+    _check_request(store, out, splits, max_rows)
+    own_cache = not isinstance(cache, LabelCache)
+    cache = cache if isinstance(cache, LabelCache) else LabelCache(cache)
+
+    started = time.time()
+    rows = _store_rows(store, splits, max_rows)
+    if not rows:
+        raise NLAError(f"the splits {splits} of {store.path} hold no rows")
+    identity = labeller.identity()
+    version = identity.get("prompt_version", labeller.prompt_version)
+    keys = [LabelCache.key(r.prefix, identity, version) for r in rows]
+    raws: dict[str, str] = cache.get_many(keys)
+    cached = sum(k in raws for k in keys)
+    try:
+        failures, new, labelling_s = _label_missing(labeller, rows, keys, raws, cache, progress)
+    finally:
+        if own_cache:
+            cache.close()
+    kept, dropped, by_reason = _keep_or_drop(labeller, rows, keys, raws, failures)
+    if not kept:
+        examples = "; ".join(repr(raw[:120]) for _, _, raw in dropped[:3])
+        raise NLAError(
+            f"labeller {labeller.kind!r} produced no usable label for any of {len(rows)} rows "
+            f"(dropped by reason: {by_reason}); examples of its output: {examples}. Nothing was "
+            f"written to {out}")
+    _write_tables(out, kept, dropped)
     elapsed = time.time() - started
     per_split = {s: {"rows": sum(r.split == s for r in rows),
                      "kept": sum(r.split == s for r, _, _ in kept)} for s in splits}
