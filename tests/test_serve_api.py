@@ -51,6 +51,9 @@ def test_pages_info_and_security_headers(server, nla):
         assert "script-src 'self'" in r.headers["content-security-policy"]
         assert r.headers["x-content-type-options"] == "nosniff"
     assert server.get("/static/app.js").status_code == 200
+    schema = server.get("/api/openapi.json").json()
+    assert {"/api/explain", "/api/tokenize", "/api/reconstruct", "/api/rows",
+            "/api/jobs/{job_id}"} <= set(schema["paths"])
     # a page reached through another host name (DNS rebinding) is refused
     assert server.get("/api/info", headers={"host": "attacker.example"}).status_code == 400
 

@@ -197,9 +197,12 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
     run = RunData(nla, eval_path=eval_path, audit_path=audit_path, acts=acts)
     v = Viewer(nla, run, limits or ServeLimits(), chunk)
 
+    # the OpenAPI schema at /api/openapi.json; no Swagger page (it would load scripts from a
+    # CDN, which the CSP forbids and an offline machine cannot reach)
     app = FastAPI(title="nlakit serve", version=__version__,
                   description="A local viewer of a natural language autoencoder; see "
-                              "docs/serve.md.")
+                              "docs/serve.md.", docs_url=None, redoc_url=None,
+                  openapi_url="/api/openapi.json")
     app.state.viewer = v
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_NAMES)
 

@@ -277,6 +277,10 @@ function initReconstruct() {
       $("r-status").textContent = d.target.row_id !== undefined ? `against row ${d.target.row_id}` : `against token ${d.target.position} ${JSON.stringify(d.target.token)}`;
     } catch (e) { if (mine === seq) $("r-status").textContent = e.message; }
   }
+  function against() { $("r-text").hidden = !$("against-text").checked; }
+  $("against-text").addEventListener("change", against);
+  $("against-row").addEventListener("change", against);
+  against();
   $("r-go").addEventListener("click", go);
   $("r-explanation").addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(go, 500); });
   if ($("r-explanation").value.trim() && ($("recon").dataset.row || $("recon").dataset.text)) go();
