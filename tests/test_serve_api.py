@@ -228,6 +228,20 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, method,
     assert server.get("/api/info").status_code == 200
 
 
+def test_an_oversized_body_is_refused_before_it_is_read(server):
+    big = b'{"text": "' + b"a" * 1_000_001 + b'"}'
+    r = server.post("/api/explain", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["limit"] == "max_body_bytes"
+
+    def chunks():
+        yield b'{"text": "hi"}'
+
+    r = server.post("/api/explain", content=chunks(), headers={"content-type":
+                                                               "application/json"})
+    assert r.status_code == 411
+    assert server.get("/api/info").status_code == 200
+
+
 def test_malformed_json_is_a_400_and_the_server_keeps_serving(server):
     for raw in (b"{not json", b'{"text": "a"', b""):
         r = server.post("/api/explain", content=raw,

@@ -7,6 +7,7 @@ every piece of model work goes through the one-worker `JobQueue`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import ipaddress
 import logging
 from pathlib import Path
@@ -43,6 +44,33 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over `max_bytes` (413) before reading it, and a
+    body without a Content-Length (411), so no request can make the server buffer much."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            length = headers.get(b"content-length")
+            refuse = None
+            if length is not None:
+                n = int(length) if length.isdigit() else -1
+                if n < 0 or n > self.max_bytes:
+                    refuse = (413, {"error": f"the request body is {length.decode()} bytes; the "
+                                             f"limit max_body_bytes is {self.max_bytes}",
+                                    "limit": "max_body_bytes", "value": n,
+                                    "max": self.max_bytes})
+            elif b"chunked" in headers.get(b"transfer-encoding", b""):
+                refuse = (411, {"error": "send the request body with a Content-Length"})
+            if refuse is not None:
+                await JSONResponse(refuse[1], status_code=refuse[0])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # ---- request bodies (unknown fields are refused) -------------------------------------------
@@ -97,6 +125,9 @@ class Viewer:
         self.nla, self.run, self.limits, self.chunk = nla, run, limits, int(chunk)
         self.queue = JobQueue(limits.max_queue)
         self.model, self.tokenizer = nla.target()
+        # the request handlers' own copy: a fast tokenizer must not be used from two threads
+        # at once while the worker's library calls may set its padding/truncation
+        self.request_tokenizer = copy.deepcopy(self.tokenizer)
         self.rawvar, self.rawvar_source = self._rawvar()
 
     def _rawvar(self) -> tuple[float | None, str]:
@@ -133,7 +164,8 @@ class Viewer:
             lim.check("max_text_chars", sum(len(m.content) for m in req.messages),
                       "the chat's length in characters")
             try:
-                text = inspect.render_chat(self.tokenizer, [m.model_dump() for m in req.messages])
+                text = inspect.render_chat(self.request_tokenizer,
+                                           [m.model_dump() for m in req.messages])
             except NLAError as e:
                 raise RequestError(str(e)) from None
         else:
@@ -144,7 +176,7 @@ class Viewer:
         return text
 
     def ids_of(self, text: str) -> list[int]:
-        ids = inspect.token_ids(self.nla, text)
+        ids = inspect.token_ids(self.request_tokenizer, text)
         self.limits.check("max_tokens", len(ids), "the text's length in tokens")
         return ids
 
@@ -204,6 +236,7 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
                               "docs/serve.md.", docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.state.viewer = v
+    app.add_middleware(BodyLimit, max_bytes=v.limits.max_body_bytes)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_NAMES)
 
     @app.middleware("http")
@@ -342,7 +375,8 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
                 raise RequestError("`text` needs a `position` (a token index)")
             pos = v.positions_of([req.position], len(ids))[0]
             vec = None
-            target = {"text": text, "position": pos, "token": v.tokenizer.decode([ids[pos]])}
+            target = {"text": text, "position": pos,
+                      "token": v.request_tokenizer.decode([ids[pos]])}
 
         def work(job):
             vv = vec if vec is not None else v.nla.activations(target["text"])[1][

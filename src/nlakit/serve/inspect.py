@@ -28,10 +28,10 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-def token_ids(nla, text: str) -> list[int]:
-    """The token ids `NLA.activations` reads for `text` (special tokens added as it does)."""
-    _, tok = nla.target()
-    return list(tok(text, add_special_tokens=True)["input_ids"])
+def token_ids(tokenizer, text: str) -> list[int]:
+    """The token ids `NLA.activations` reads for `text` under the target's tokenizer (special
+    tokens added as it does)."""
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:

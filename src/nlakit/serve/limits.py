@@ -38,6 +38,7 @@ class ServeLimits:
     max_top_k: int = 20  # top next tokens shown per position
     max_queue: int = 32  # jobs waiting; more gets 429
     max_rows_per_page: int = 500  # rows returned by one /api/rows call
+    max_body_bytes: int = 1_000_000  # a request body (checked before it is read)
 
     def __post_init__(self):
         for f in fields(self):
