@@ -119,7 +119,9 @@ def add_dataclass_flags(parser, cls, group: str, *, exclude=(), prefix: str = ""
         kinds, _ = _parts(hints[f.name])
         kw = {"dest": f"{group}:{f.name}", "help": help_text.replace("%", "%%"),
               "default": argparse.SUPPRESS}
-        if kinds == {bool}:
+        if kinds == {bool} and f.name.startswith("no_"):  # a negative switch: no --no-no-
+            box.add_argument(flag, action="store_const", const=True, **kw)
+        elif kinds == {bool}:
             box.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
             box.add_argument(flag, type=_converter(hints[f.name]), metavar="X",
