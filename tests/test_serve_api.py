@@ -360,3 +360,35 @@ def test_limits_are_validated():
     with pytest.raises(NLAError, match="default_new_tokens"):
         ServeLimits(max_new_tokens=4, default_new_tokens=8)
 
+
+
+def test_the_serve_subcommand_flags_come_from_the_dataclasses(nla, tmp_path, monkeypatch):
+    """The wiring proposed for cli.py: flags generated from ServeInputs and ServeLimits."""
+    import argparse
+
+    import uvicorn
+
+    from nlakit.cli import add_dataclass_flags
+    from nlakit.serve import ServeInputs, run_serve
+
+    parser = argparse.ArgumentParser(prog="nlakit serve")
+    add_dataclass_flags(parser, ServeInputs, "inputs")
+    add_dataclass_flags(parser, ServeLimits, "limits")
+    root = nla.save(tmp_path / "nla")
+    args = parser.parse_args(["--nla", str(root), "--port", "8125", "--max-tokens", "99",
+                              "--max-best-of", "3"])
+    given = {g: {k.split(":", 1)[1]: v for k, v in vars(args).items()
+                 if k.startswith(g + ":")} for g in ("inputs", "limits")}
+    inputs, limits = ServeInputs(**given["inputs"]), ServeLimits(**given["limits"])
+    assert inputs.host == "127.0.0.1" and inputs.port == 8125 and inputs.eval is None
+    assert limits.max_tokens == 99 and limits.max_best_of == 3 and limits.max_queue == 32
+    seen = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.append(
+        (app.state.viewer.limits, app.state.viewer.nla.layer, kw)))
+    assert run_serve(inputs, limits) == 0
+    assert seen[0][0] == limits and seen[0][1] == nla.layer
+    assert seen[0][2]["host"] == "127.0.0.1" and seen[0][2]["port"] == 8125
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--port", "1"])  # --nla is required
+    with pytest.raises(NLAError, match="port"):
+        ServeInputs(nla="x", port=70000)

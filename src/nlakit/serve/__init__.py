@@ -8,6 +8,7 @@ See docs/serve.md for the pages, the JSON endpoints, the limits and the security
 
 from .app import create_app
 from .limits import RequestError, ServeLimits
-from .server import BackgroundServer, serve
+from .server import BackgroundServer, ServeInputs, run_serve, serve
 
-__all__ = ["BackgroundServer", "RequestError", "ServeLimits", "create_app", "serve"]
+__all__ = ["BackgroundServer", "RequestError", "ServeInputs", "ServeLimits", "create_app",
+           "run_serve", "serve"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import NLAError
 
@@ -23,22 +23,28 @@ class RequestError(NLAError):
         return out
 
 
+def _limit(default: int, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class ServeLimits:
-    """Upper bounds on what one request may ask of the server (all inclusive)."""
+    """Upper bounds on what one request may ask of the server (all inclusive). Each is also a
+    flag of `nlakit serve` (``--max-text-chars`` ...)."""
 
-    max_text_chars: int = 4000  # characters of a text to explain (chat: all turns together)
-    max_tokens: int = 256  # tokens of that text under the target's tokenizer
-    max_positions: int = 64  # token positions explained by one request ("all" counts them all)
-    max_best_of: int = 8  # N of best-of-N
-    max_new_tokens: int = 150  # explanation length cap a request may ask for
-    default_new_tokens: int = 96  # used when a request names none
-    max_explanation_chars: int = 2000  # an explanation typed into Reconstruct
-    max_messages: int = 32  # turns of a chat
-    max_top_k: int = 20  # top next tokens shown per position
-    max_queue: int = 32  # jobs waiting; more gets 429
-    max_rows_per_page: int = 500  # rows returned by one /api/rows call
-    max_body_bytes: int = 1_000_000  # a request body (checked before it is read)
+    max_text_chars: int = _limit(4000, "characters of a text to explain (a chat: all turns)")
+    max_tokens: int = _limit(256, "tokens of that text under the target's tokenizer")
+    max_positions: int = _limit(64, "token positions one request explains (all = every token)")
+    max_best_of: int = _limit(8, "N of best-of-N")
+    max_new_tokens: int = _limit(150, "explanation length cap a request may ask for")
+    default_new_tokens: int = _limit(96, "explanation length cap when a request names none")
+    max_explanation_chars: int = _limit(2000, "characters of an explanation sent to "
+                                              "Reconstruct or the edits")
+    max_messages: int = _limit(32, "turns of a chat")
+    max_top_k: int = _limit(20, "top next tokens shown per position")
+    max_queue: int = _limit(32, "jobs waiting in the queue; one more gets 429")
+    max_rows_per_page: int = _limit(500, "rows returned by one /api/rows call")
+    max_body_bytes: int = _limit(1_000_000, "bytes of a request body (checked before reading)")
 
     def __post_init__(self):
         for f in fields(self):
