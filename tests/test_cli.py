@@ -205,3 +205,15 @@ def test_pipeline_and_cli_produce_the_same_stage_outputs(tmp_path, tiny_model_di
     au_c = json.loads((cli / "audit.json").read_text())
     assert au_p["explanations_source"] == au_c["explanations_source"]
     assert au_p["tests"] == au_c["tests"]
+
+
+def test_every_labeller_and_paraphraser_option_flag_applies_to_one_of_them():
+    from nlakit.audit import PARAPHRASER_OPTIONS, ParaphraserOptions
+    from nlakit.labels import LabellerOptions, get_labeller_class
+
+    taken = set()
+    for name in ("local", "context", "openai"):
+        taken |= set(get_labeller_class(name).OPTIONS)
+    assert {f.name for f in fields(LabellerOptions)} <= taken
+    assert {f.name for f in fields(ParaphraserOptions)} <= set().union(
+        *PARAPHRASER_OPTIONS.values())

@@ -16,6 +16,7 @@ from .core import (
     LabellerOptions,
     LabelRow,
     LabelSet,
+    ModelLabeller,
     ParsedLabel,
     check_options,
     get_labeller_class,
@@ -45,7 +46,7 @@ def __getattr__(name):  # the built-in labellers load on first use
 
 
 __all__ = ["DEFAULT_SPLITS", "PROMPT_VERSION", "ContextLabeller", "LabelCache", "LabelConfig",
-           "LabelFailure", "LabellerOptions", "check_options",
-           "LabelRow", "LabelSet", "Labeller", "LocalLabeller", "OpenAILabeller", "ParsedLabel",
+           "LabelFailure", "LabelRow", "LabelSet", "Labeller", "LabellerOptions",
+           "LocalLabeller", "ModelLabeller", "OpenAILabeller", "ParsedLabel", "check_options",
            "get_labeller_class", "label_messages", "label_store", "labeller_names",
            "make_labeller", "parse_label", "register_labeller"]

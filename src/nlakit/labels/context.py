@@ -16,7 +16,7 @@ import torch
 
 from ..errors import NLAError
 from ..models import decoder_stack
-from .core import Labeller, LabelRow, _store_model_spec, _weights_id
+from .core import LabelRow, ModelLabeller, _weights_id
 
 _CODE_LINE = re.compile(
     r"^\s*(def |class |import |from \S+ import|return\b|if .*:$|elif |else:|for .*:$|while "
@@ -109,7 +109,7 @@ def top_next_tokens(model, batch_ids: Sequence[Sequence[int]], k: int = 3,
     return top.values.cpu(), top.indices.cpu()
 
 
-class ContextLabeller(Labeller):
+class ContextLabeller(ModelLabeller):
     """Deterministic labels grounded in the target model (no language model writes them).
 
     Three features: the kind of text (rules of `text_kind`), the last few words of the context
@@ -137,11 +137,6 @@ class ContextLabeller(Labeller):
         self._weights = _weights_id(model)
         self._loaded = loaded  # an already loaded (model, tokenizer) of this spec
         self.stats = {"retokenized": 0, "retokenized_exact": 0}
-
-    @classmethod
-    def from_options(cls, store, options):
-        return cls(_store_model_spec(store, options),
-                   **{k: v for k, v in options.items() if k != "model"})
 
     def identity(self) -> dict:
         return {"kind": self.kind, "model": self.model_spec, "weights_hash": self._weights,

@@ -425,6 +425,16 @@ def _weights_id(spec: str) -> str:
     return weights_hash(resolve_model(spec))
 
 
+class ModelLabeller(Labeller):
+    """A labeller that runs a model given by the ``model`` option (default: the store's
+    target); its other options are its constructor's keyword arguments."""
+
+    @classmethod
+    def from_options(cls, store, options):
+        return cls(_store_model_spec(store, options),
+                   **{k: v for k, v in options.items() if k != "model"})
+
+
 # ---- the labelled set ----------------------------------------------------------------------
 
 
@@ -681,5 +691,6 @@ def label_store(acts, labeller: Labeller | str, out: str | Path, *,
 
 
 __all__ = ["PROMPT_VERSION", "LabelCache", "LabelConfig", "LabelFailure", "LabelRow", "LabelSet",
-           "Labeller", "LabellerOptions", "ParsedLabel", "check_options", "get_labeller_class",
-           "label_messages", "label_store", "make_labeller", "parse_label", "register_labeller"]
+           "Labeller", "LabellerOptions", "ModelLabeller", "ParsedLabel", "check_options",
+           "get_labeller_class", "label_messages", "label_store", "make_labeller", "parse_label",
+           "register_labeller"]

@@ -6,10 +6,10 @@ import torch
 
 from ..fileio import stable_seed
 from ..models import generate_continuations, require_chat_template
-from .core import Labeller, LabelRow, _store_model_spec, _weights_id, label_messages
+from .core import LabelRow, ModelLabeller, _weights_id, label_messages
 
 
-class LocalLabeller(Labeller):
+class LocalLabeller(ModelLabeller):
     """An instruct model run locally: one-shot chat prompt, left-padded batched generation.
 
     The assistant turn is prefilled with ``<explanation>\\n`` and generation stops at the
@@ -34,11 +34,6 @@ class LocalLabeller(Labeller):
         self.one_shot = bool(one_shot)
         self._weights = _weights_id(model)
         self._loaded = loaded  # an already loaded (model, tokenizer) of this spec
-
-    @classmethod
-    def from_options(cls, store, options):
-        return cls(_store_model_spec(store, options),
-                   **{k: v for k, v in options.items() if k != "model"})
 
     def identity(self) -> dict:
         return {"kind": self.kind, "model": self.model_spec, "weights_hash": self._weights,
