@@ -189,7 +189,7 @@ def stage_from_args(args):
 def cmd_stage(args) -> int:
     stage, config, inputs = stage_from_args(args)
     out = stage.run(config, inputs)
-    PRINTERS.get(stage.name, _print_train)(out, inputs)
+    PRINTERS[stage.name](out, inputs)
     return 0
 
 
@@ -232,19 +232,12 @@ def _print_labels(path, inputs) -> None:
              else ""))
 
 
-def _print_train(path, inputs) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    for role in ("av", "ar", "rl"):
+def _print_train(role: str):
+    def show(path, inputs) -> None:  # the run's summary.json, once under torchrun
         summary = Path(path) / f".train-{role}" / "summary.json"
-        if summary.is_file() and (role == "rl") == isinstance(inputs, _rl_inputs_class()):
+        if int(os.environ.get("RANK", "0")) == 0 and summary.is_file():
             print(summary.read_text().strip())
-
-
-def _rl_inputs_class():
-    from .stages import RLInputs
-
-    return RLInputs
+    return show
 
 
 def _print_scores(table: str):
@@ -265,7 +258,9 @@ def _print_report(path, inputs) -> None:
     print(f"wrote {path} and {Path(path).with_suffix('.md')}")
 
 
-PRINTERS = {"extract": _print_store, "label": _print_labels, "eval": _print_scores("eval"),
+PRINTERS = {"extract": _print_store, "label": _print_labels, "train_av": _print_train("av"),
+            "train_ar": _print_train("ar"), "train_control": _print_train("av"),
+            "train_rl": _print_train("rl"), "eval": _print_scores("eval"),
             "audit": _print_scores("audit"), "report": _print_report}
 
 

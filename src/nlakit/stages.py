@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import NLAError
@@ -345,13 +345,8 @@ def link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-def config_fields(cls, exclude=()) -> list:
-    """The dataclass fields of a stage config that a section / the CLI may set."""
-    return [f for f in fields(cls) if f.name not in exclude]
-
-
 __all__ = ["AuditInputs", "EvalInputs", "ExtractInputs", "LabelInputs", "NLAInputs", "RLInputs",
-           "ReportInputs", "SFTInputs", "check_rl_config", "config_fields",
-           "make_stage_paraphraser", "reusable_explanations", "run_audit", "run_eval",
-           "run_extract", "run_label", "run_nla", "run_report", "run_train_ar", "run_train_av",
-           "run_train_control", "run_train_rl"]
+           "ReportInputs", "SFTInputs", "check_rl_config", "make_stage_paraphraser",
+           "reusable_explanations", "run_audit", "run_eval", "run_extract", "run_label",
+           "run_nla", "run_report", "run_train_ar", "run_train_av", "run_train_control",
+           "run_train_rl"]
