@@ -76,6 +76,10 @@ def serve(nla_dir, *, acts=None, eval_dir=None, audit=None, host: str = "127.0.0
     nla = NLA.load(nla_dir, device=device) if not isinstance(nla_dir, NLA) else nla_dir
     app = create_app(nla, acts=acts, eval_dir=eval_dir, audit=audit, limits=limits,
                      chunk=chunk, allowed_hosts=allowed_hosts_for(host))
+    run = app.state.viewer.run
+    for name, path in (("eval", run.eval_path), ("audit", run.audit_path),
+                       ("acts", run.store.path if run.store is not None else None)):
+        print(f"  {name}: {path if path is not None else '-'}")
     shown = f"[{host}]" if ":" in host else host
     print(f"nlakit serve: http://{shown}:{port}/  (Ctrl-C stops it)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
