@@ -388,7 +388,12 @@ def test_the_serve_subcommand_flags_come_from_the_dataclasses(nla, tmp_path, mon
     assert run_serve(inputs, limits) == 0
     assert seen[0][0] == limits and seen[0][1] == nla.layer
     assert seen[0][2]["host"] == "127.0.0.1" and seen[0][2]["port"] == 8125
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--port", "1"])  # --nla is required
+    official = nla.save(tmp_path / "official", layout="official")
+    args = parser.parse_args(["--av", str(official / "av"), "--ar", str(official / "ar")])
+    inputs = ServeInputs(**{k.split(":", 1)[1]: v for k, v in vars(args).items()
+                            if k.startswith("inputs:")})
+    assert run_serve(inputs) == 0 and seen[1][1] == nla.layer
+    with pytest.raises(NLAError, match="--nla NLA_DIR, or both"):
+        ServeInputs(av="x")
     with pytest.raises(NLAError, match="port"):
         ServeInputs(nla="x", port=70000)

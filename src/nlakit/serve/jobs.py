@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from ..errors import NLAError
 from .limits import RequestError
 
 log = logging.getLogger(__name__)
@@ -139,15 +140,12 @@ class JobQueue:
                 result = job.fn(job)
             except RequestError as e:
                 self._finish(job, error=e.payload(), status=e.status)
+            except NLAError as e:
+                self._finish(job, error={"error": str(e)}, status=422)
             except Exception as e:  # a job's failure must not kill the worker
-                from ..errors import NLAError
-
-                if isinstance(e, NLAError):
-                    self._finish(job, error={"error": str(e)}, status=422)
-                else:
-                    log.exception("job %s (%s) failed", job.id, job.kind)
-                    self._finish(job, error={"error": f"internal error: {type(e).__name__}: "
-                                                      f"{e}"}, status=500)
+                log.exception("job %s (%s) failed", job.id, job.kind)
+                self._finish(job, error={"error": f"internal error: {type(e).__name__}: {e}"},
+                             status=500)
             else:
                 self._finish(job, result=result)
 

@@ -27,7 +27,12 @@ def allowed_hosts_for(host: str) -> list[str]:
 class ServeInputs:
     """What `nlakit serve` reads and where it listens (the limits are `ServeLimits`)."""
 
-    nla: str = field(metadata={"help": "NLA directory (holding av/ and ar/)", "required": True})
+    nla: str | None = field(default=None, metadata={"help": (
+        "NLA directory (holding av/ and ar/); or give --av and --ar")})
+    av: str | None = field(default=None, metadata={"help": "AV directory (official layout)"})
+    ar: str | None = field(default=None, metadata={"help": "AR directory (official layout)"})
+    model: str | None = field(default=None, metadata={"help": (
+        "target model spec, when the NLA's nla_meta.yaml names none (None: the NLA's own)")})
     acts: str | None = field(default=None, metadata={"help": (
         "activation store of the NLA's layer: true activations for Reconstruct and the "
         "per-row edits, contexts, document kinds (None: the store named in eval.json)")})
@@ -44,6 +49,9 @@ class ServeInputs:
         "positions per batched generation of an explain job (progress granularity)")})
 
     def __post_init__(self):
+        if (self.nla is None) == (self.av is None or self.ar is None) or \
+                (self.nla is not None and (self.av is not None or self.ar is not None)):
+            raise NLAError("serve: pass --nla NLA_DIR, or both --av AV_DIR and --ar AR_DIR")
         if not 0 <= int(self.port) <= 65535:
             raise NLAError(f"serve: port must be 0..65535, got {self.port}")
         if int(self.chunk) < 1:
@@ -52,16 +60,20 @@ class ServeInputs:
 
 def run_serve(inputs: ServeInputs, limits: ServeLimits | None = None) -> int:
     """The `nlakit serve` subcommand: serve until interrupted; 0 on a clean stop."""
-    serve(inputs.nla, acts=inputs.acts, eval_dir=inputs.eval, audit=inputs.audit,
-          host=inputs.host, port=inputs.port, limits=limits, device=inputs.device,
+    serve(inputs.nla, av=inputs.av, ar=inputs.ar, model=inputs.model, acts=inputs.acts,
+          eval_dir=inputs.eval, audit=inputs.audit, host=inputs.host, port=inputs.port, limits=limits, device=inputs.device,
           chunk=inputs.chunk)
     return 0
 
 
-def serve(nla_dir, *, acts=None, eval_dir=None, audit=None, host: str = "127.0.0.1",
+def serve(nla_dir=None, *, acts=None, eval_dir=None, audit=None, host: str = "127.0.0.1",
           port: int = 8000, limits: ServeLimits | None = None, device: str | None = None,
-          chunk: int = 16, log_level: str = "info") -> None:
+          chunk: int = 16, av=None, ar=None, model: str | None = None,
+          log_level: str = "info") -> None:
     """Load the NLA once and serve the viewer until interrupted (prints the URL).
+
+    nla_dir: an NLA directory or a loaded `NLA`; or av= and ar= directories (official layout).
+    model: the target's spec when the NLA names none.
 
     Binds 127.0.0.1 unless `host` says otherwise; any other address logs a warning, since the
     server has no authentication and runs the model for whoever reaches it."""
@@ -73,7 +85,13 @@ def serve(nla_dir, *, acts=None, eval_dir=None, audit=None, host: str = "127.0.0
         log.warning("serving on %s: anyone who can reach this address can run the model "
                     "(there is no authentication); use the default 127.0.0.1 to keep it local",
                     host)
-    nla = NLA.load(nla_dir, device=device) if not isinstance(nla_dir, NLA) else nla_dir
+    if isinstance(nla_dir, NLA):
+        nla = nla_dir
+    else:
+        from ..models import load_model
+
+        target = load_model(model, device=device) if model else None
+        nla = NLA.load(nla_dir, av=av, ar=ar, device=device, target=target)
     app = create_app(nla, acts=acts, eval_dir=eval_dir, audit=audit, limits=limits,
                      chunk=chunk, allowed_hosts=allowed_hosts_for(host))
     run = app.state.viewer.run
