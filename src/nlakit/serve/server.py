@@ -61,8 +61,8 @@ class ServeInputs:
 def run_serve(inputs: ServeInputs, limits: ServeLimits | None = None) -> int:
     """The `nlakit serve` subcommand: serve until interrupted; 0 on a clean stop."""
     serve(inputs.nla, av=inputs.av, ar=inputs.ar, model=inputs.model, acts=inputs.acts,
-          eval_dir=inputs.eval, audit=inputs.audit, host=inputs.host, port=inputs.port, limits=limits, device=inputs.device,
-          chunk=inputs.chunk)
+          eval_dir=inputs.eval, audit=inputs.audit, host=inputs.host, port=inputs.port,
+          limits=limits, device=inputs.device, chunk=inputs.chunk)
     return 0
 
 
