@@ -7,7 +7,7 @@ import pytest
 
 from nlakit import NLAError
 from nlakit.serve import BackgroundServer, ServeLimits, create_app
-from nlakit.serve.browser import INSTALL, chrome_driver, explain_flow, find_chromium
+from nlakit.serve.browser import chrome_driver, explain_flow, find_chromium
 from nlakit.serve.testing import SAMPLE_TEXT, tiny_viewer_nla, with_explanations, write_run
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -18,17 +18,28 @@ HOSTILE = ("<script>document.title='pwned'</script>"
 
 
 @pytest.fixture(scope="module")
-def driver(tmp_path_factory):
+def browser(tmp_path_factory):
+    """A headless Chromium, or the NLAError saying how to install it (each test then FAILS
+    with that message: a missing browser is a failure, never a skip)."""
     try:
         find_chromium()
     except NLAError as e:
-        pytest.fail(f"{e}\ninstall it with: {INSTALL}", pytrace=False)
+        yield e
+        return
     d = chrome_driver(tmp_path_factory.mktemp("chromium-profile"))
     yield d
     d.quit()
 
 
-def test_explain_page_shows_the_apis_explanations(driver, tiny, tmp_path):
+def need(browser):
+    """The driver; called in the test body so that a missing Chromium is a test FAILURE."""
+    if isinstance(browser, NLAError):
+        pytest.fail(str(browser), pytrace=False)
+    return browser
+
+
+def test_explain_page_shows_the_apis_explanations(browser, tiny, tmp_path):
+    driver = need(browser)
     nla = tiny_viewer_nla(tiny, 2, rawvar=0.5)
     app = create_app(nla, limits=LIMITS, chunk=4)
     with BackgroundServer(app) as url:
@@ -46,8 +57,10 @@ def test_explain_page_shows_the_apis_explanations(driver, tiny, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
 
-def test_hostile_model_output_is_shown_as_text_never_run(driver, tiny, tiny_store, tmp_path):
+def test_hostile_model_output_is_shown_as_text_never_run(browser, tiny, tiny_store, tmp_path):
     from selenium.webdriver.common.by import By
+
+    driver = need(browser)
 
     nla = with_explanations(tiny_viewer_nla(tiny, tiny_store.layer), HOSTILE)
     run = write_run(nla, tiny_store, tmp_path / "run")
