@@ -76,3 +76,35 @@ def test_hostile_model_output_is_shown_as_text_never_run(browser, tiny, tiny_sto
         assert "pwned" not in driver.title
         assert len(driver.find_elements(By.TAG_NAME, "script")) == 1  # /static/app.js only
         assert not driver.find_elements(By.CSS_SELECTOR, "#rows img")
+
+
+def test_row_edits_and_reconstruct_pages_show_the_apis_numbers(browser, tiny, tiny_store,
+                                                               tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = need(browser)
+    nla = tiny_viewer_nla(tiny, tiny_store.layer, rawvar=tiny_store.stats()["rawvar"])
+    run = write_run(nla, tiny_store, tmp_path / "run")
+    app = create_app(nla, acts=tiny_store.path, eval_dir=run, limits=LIMITS)
+    wait = WebDriverWait(driver, 60)
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        rid = c.get("/api/rows").json()["rows"][0]["row_id"]
+        driver.get(f"{url}/browse/rows/{rid}")
+        driver.find_element(By.ID, "run-edits").click()
+        wait.until(lambda d: d.find_element(By.ID, "edits").is_displayed())
+        api = c.post(f"/api/rows/{rid}/edits", json={}).json()
+        cells = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                 for tr in driver.find_elements(By.CSS_SELECTOR, "#edits tbody tr")]
+        assert [r[0] for r in cells] == [e["edit"] for e in api["edits"]]
+        assert [r[2] for r in cells] == [e["text"] for e in api["edits"]]
+
+        driver.get(f"{url}/reconstruct?row_id={rid}")
+        box = driver.find_element(By.ID, "r-explanation")
+        box.clear()
+        box.send_keys("an assignment to a name")  # scores follow the typing
+        want = c.post("/api/reconstruct", json={"explanation": "an assignment to a name",
+                                                "row_id": rid}).json()
+        wait.until(lambda d: d.find_element(By.ID, "r-cos").text == f"{want['cos']:+.3f}")
+        assert driver.find_element(By.ID, "r-fve").text == f"{want['fve_nrm']:+.3f}"
+        assert driver.find_element(By.ID, "r-status").text == f"against row {rid}"
