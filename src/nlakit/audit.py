@@ -29,13 +29,13 @@ from .errors import NLAError
 from .evaluate import (
     Denominators,
     EvalRows,
+    ScoringConfig,
     denominators,
     row_metrics,
     select_rows,
 )
 from .fileio import stable_seed
 from .models import generate_continuations, require_chat_template
-from .store import HELDOUT
 
 MAX_ABLATED_UNITS = 5
 
@@ -310,16 +310,9 @@ def _help(text: str) -> dict:
 
 
 @dataclass
-class AuditConfig:
+class AuditConfig(ScoringConfig):
     """The ``audit`` stage: which rows, which edits, and the paraphraser."""
 
-    split: str = field(default=HELDOUT, metadata=_help("a split name, or all"))
-    max_rows: int | None = field(default=None, metadata=_help(
-        "audit about this many rows, choosing whole documents (seeded)"))
-    max_new_tokens: int = field(default=150, metadata=_help("explanation length cap in tokens"))
-    batch_size: int = field(default=16, metadata=_help("rows per generation/AR batch"))
-    seed: int = field(default=0, metadata=_help("seed of the row choice, edits and bootstrap"))
-    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples"))
     edits: tuple[str, ...] = field(default=EDITS, metadata=_help(
         "the edits to run (comma-separated on the command line)"))
     paraphraser: str = field(default="rules", metadata=_help(
@@ -334,9 +327,7 @@ class AuditConfig:
         unknown = sorted(set(self.edits) - set(EDITS))
         if unknown:
             raise NLAError(f"audit: unknown edit(s) {unknown}; edits: {', '.join(EDITS)}")
-        for name in ("max_new_tokens", "batch_size", "n_boot"):
-            if getattr(self, name) < 1:
-                raise NLAError(f"audit: {name} must be >= 1, got {getattr(self, name)}")
+        self.check_positive("audit")
         if self.paraphraser not in (*PARAPHRASER_OPTIONS, "none"):
             raise NLAError(f"audit: unknown paraphraser {self.paraphraser!r}; use "
                            f"{', '.join(paraphraser_names())} or none")

@@ -242,20 +242,33 @@ def _help(text: str) -> dict:
 
 
 @dataclass
-class EvalConfig:
-    """The ``eval`` stage: which rows, and how the NLA and its baselines are scored."""
+class ScoringConfig:
+    """What the eval and the audit share: which rows, the explanation cap, the bootstrap."""
 
     split: str = field(default=HELDOUT, metadata=_help("a split name, or all"))
     max_rows: int | None = field(default=None, metadata=_help(
-        "evaluate about this many rows, choosing whole documents (seeded)"))
+        "score about this many rows, choosing whole documents (seeded)"))
     max_new_tokens: int = field(default=150, metadata=_help("explanation length cap in tokens"))
     batch_size: int = field(default=16, metadata=_help("rows per generation/AR batch"))
+    seed: int = field(default=0, metadata=_help("seed of the row choice, sampling and bootstrap"))
+    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples"))
+
+    def check_positive(self, stage: str, *names: str) -> None:
+        for name in ("max_new_tokens", "batch_size", "n_boot", *names):
+            if getattr(self, name) < 1:
+                raise NLAError(f"{stage}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise NLAError(f"{stage}: max_rows must be >= 1, got {self.max_rows}")
+
+
+@dataclass
+class EvalConfig(ScoringConfig):
+    """The ``eval`` stage: which rows, and how the NLA and its baselines are scored."""
+
     quote_tokens: tuple[int, ...] = field(default=DEFAULT_QUOTE_TOKENS, metadata=_help(
         "quote baseline lengths in tokens (comma-separated on the command line)"))
     best_of: int = field(default=1, metadata=_help(
         "also score best-of-N sampled explanations reranked by the AR"))
-    seed: int = field(default=0, metadata=_help("seed of the row choice and the bootstrap"))
-    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples"))
     labels: bool = field(default=True, metadata=_help(
         "score the warm-start labels as a baseline when a label set is given"))
 
@@ -267,11 +280,7 @@ class EvalConfig:
                 raise NLAError(f"quote_tokens must be comma-separated token counts, got "
                                f"{self.quote_tokens!r}") from None
         self.quote_tokens = tuple(int(q) for q in self.quote_tokens)
-        for name in ("max_new_tokens", "batch_size", "best_of", "n_boot"):
-            if getattr(self, name) < 1:
-                raise NLAError(f"eval: {name} must be >= 1, got {getattr(self, name)}")
-        if self.max_rows is not None and self.max_rows < 1:
-            raise NLAError(f"eval: max_rows must be >= 1, got {self.max_rows}")
+        self.check_positive("eval", "best_of")
 
 
 @dataclass
