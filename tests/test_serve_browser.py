@@ -108,3 +108,26 @@ def test_row_edits_and_reconstruct_pages_show_the_apis_numbers(browser, tiny, ti
         wait.until(lambda d: d.find_element(By.ID, "r-cos").text == f"{want['cos']:+.3f}")
         assert driver.find_element(By.ID, "r-fve").text == f"{want['fve_nrm']:+.3f}"
         assert driver.find_element(By.ID, "r-status").text == f"against row {rid}"
+
+
+def test_chat_mode_renders_turns_with_the_chat_template(browser, tiny):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = need(browser)
+    app = create_app(tiny_viewer_nla(tiny, 2), limits=LIMITS)
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        driver.get(url + "/")
+        driver.find_element(By.ID, "mode-chat").click()
+        turns = driver.find_elements(By.CSS_SELECTOR, "#turns .turn")
+        msgs = [{"role": t.find_element(By.TAG_NAME, "select").get_attribute("value"),
+                 "content": t.find_element(By.TAG_NAME, "textarea").get_attribute("value")}
+                for t in turns]
+        assert [m["role"] for m in msgs] == ["user", "assistant"]
+        driver.find_element(By.ID, "tokenize").click()
+        WebDriverWait(driver, 60).until(
+            lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "tokenized")
+        shown = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#tokens .tok')).map(s => s.dataset.pos)")
+        api = c.post("/api/tokenize", json={"messages": msgs}).json()
+        assert len(shown) == api["n_tokens"] and "<|im_start|>assistant" in api["text"]
