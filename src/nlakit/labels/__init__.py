@@ -1,32 +1,28 @@
 """Warm-start labels (the ``label`` stage): labellers, the label cache and labelled sets.
 
-Modules: `core` (parsing, prompt, cache, the `Labeller` base class and registry, `LabelSet`,
-`label_store`), one module per built-in labeller (`local`, `context`, `openai`) and `stage`
-(the stage's config and `run`). Add a labeller by subclassing `Labeller` and calling
-`register_labeller`, or with an entry point in the group ``nlakit.labellers``.
+Modules: `format` (the prompt and the parser of a label), `cache` (rows, failures, the sqlite
+cache of raw labels), `core` (the `Labeller` base class, the registry, labeller options and the
+stage's `LabelConfig`), `labelset` (`label_store` and `LabelSet`), and one module per built-in
+labeller (`local`, `context`, `openai`). The stage's `run` is `nlakit.stages.run_label`. Add a
+labeller by subclassing `Labeller` and calling `register_labeller`, or with an entry point in
+the group ``nlakit.labellers``.
 """
 
+from .cache import LabelCache, LabelFailure, LabelRow
 from .core import (
     DEFAULT_SPLITS,
-    PROMPT_VERSION,
-    LabelCache,
     LabelConfig,
-    LabelFailure,
     Labeller,
     LabellerOptions,
-    LabelRow,
-    LabelSet,
     ModelLabeller,
-    ParsedLabel,
     check_options,
     get_labeller_class,
-    label_messages,
-    label_store,
     labeller_names,
     make_labeller,
-    parse_label,
     register_labeller,
 )
+from .format import PROMPT_VERSION, ParsedLabel, label_messages, parse_label
+from .labelset import LabelSet, label_store
 
 
 def __getattr__(name):  # the built-in labellers load on first use

@@ -16,7 +16,8 @@ import torch
 
 from ..errors import NLAError
 from ..models import decoder_stack
-from .core import LabelRow, ModelLabeller, _weights_id
+from .cache import LabelRow
+from .core import ModelLabeller, _weights_id
 
 _CODE_LINE = re.compile(
     r"^\s*(def |class |import |from \S+ import|return\b|if .*:$|elif |else:|for .*:$|while "

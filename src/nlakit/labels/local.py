@@ -6,7 +6,9 @@ import torch
 
 from ..fileio import stable_seed
 from ..models import generate_continuations, require_chat_template
-from .core import LabelRow, ModelLabeller, _weights_id, label_messages
+from .cache import LabelRow
+from .core import ModelLabeller, _weights_id
+from .format import label_messages
 
 
 class LocalLabeller(ModelLabeller):

@@ -30,7 +30,9 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from ..errors import NLAError
-from .core import LabelFailure, Labeller, LabelRow, label_messages
+from .cache import LabelFailure, LabelRow
+from .core import Labeller
+from .format import label_messages
 
 
 class BudgetExhausted(NLAError):
