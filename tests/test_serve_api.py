@@ -369,7 +369,8 @@ def test_the_serve_subcommand_flags_come_from_the_dataclasses(nla, tmp_path, mon
     import uvicorn
 
     from nlakit.cli import add_dataclass_flags
-    from nlakit.serve import ServeInputs, run_serve
+    from nlakit.serve import run_serve
+    from nlakit.serve.config import ServeInputs
 
     parser = argparse.ArgumentParser(prog="nlakit serve")
     add_dataclass_flags(parser, ServeInputs, "inputs")

@@ -4,11 +4,20 @@
     serve("runs/cpu-demo/nla", eval_dir="runs/cpu-demo")      # http://127.0.0.1:8000/
 
 See docs/serve.md for the pages, the JSON endpoints, the limits and the security model.
+Names are imported on first use, so `nlakit.serve.config` (the CLI's dataclasses) does not
+pull in FastAPI.
 """
 
-from .app import create_app
-from .limits import RequestError, ServeLimits
-from .server import BackgroundServer, ServeInputs, run_serve, serve
+import importlib
 
-__all__ = ["BackgroundServer", "RequestError", "ServeInputs", "ServeLimits", "create_app",
-           "run_serve", "serve"]
+_WHERE = {"create_app": ".app", "BackgroundServer": ".server", "run_serve": ".server",
+          "serve": ".server", "ServeInputs": ".config", "ServeLimits": ".limits",
+          "RequestError": ".limits"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    raise AttributeError(name)
