@@ -346,22 +346,24 @@ class ParaphraserOptions:
     the command line ``--paraphraser-NAME``, in a pipeline config ``paraphraser_options``."""
 
     per_unit: bool | None = field(default=None, metadata=_help(
-        "paraphrase each line/sentence separately (keeps structure with small models)"))
+        "paraphrase each line/sentence separately (keeps structure with small models; off)"))
     model: str | None = field(default=None, metadata=_help("local: model spec"))
-    dtype: str | None = field(default=None, metadata=_help("local: float32, bfloat16 ..."))
-    device: str | None = field(default=None, metadata=_help("local: cpu, cuda, auto"))
+    dtype: str | None = field(default=None, metadata=_help(
+        "local: float32, bfloat16 ... (the device's)"))
+    device: str | None = field(default=None, metadata=_help(
+        "local: cpu, cuda, auto (the audit's --device)"))
     batch_size: int | None = field(default=None, metadata=_help("local: texts per batch (8)"))
     max_new_tokens: int | None = field(default=None, metadata=_help(
         "local/openai: cap on generated tokens (160 local, 200 openai)"))
     base_url: str | None = field(default=None, metadata=_help("openai: endpoint base URL"))
     api_model: str | None = field(default=None, metadata=_help("openai: model name"))
     api_key_env: str | None = field(default=None, metadata=_help(
-        "openai: environment variable with the key"))
+        "openai: environment variable with the key (OPENAI_API_KEY)"))
     no_api_key: bool | None = field(default=None, metadata=_help("openai: send no key"))
-    concurrency: int | None = field(default=None, metadata=_help("openai: concurrent requests"))
-    max_requests: int | None = field(default=None, metadata=_help("openai: request budget"))
-    max_retries: int | None = field(default=None, metadata=_help("openai: retries per request"))
-    timeout: float | None = field(default=None, metadata=_help("openai: seconds per request"))
+    concurrency: int | None = field(default=None, metadata=_help("openai: concurrent requests (8)"))
+    max_requests: int | None = field(default=None, metadata=_help("openai: request budget (none)"))
+    max_retries: int | None = field(default=None, metadata=_help("openai: retries per request (5)"))
+    timeout: float | None = field(default=None, metadata=_help("openai: seconds per request (60)"))
 
 
 def _ci(values, groups, cfg) -> dict:

@@ -106,16 +106,20 @@ def _default_text(f) -> str:
     return f"default: {value}"
 
 
-def add_dataclass_flags(parser, cls, group: str, *, exclude=(), prefix: str = "") -> None:
+def add_dataclass_flags(parser, cls, group: str, *, exclude=(), prefix: str = "",
+                        show_default: bool = True) -> None:
     """A flag for every field of `cls` (but `exclude`): ``--PREFIX-NAME``; parsed values land in
-    the namespace as ``GROUP:NAME`` and only when given (so a --config file can fill the rest)."""
+    the namespace as ``GROUP:NAME`` and only when given (so a --config file can fill the rest).
+    show_default=False for options whose default is the component's own (named in the help)."""
     hints = typing.get_type_hints(cls)
     box = parser.add_argument_group(f"{cls.__name__} ({group})")
     for f in fields(cls):
         if f.name in exclude or f.name.startswith("_"):
             continue
         flag = "--" + prefix + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} ({_default_text(f)})".strip()
+        help_text = f.metadata.get("help", "")
+        if show_default or f.metadata.get("required"):
+            help_text = f"{help_text} ({_default_text(f)})".strip()
         kinds, _ = _parts(hints[f.name])
         kw = {"dest": f"{group}:{f.name}", "help": help_text.replace("%", "%%"),
               "default": argparse.SUPPRESS}
@@ -150,7 +154,7 @@ def _add_stage_parser(sub, stage, words: tuple[str, ...], full: bool) -> None:
     add_dataclass_flags(p, stage.inputs_class, "inputs")
     if stage.name in OPTION_GROUPS:
         _, ref, prefix = OPTION_GROUPS[stage.name]
-        add_dataclass_flags(p, _load(ref), "options", prefix=prefix)
+        add_dataclass_flags(p, _load(ref), "options", prefix=prefix, show_default=False)
     for flag, (_, _, help_text) in SHORTHANDS.get(words, {}).items():
         p.add_argument("--" + flag, action="store_true", dest=f"shorthand:{flag}",
                        help=help_text)

@@ -67,16 +67,18 @@ class LabellerOptions:
     model: str | None = field(default=None, metadata={
         "help": "local/context: model to run (default: the store's target model)"})
     dtype: str | None = field(default=None, metadata={
-        "help": "local/context: float32, bfloat16, auto ..."})
-    device: str | None = field(default=None, metadata={"help": "local/context: cpu, cuda, auto"})
+        "help": "local/context: float32, bfloat16, auto ... (the device's)"})
+    device: str | None = field(default=None, metadata={
+        "help": "local/context: cpu, cuda, auto (cpu)"})
     batch_size: int | None = field(default=None, metadata={
         "help": "local/context: rows per batch (default 8 local, 32 context)"})
     temperature: float | None = field(default=None, metadata={
         "help": "local/openai: sampling temperature (default 0: greedy)"})
-    top_p: float | None = field(default=None, metadata={"help": "local/openai: nucleus sampling"})
+    top_p: float | None = field(default=None, metadata={
+        "help": "local/openai: nucleus sampling (0.9 local, none openai)"})
     max_new_tokens: int | None = field(default=None, metadata={
         "help": "local/openai: cap on generated tokens (default 64 local, 200 openai)"})
-    seed: int | None = field(default=None, metadata={"help": "local: sampling seed"})
+    seed: int | None = field(default=None, metadata={"help": "local: sampling seed (0)"})
     max_prefix_chars: int | None = field(default=None, metadata={
         "help": "local/openai: show at most the last N characters of the prefix (default 300 "
                 "local, 2000 openai)"})
@@ -84,17 +86,17 @@ class LabellerOptions:
     n_words: int | None = field(default=None, metadata={
         "help": "context: last words of the context quoted (6)"})
     base_url: str | None = field(default=None, metadata={
-        "help": "openai: endpoint base, e.g. https://api.openai.com/v1"})
+        "help": "openai: endpoint base, e.g. https://api.openai.com/v1 (required for openai)"})
     api_model: str | None = field(default=None, metadata={
-        "help": "openai: model name at the endpoint"})
+        "help": "openai: model name at the endpoint (required for openai)"})
     api_key_env: str | None = field(default=None, metadata={
         "help": "openai: environment variable holding the key (default OPENAI_API_KEY)"})
     no_api_key: bool | None = field(default=None, metadata={
-        "help": "openai: send no key (local servers without authentication)"})
+        "help": "openai: send no key (local servers without authentication; off)"})
     concurrency: int | None = field(default=None, metadata={
         "help": "openai: concurrent requests (default 8)"})
     max_requests: int | None = field(default=None, metadata={
-        "help": "openai: hard budget of HTTP requests for this run (retries count)"})
+        "help": "openai: hard budget of HTTP requests for this run (retries count; none)"})
     max_retries: int | None = field(default=None, metadata={
         "help": "openai: retries per request on 429/5xx/timeouts (default 5)"})
     timeout: float | None = field(default=None, metadata={
