@@ -217,3 +217,37 @@ def test_every_labeller_and_paraphraser_option_flag_applies_to_one_of_them():
     assert {f.name for f in fields(LabellerOptions)} <= taken
     assert {f.name for f in fields(ParaphraserOptions)} <= set().union(
         *PARAPHRASER_OPTIONS.values())
+
+
+# ---- nlakit serve: flags generated from ServeInputs and ServeLimits ----------------------------
+
+
+def test_serve_subcommand_flags_and_wiring(capsys, monkeypatch):
+    import nlakit.serve.server as server
+    from nlakit.serve.config import ServeInputs, ServeLimits
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for cls in (ServeInputs, ServeLimits):
+        for f in fields(cls):
+            assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "(default: 127.0.0.1)" in out and f"(default: {ServeLimits().max_tokens})" in out
+
+    for foreign in (["--max-steps", "3"], ["--config", "c.yaml"], ["--max-tok", "9"]):
+        with pytest.raises(SystemExit) as exc:  # another command's flag; no abbreviations
+            main(["serve", "--nla", "n", *foreign])
+        assert exc.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+    seen = []
+    monkeypatch.setattr(server, "run_serve", lambda inputs, limits: seen.append(
+        (inputs, limits)) or 0)
+    assert main(["serve", "--nla", "n", "--port", "8125", "--max-best-of", "3",
+                 "--eval", "runs/x"]) == 0
+    assert seen == [(ServeInputs(nla="n", port=8125, eval="runs/x"), ServeLimits(max_best_of=3))]
+    assert main(["serve", "--av", "a"]) == 2  # an NLAError: --nla, or --av and --ar
+    assert "--nla NLA_DIR, or both" in capsys.readouterr().err
+    assert main(["serve", "--nla", "n", "--max-tokens", "0"]) == 2
+    assert "max_tokens must be >= 1" in capsys.readouterr().err

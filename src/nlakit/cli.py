@@ -351,7 +351,16 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import run_serve
+    from .serve.config import ServeInputs, ServeLimits
+
+    return run_serve(ServeInputs(**_given(args, "inputs")), ServeLimits(**_given(args, "limits")))
+
+
 def _add_other_commands(sub) -> None:
+    from .serve.config import ServeInputs, ServeLimits
+
     p = sub.add_parser("info", help="summarise an activation store")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print the whole meta.yaml as JSON")
@@ -389,6 +398,14 @@ def _add_other_commands(sub) -> None:
                    help="print each stage's status (complete/todo/changed) and exit")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("serve", help="a local web viewer of an NLA: Explain, Browse a run, "
+                                     "Reconstruct (docs/serve.md)", allow_abbrev=False,
+                       description="Load an NLA once and serve the viewer on 127.0.0.1 (Explain, "
+                                   "Browse a run, Reconstruct; JSON endpoints under /api).")
+    add_dataclass_flags(p, ServeInputs, "inputs")
+    add_dataclass_flags(p, ServeLimits, "limits")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("plot", help="PNG of training curves from metrics.jsonl / log.jsonl")
     p.add_argument("log", help="a metrics.jsonl / log.jsonl file or the directory holding it")
