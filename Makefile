@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nlakit-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install chromium demo test lint bench clean
 
 install: $(STAMP)
 
@@ -26,7 +26,14 @@ demo: $(STAMP)
 	$(BIN)/nlakit explain --nla runs/cpu-demo/nla --max-new-tokens 96 --positions=-3,-2,-1 \
 		"The Python language reference says that an assignment statement evaluates the expression list and"
 
-test: $(STAMP)
+# The viewer's browser tests drive Debian's headless Chromium through Selenium: install
+# chromium and chromium-driver when either is missing (sudo only when not root).
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium chromium-driver; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
