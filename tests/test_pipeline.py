@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from nlakit.errors import ConfigMismatchError, NLAError
-from nlakit.pipeline import STAGES, load_config, plan, run_pipeline
+from nlakit.pipeline import STAGES, Pipeline, load_config, plan, run_pipeline, stage_config
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -121,6 +121,25 @@ def test_bad_configs_fail_before_any_work(tmp_path, tiny_model_dir):
                                                               "name=other"])
     assert cfg.train_av["max_steps"] == 7 and cfg.name == "other"
     assert not (tmp_path / "runs").exists()
+
+
+def test_numbers_without_a_dot_are_numbers(tmp_path, tiny_model_dir):
+    """PyYAML reads 2e-4 and 1e-3 (no dot) as strings, in a file and in --set: a config field's
+    type makes them numbers; text that is no number is an error naming the field."""
+    path = tiny_config(tmp_path, tiny_model_dir, train_av={"lr": "LR"})
+    path.write_text(path.read_text().replace("lr: LR", "lr: 2e-4"))
+    assert yaml.safe_load(path.read_text())["train_av"]["lr"] == "2e-4"
+    cfg = load_config(path, ["train_rl.av_lr=1e-3", "train_rl.failure_reward=none",
+                             "train_rl.max_steps=3"])
+    pipe = Pipeline(cfg)
+    assert pipe.config("train_av").lr == 2e-4 and isinstance(pipe.config("train_av").lr, float)
+    rl = pipe.config("train_rl")
+    assert (rl.av_lr, rl.failure_reward, rl.max_steps) == (1e-3, None, 3)
+    assert stage_config("train_control", {"lr": "5e-5"}).lr == 5e-5  # the CLI's --config
+    with pytest.raises(NLAError, match=r"train_rl.av_lr must be a number, got 'fast'"):
+        load_config(path, ["train_rl.av_lr=fast"])
+    with pytest.raises(NLAError, match=r"train_rl.max_steps must be an integer, got '1e3'"):
+        load_config(path, ["train_rl.max_steps=1e3"])
 
 
 @pytest.mark.parametrize("name", ["cpu-demo", "cpu-reference", "gpu-qwen2.5-0.5b"])

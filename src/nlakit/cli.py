@@ -14,12 +14,12 @@ import json
 import logging
 import os
 import sys
-import types
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .errors import NLAError
+from .pipeline import hint_kinds
 
 # options dataclasses whose fields are flags of a subcommand and fill one mapping of its config:
 # stage -> (config field, "module:Class", flag prefix)
@@ -61,18 +61,10 @@ def _load(ref: str):
 # ---- flags generated from dataclass fields ----------------------------------------------------
 
 
-def _parts(hint) -> tuple[set, bool]:
-    """The non-None types of a type hint and whether it admits None."""
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(
-        hint) is typing.Union else (hint,)
-    kinds = {typing.get_origin(a) or a for a in args if a is not type(None)}
-    return kinds, type(None) in args
-
-
 def _converter(hint):
     """argparse `type` for a field: scalars parsed, 'none' for an optional field, a mapping as
     YAML; tuples and lists stay the comma-separated string the config parses itself."""
-    kinds, optional = _parts(hint)
+    kinds, optional = hint_kinds(hint)
 
     def convert(text: str):
         if optional and text.lower() in _NONE:
@@ -120,7 +112,7 @@ def add_dataclass_flags(parser, cls, group: str, *, exclude=(), prefix: str = ""
         help_text = f.metadata.get("help", "")
         if show_default or f.metadata.get("required"):
             help_text = f"{help_text} ({_default_text(f)})".strip()
-        kinds, _ = _parts(hints[f.name])
+        kinds, _ = hint_kinds(hints[f.name])
         kw = {"dest": f"{group}:{f.name}", "help": help_text.replace("%", "%%"),
               "default": argparse.SUPPRESS}
         if kinds == {bool} and f.name.startswith("no_"):  # a negative switch: no --no-no-

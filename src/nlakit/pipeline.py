@@ -24,6 +24,8 @@ import os
 import re
 import shutil
 import time
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -168,15 +170,47 @@ def stage_config(stage: str | Stage, section: dict, overrides: dict | None = Non
     pipeline's top-level dtype). The pipeline and every CLI subcommand build configs here."""
     st = BY_NAME[stage] if isinstance(stage, str) else stage
     _check_keys(st.name, section, st.section_keys())
-    values = {k: v for k, v in section.items() if k != "enabled"}
+    cls = st.config_class()
+    values = numbers_from_text(cls, {k: v for k, v in section.items() if k != "enabled"},
+                               st.name)
     values.update(overrides or {})
     try:
-        cfg = st.config_class()(**values)
+        return cls(**values)
     except TypeError as e:  # a field the dataclass does not have
         raise NLAError(f"stage {st.name}: {e}") from None
-    if st.name == "train_rl":
-        S.check_rl_config(cfg)
-    return cfg
+
+
+def hint_kinds(hint) -> tuple[set, bool]:
+    """The non-None types of a type hint (``int | None`` -> {int}) and whether it admits None."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(
+        hint) is typing.Union else (hint,)
+    kinds = {typing.get_origin(a) or a for a in args if a is not type(None)}
+    return kinds, type(None) in args
+
+
+def numbers_from_text(cls, values: dict, owner: str) -> dict:
+    """`values` with the text given for number fields of `cls` converted by the field's type.
+    PyYAML reads ``2e-4`` and ``1e-3`` (no dot) as strings, in a config file and in ``--set``
+    alike; a float field takes them as numbers, an int field takes ``"8"``. Other text for a
+    number field is an NLAError naming the field."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        if not isinstance(value, str) or key not in hints:
+            continue
+        kinds, optional = hint_kinds(hints[key])
+        if not kinds or not kinds <= {int, float}:
+            continue
+        if optional and value.strip().lower() in ("none", "null"):
+            out[key] = None
+            continue
+        try:
+            out[key] = float(value) if float in kinds else int(value)
+        except ValueError:
+            kind = "a number" if float in kinds else "an integer"
+            raise NLAError(f"{owner}.{key} must be {kind}{' or none' if optional else ''}, got "
+                           f"{value!r}") from None
+    return out
 
 
 def _default(f):
@@ -516,4 +550,5 @@ def format_summary(summary: dict) -> str:
 
 
 __all__ = ["STAGES", "STAGE_TABLE", "Pipeline", "PipelineConfig", "Stage", "format_summary",
-           "load_config", "plan", "run_pipeline", "set_value", "stage_config"]
+           "hint_kinds", "load_config", "numbers_from_text", "plan", "run_pipeline", "set_value",
+           "stage_config"]

@@ -173,21 +173,10 @@ def run_train_control(config, inputs: SFTInputs) -> Path:
     return _train_sft("av", replace(config, control="shuffled"), inputs)
 
 
-def check_rl_config(config) -> None:
-    """RLConfig values that name things (the other fields are checked where they are used)."""
-    from .train import rewards
-
-    if config.reward not in rewards.REWARDS or config.kl_estimator not in rewards.KL_ESTIMATORS:
-        raise NLAError(f"train_rl: reward must be one of {', '.join(rewards.REWARDS)} and "
-                       f"kl_estimator one of {', '.join(rewards.KL_ESTIMATORS)}; got "
-                       f"{config.reward!r} / {config.kl_estimator!r}")
-
-
 def run_train_rl(config, inputs: RLInputs) -> Path:
     """GRPO on the AV with the AR trained alongside -> the RL'd NLA directory."""
     from .train.rl import train_rl
 
-    check_rl_config(config)
     summary = train_rl(inputs.nla, inputs.acts, inputs.out, config, resume=inputs.resume,
                        overwrite=inputs.overwrite, progress=inputs.progress)
     if summary is not None:
@@ -346,7 +335,7 @@ def link_or_copy(src, dst) -> None:
 
 
 __all__ = ["AuditInputs", "EvalInputs", "ExtractInputs", "LabelInputs", "NLAInputs", "RLInputs",
-           "ReportInputs", "SFTInputs", "check_rl_config", "make_stage_paraphraser",
+           "ReportInputs", "SFTInputs", "make_stage_paraphraser",
            "reusable_explanations", "run_audit", "run_eval", "run_extract", "run_label",
            "run_nla", "run_report", "run_train_ar", "run_train_av", "run_train_control",
            "run_train_rl"]
