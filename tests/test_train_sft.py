@@ -121,6 +121,7 @@ def test_two_processes_match_one(labels_dir, tmp_path):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count('"processes"') == 1  # the summary, printed by the main process
         return [r["loss"] for r in _log(out, "ar")]
 
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")

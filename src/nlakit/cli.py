@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -230,8 +229,10 @@ def _print_labels(path, inputs) -> None:
 
 def _print_train(role: str):
     def show(path, inputs) -> None:  # the run's summary.json, once under torchrun
+        from .train.common import process_state
+
         summary = Path(path) / f".train-{role}" / "summary.json"
-        if int(os.environ.get("RANK", "0")) == 0 and summary.is_file():
+        if process_state().is_main_process and summary.is_file():
             print(summary.read_text().strip())
     return show
 
@@ -323,7 +324,9 @@ def cmd_pipeline(args) -> int:
         return 0
     summary = run_pipeline(args.config, overrides=args.set, start=args.start, stop=args.stop,
                            progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:  # one summary under torchrun/accelerate launch
+    from .train.common import process_state
+
+    if process_state().is_main_process:  # one summary under torchrun / accelerate launch
         eval_json = Path(summary["run_dir"]) / "eval" / "eval.json"
         if eval_json.is_file():
             from .evaluate import format_table

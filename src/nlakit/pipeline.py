@@ -20,7 +20,6 @@ import copy
 import importlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -434,7 +433,10 @@ class Pipeline:
         for s in (start, stop):
             if s is not None and s not in STAGES:
                 raise NLAError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
-        main = int(os.environ.get("RANK", "0")) == 0
+        from .train.common import process_state
+
+        state = process_state()  # under torchrun / accelerate launch: forms the process group
+        main = state.is_main_process
         if start is not None and main:
             self.clear_from(start)
         self.run.mkdir(parents=True, exist_ok=True)
@@ -448,20 +450,9 @@ class Pipeline:
         if main:
             write_yaml(self.run / "pipeline.yaml", {"nlakit_version": __version__,
                                                    **json.loads(json.dumps(asdict(self.cfg)))})
-        dist = self._distributed()
-        if dist is not None:
-            dist.wait_for_everyone()
+        state.wait_for_everyone()
         last = STAGES.index(stop) if stop else len(STAGES) - 1
         return [self.run_stage(stage, progress) for stage in STAGES[:last + 1]]
-
-    def _distributed(self):
-        """accelerate's process state under torchrun / `accelerate launch` (None alone)."""
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return None
-        import torch
-        from accelerate import PartialState
-
-        return PartialState(cpu=not torch.cuda.is_available())
 
     def run_stage(self, stage: str, progress: bool = True) -> StageResult:
         st = BY_NAME[stage]
@@ -476,8 +467,10 @@ class Pipeline:
             raise self._changed_error(stage)
         # Under several processes the training stages run data-parallel in all of them; the
         # other stages run in the main process while the rest wait.
-        dist = self._distributed()
-        main = dist is None or dist.is_main_process
+        from .train.common import process_state
+
+        state = process_state()
+        main = state.is_main_process
         if main:
             print(f"[pipeline {self.cfg.name}] stage {stage} ...", flush=True)
         t0 = time.perf_counter()
@@ -491,8 +484,7 @@ class Pipeline:
         seconds = time.perf_counter() - t0
         if main:
             self.write_stamp(stage, seconds)
-        if dist is not None:
-            dist.wait_for_everyone()
+        state.wait_for_everyone()
         if main:
             print(f"[pipeline {self.cfg.name}] stage {stage} done in {seconds:.0f} s -> "
                   f"{output}", flush=True)
@@ -526,7 +518,9 @@ def run_pipeline(config: str | Path | PipelineConfig, *, overrides: list[str] | 
     results = pipe.run_all(start=start, stop=stop, progress=progress)
     summary = pipe.summary(results)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    if int(os.environ.get("RANK", "0")) == 0:
+    from .train.common import process_state
+
+    if process_state().is_main_process:
         write_json(pipe.run / "summary.json", summary)
     return summary
 

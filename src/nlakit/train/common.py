@@ -8,7 +8,8 @@
 - `MetricsLog`: one JSON object per step in a JSONL file, cut back to a resumed step, and the
   same numbers to TensorBoard through `accelerate`'s tracker when tensorboard is installed;
 - `make_accelerator`: an `Accelerator` on the GPU when there is one, else on the CPU (gloo
-  under torchrun / `accelerate launch`), with gradient accumulation and the tracker set up.
+  under torchrun / `accelerate launch`), with gradient accumulation and the tracker set up;
+  `process_state`: the same process state without an Accelerator (rank, main process, barrier).
 """
 
 from __future__ import annotations
@@ -143,6 +144,16 @@ def guarded_step(acc, ok: bool, optimizer, params, max_grad_norm: float) -> floa
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def process_state():
+    """accelerate's `PartialState`: this process's rank (`is_main_process`, `process_index`,
+    `num_processes`) and `wait_for_everyone` (a no-op alone). Under torchrun / `accelerate
+    launch` the first call forms the process group (gloo without a GPU, as `make_accelerator`
+    does); a single process gets one without any group."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def make_accelerator(log_dir: str | Path | None = None, grad_accum: int = 1, **kwargs):
