@@ -48,7 +48,7 @@ from .. import __version__, metrics
 from ..errors import NLAError
 from ..fileio import stable_hash, stable_seed, write_json
 from ..reconstructor import Reconstructor
-from ..store import ActivationStore, vectors_from_arrow
+from ..store import HELDOUT, RL, ActivationStore, vectors_from_arrow
 from ..verbalizer import Explanation, Verbalizer
 from . import rewards as R
 from .common import (
@@ -276,17 +276,17 @@ class RLTrainer:
     def _load_data(self) -> None:
         """The rl split's vectors, its fixed order over all steps, and the held-out rows."""
         store, cfg = self.store, self.cfg
-        self.n_rl = store.num_rows("rl")
+        self.n_rl = store.num_rows(RL)
         if self.n_rl < cfg.batch_size:
             raise NLAError(f"{store.path} has {self.n_rl} rows in its rl split; need at least "
                            f"--batch-size {cfg.batch_size}")
-        self.rl_vectors = store.vectors("rl")
+        self.rl_vectors = store.vectors(RL)
         self.order = epoch_order(self.n_rl, cfg.max_steps * self.per_step / self.n_rl, cfg.seed)
         self.rawvar = float(store.stats("all")["rawvar"])
-        self.has_heldout = cfg.eval_rows > 0 and "heldout" in store.splits \
-            and store.num_rows("heldout") > 0
+        self.has_heldout = cfg.eval_rows > 0 and HELDOUT in store.splits \
+            and store.num_rows(HELDOUT) > 0
         if self.has_heldout:
-            held = store.table("heldout", columns=["row_id", "vector", "token_text", "prefix"])
+            held = store.table(HELDOUT, columns=["row_id", "vector", "token_text", "prefix"])
             held = held.slice(0, min(held.num_rows, cfg.eval_rows))
             self.held_vectors = torch.from_numpy(
                 vectors_from_arrow(held.column("vector"), store.d_model).copy())

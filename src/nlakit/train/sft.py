@@ -29,6 +29,7 @@ from ..errors import NLAError
 from ..fileio import stable_hash, write_json
 from ..models import load_model
 from ..reconstructor import DEFAULT_AR_TEMPLATE, Reconstructor
+from ..store import AR_SFT, AV_SFT, HELDOUT
 from ..verbalizer import DEFAULT_AV_TEMPLATE, Verbalizer, choose_marker, nice_injection_scale
 from .common import (
     Checkpoint,
@@ -226,10 +227,10 @@ class SFTTrainer:
     def _load_rows(self, acts) -> None:
         """Training rows, evaluation rows (the heldout split, else held-out documents)."""
         cfg = self.cfg
-        split = "av_sft" if self.role == "av" else "ar_sft"
+        split = AV_SFT if self.role == "av" else AR_SFT
         self.store, rows = load_labelled(self.labels_dir, split, acts)
-        if has_split(self.labels_dir, "heldout"):
-            _, eval_rows = load_labelled(self.labels_dir, "heldout", acts)
+        if has_split(self.labels_dir, HELDOUT):
+            _, eval_rows = load_labelled(self.labels_dir, HELDOUT, acts)
             self.train_rows, self.eval_source = rows, "labelled heldout split"
         else:
             self.train_rows, eval_rows = split_by_document(rows, cfg.eval_fraction, cfg.seed)
