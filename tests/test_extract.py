@@ -254,6 +254,20 @@ def test_meta_provenance(store, tiny, corpus_file):
     assert "layer=1" in repr(store)
 
 
+def test_rows_by_id(store):
+    whole = store.table(columns=["row_id", "split", "vector"])
+    ids = whole.column("row_id").to_pylist()
+    wanted = [ids[-1], ids[0], ids[len(ids) // 2], ids[0]]  # any order, a repeat
+    got = store.rows(wanted, columns=["row_id", "split", "vector"])
+    assert got.column("row_id").to_pylist() == sorted(set(wanted))
+    for i, row_id in enumerate(got.column("row_id").to_pylist()):
+        assert got.slice(i, 1).to_pylist() == whole.slice(ids.index(row_id), 1).to_pylist()
+    missing = max(ids) + 1
+    assert store.rows([missing, ids[0]]).column("row_id").to_pylist() == [ids[0]]
+    assert store.rows([missing]).num_rows == 0 and store.rows([]).num_rows == 0
+    assert store.rows([ids[0]]).schema == store.table().schema  # every column by default
+
+
 def test_stats_match_vectors(store):
     vectors = store.vectors().double()
     stats = store.stats("all")

@@ -140,6 +140,16 @@ class ActivationStore:
             table = table.sort_by("row_id")
         return table
 
+    def rows(self, row_ids: Iterable[int], columns: list[str] | None = None) -> pa.Table:
+        """The rows with these row ids (any split), in row_id order; an id the store does not
+        hold is simply absent (compare the table's num_rows with the ids asked for). Reads only
+        the matching rows, not the whole store."""
+        ids = sorted({int(r) for r in row_ids})
+        table = self._dataset.to_table(columns=columns, filter=pads.field("row_id").isin(ids))
+        if columns is None or "row_id" in columns:
+            table = table.sort_by("row_id")
+        return table
+
     def num_rows(self, split: str | None = None) -> int:
         return self._dataset.count_rows(filter=self._filter(split))
 

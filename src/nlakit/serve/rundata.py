@@ -136,14 +136,8 @@ class RunData:
     def _kinds(self, row_ids: list[int]) -> dict[int, str]:
         if self.store is None or not row_ids:
             return {}
-        t = self._store_rows(row_ids, ["row_id", "doc_kind"])
+        t = self.store.rows(row_ids, ["row_id", "doc_kind"])
         return dict(zip(t.column("row_id").to_pylist(), t.column("doc_kind").to_pylist()))
-
-    def _store_rows(self, row_ids: list[int], columns: list[str]):
-        import pyarrow.dataset as pads
-
-        flt = pads.field("row_id").isin([int(r) for r in row_ids])
-        return self.store._dataset.to_table(columns=columns, filter=flt)
 
     def query(self, *, sort: str = "row_id", order: str = "asc", min_score: float | None = None,
               max_score: float | None = None, doc: str | None = None, kind: str | None = None,
@@ -189,7 +183,7 @@ class RunData:
         out = dict(base) if base else {"row_id": int(row_id), "explanation": None,
                                        "score": None, "baselines": {}}
         if self.store is not None:
-            t = self._store_rows([row_id], ["row_id", "doc_id", "doc_kind", "position",
+            t = self.store.rows([row_id], ["row_id", "doc_id", "doc_kind", "position",
                                             "token_text", "prefix", "split"])
             if t.num_rows == 0:
                 raise RequestError(f"unknown row id {row_id}: not in the eval rows or the store",
@@ -207,7 +201,7 @@ class RunData:
                                "with --acts DIR", status=409)
         from ..store import vectors_from_arrow
 
-        t = self._store_rows([row_id], ["row_id", "vector"])
+        t = self.store.rows([row_id], ["row_id", "vector"])
         if t.num_rows == 0:
             raise RequestError(f"unknown row id {row_id}: not in the store", status=404)
         v = vectors_from_arrow(t.column("vector"), self.store.d_model)
