@@ -363,7 +363,7 @@ def test_limits_are_validated():
 
 
 def test_the_serve_subcommand_flags_come_from_the_dataclasses(nla, tmp_path, monkeypatch):
-    """The wiring proposed for cli.py: flags generated from ServeInputs and ServeLimits."""
+    """The flags of `nlakit serve` (cli.py) are generated from ServeInputs and ServeLimits."""
     import argparse
 
     import uvicorn
