@@ -105,7 +105,8 @@ def test_evaluate_all_methods_on_tiny(untrained, tiny_store, tmp_path):
     assert d["split"] == "heldout" and d["n_rows"] == n and d["layer"] == tiny_store.layer
     assert set(d["methods"]) == {"nla", "nla_best_of_2", "mean_direction",
                                  "mean_direction_train", "wrong_document", "quote_2", "quote_5",
-                                 "label", "control"}
+                                 "label", "control", "reread_8", "reread_32"}
+    assert d["claims"] == {}  # an untrained AV states no current token and quotes nothing
     # the in-sample mean direction is the best constant: the training one cannot beat it
     assert (d["methods"]["mean_direction_train"]["mse_nrm"]["mean"]
             >= d["methods"]["mean_direction"]["mse_nrm"]["mean"] - 1e-9)
@@ -182,3 +183,41 @@ def test_baselines_only_needs_no_av(untrained, tiny_store, tmp_path):
     assert "nla" not in d["methods"] and {"mean_direction", "quote_3"} <= set(d["methods"])
     assert "nla" in d["skipped"] and "wrong_document" in d["skipped"]
     assert "<h3>Examples</h3>" in (tmp_path / "b" / "r.html").read_text()
+
+
+def test_quote_fit_trains_only_on_training_rows(untrained, tiny_store, monkeypatch):
+    import nlakit.ladder as ladder
+
+    seen = {}
+    real = ladder.fit_reconstructor
+
+    def spy(ar, texts, vectors, budget):
+        seen["vectors"], seen["budget"] = vectors.clone(), budget
+        return real(ar, texts, vectors, budget)
+
+    monkeypatch.setattr(ladder, "fit_reconstructor", spy)
+    cfg = EvalConfig(split="heldout", max_new_tokens=2, quote_tokens=(4,), reread_tokens=(),
+                     quote_fit_tokens=(4,), quote_fit_steps=3, n_boot=50)
+    d = evaluate(untrained, tiny_store, cfg).data
+    assert "quote_4_fit" in d["methods"] and "ar_sft" in d["methods"]["quote_4_fit"]["note"]
+    assert seen["budget"].steps == 3
+    train = select_rows(tiny_store, "ar_sft").vectors
+    held = select_rows(tiny_store, "heldout").vectors
+    # every row it trained on is an ar_sft row, none is an evaluated (heldout) row
+    assert torch.equal(seen["vectors"], train)
+    assert not any(torch.equal(v, h) for v in seen["vectors"] for h in held)
+
+
+def test_reread_reference_is_the_frozen_target(untrained, tiny_store):
+    from nlakit.ladder import reread_predictions
+
+    cfg = EvalConfig(split="heldout", max_new_tokens=2, quote_tokens=(), reread_tokens=(3,),
+                     n_boot=50)
+    d = evaluate(untrained, tiny_store, cfg).data
+    rows = select_rows(tiny_store, "heldout")
+    model, tok = untrained.target()
+    pred = reread_predictions(model, tok, tiny_store.layer, rows.prefixes, 3)
+    expected = metrics.fve_nrm(pred, rows.vectors, d["rawvar"]).mean()
+    assert d["methods"]["reread_3"]["fve_nrm"]["mean"] == pytest.approx(float(expected), abs=1e-5)
+    with pytest.raises(NLAError, match="reread_tokens"):
+        EvalConfig(reread_tokens="8,x")

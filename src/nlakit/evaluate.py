@@ -13,8 +13,17 @@ bootstrap 95% CI (rows of a document are correlated). Methods:
   mean_direction_train  the mean direction of the training splits: the out-of-sample constant
   wrong_document   row i scored against the NLA explanation of a row of *another document*
   quote_N          the AR fed the literal last N tokens of the row's context
-  label            the AR fed the warm-start label (written from the text alone), where one exists
+  quote_N_fit      an AR trained on quotes of *training* rows with the NLA's AR budget, fed the
+                   quotes of the evaluated rows: the fair quote baseline (`nlakit.ladder`)
+  reread_N         the frozen target re-reading the raw last N tokens (identity head, no
+                   training): how local the layer is, a reference point for every table
+  label            the AR fed the warm-start label (written from the text alone), where one exists:
+                   the AR's ceiling for that label format; label - nla is what the verbalizer loses
   control          explanations from a control AV (trained on shuffled activations), same AR
+
+Claim checks (``claims`` in the JSON) where the explanation format makes them checkable: the
+fraction of explanations whose stated current token is right and whose quoted ending really ends
+the context, with document-level CIs (rows that make no such claim are left out).
 
 Denominators (stated in the output): fve_nrm = 1 − mse_nrm / rawvar with rawvar of the store's
 statistics for the evaluated split ("all" for all splits); fve_meannorm = 1 − mse_nrm / meannorm
@@ -34,12 +43,13 @@ import torch
 from . import metrics
 from .errors import NLAError
 from .fileio import stable_seed, write_json
-from .store import HELDOUT, TRAINING_SPLITS
+from .store import AR_SFT, HELDOUT, TRAINING_SPLITS
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("fve_nrm", "mse_nrm", "cos", "fve_meannorm")
 DEFAULT_QUOTE_TOKENS = (8, 32)
+DEFAULT_REREAD_TOKENS = (8, 32)
 PREFIX_CHARS_KEPT = 400  # characters of the source text kept per row for reports
 
 
@@ -271,16 +281,33 @@ class EvalConfig(ScoringConfig):
         "also score best-of-N sampled explanations reranked by the AR"))
     labels: bool = field(default=True, metadata=_help(
         "score the warm-start labels as a baseline when a label set is given"))
+    reread_tokens: tuple[int, ...] = field(default=DEFAULT_REREAD_TOKENS, metadata=_help(
+        "reread_N reference points: the frozen target re-reading the last N tokens"))
+    quote_fit_tokens: tuple[int, ...] = field(default=(), metadata=_help(
+        "quote_N_fit baselines: an AR trained on quotes of training rows (costs an AR training "
+        "each)"))
+    quote_fit_steps: int | None = field(default=None, metadata=_help(
+        "quote_N_fit training steps (None: the NLA's AR's own recorded budget, else 150)"))
 
     def __post_init__(self):
-        if isinstance(self.quote_tokens, str):
-            try:
-                self.quote_tokens = [int(x) for x in self.quote_tokens.split(",") if x.strip()]
-            except ValueError:
-                raise NLAError(f"quote_tokens must be comma-separated token counts, got "
-                               f"{self.quote_tokens!r}") from None
-        self.quote_tokens = tuple(int(q) for q in self.quote_tokens)
+        for name in ("quote_tokens", "reread_tokens", "quote_fit_tokens"):
+            setattr(self, name, _token_counts(name, getattr(self, name)))
         self.check_positive("eval", "best_of")
+        if self.quote_fit_steps is not None and self.quote_fit_steps < 1:
+            raise NLAError(f"eval: quote_fit_steps must be >= 1, got {self.quote_fit_steps}")
+
+
+def _token_counts(name: str, value) -> tuple[int, ...]:
+    """A tuple of positive token counts from a tuple/list or a comma-separated string."""
+    if isinstance(value, str):
+        value = [x for x in value.split(",") if x.strip()]
+    try:
+        counts = tuple(int(q) for q in value)
+    except (TypeError, ValueError):
+        raise NLAError(f"{name} must be comma-separated token counts, got {value!r}") from None
+    if any(c < 1 for c in counts):
+        raise NLAError(f"{name}: token counts must be >= 1, got {counts}")
+    return counts
 
 
 @dataclass
@@ -426,6 +453,115 @@ def _score_texts(nla, store, sc: _Scores, labels, control_av) -> None:
         sc.notes["control"] = "skipped: no control AV given"
 
 
+def _frozen_target(nla):
+    """The target's (model, tokenizer) for the reread and quote-fit references, or None when
+    the NLA names no loadable target (then those rows are skipped with a note)."""
+    target = getattr(nla, "target", None)
+    if target is None:
+        return None
+    try:
+        return target()
+    except NLAError as e:
+        log.warning("reference points that need the target are skipped: %s", e)
+        return None
+
+
+def _score_references(nla, store, sc: _Scores) -> None:
+    """reread_N (the frozen target) and quote_N_fit (a fairly trained quote AR)."""
+    from .ladder import reread_predictions
+
+    cfg, rows = sc.cfg, sc.rows
+    names = [f"reread_{n}" for n in cfg.reread_tokens] + [
+        f"quote_{n}_fit" for n in cfg.quote_fit_tokens]
+    if not names:
+        return
+    target = _frozen_target(nla)
+    if target is None:
+        for name in names:
+            sc.notes[name] = "skipped: the NLA names no loadable target model"
+        return
+    model, tok = target
+    for n in cfg.reread_tokens:
+        pred = sc.timed(f"reread_{n}", lambda n=n: reread_predictions(
+            model, tok, nla.layer, rows.prefixes, n, cfg.batch_size))
+        sc.record(f"reread_{n}", pred, note=f"the frozen target re-reading the raw last {n} "
+                  "tokens (BOS + tokens, identity head, no training): how local the layer is")
+    for n in cfg.quote_fit_tokens:
+        _score_quote_fit(nla, store, sc, (model, tok), n)
+
+
+def _fit_rows(store, split: str):
+    """(split name, table) of the rows a fitted baseline trains on: the AR's own training
+    split (ar_sft) when it is not the evaluated one, else another training split."""
+    candidates = [AR_SFT] + [s for s in TRAINING_SPLITS if s != AR_SFT]
+    for name in candidates:
+        if name != split and name in store.splits:
+            table = store.table(name, columns=["prefix", "vector"])
+            if table.num_rows:
+                return name, table
+    return None, None
+
+
+def ar_budget(nla, steps: int | None = None):
+    """The NLA's AR's training budget from its provenance (SFT AR), for fair fitted baselines;
+    defaults where the AR records none. `steps` overrides the step count."""
+    from .ladder import FitBudget
+
+    prov = (getattr(nla, "ar_meta", None) or {}).get("nlakit", {}).get("provenance", {})
+    conf, summary = prov.get("config", {}), prov.get("summary", {})
+    budget = FitBudget()
+    for key in ("batch_size", "lr", "lora_rank", "seed"):
+        if conf.get(key) is not None:
+            setattr(budget, key, type(getattr(budget, key))(conf[key]))
+    if summary.get("steps"):
+        budget.steps = int(summary["steps"])
+    if steps is not None:
+        budget.steps = int(steps)
+    return budget
+
+
+def _score_quote_fit(nla, store, sc: _Scores, target, n: int) -> None:
+    from .ladder import fit_reconstructor
+    from .reconstructor import Reconstructor
+    from .store import vectors_from_arrow
+
+    model, tok = target
+    cfg, rows, name = sc.cfg, sc.rows, f"quote_{n}_fit"
+    split, table = _fit_rows(store, rows.split)
+    if table is None:
+        sc.notes[name] = "skipped: the store has no training split apart from the evaluated one"
+        return
+    budget = ar_budget(nla, cfg.quote_fit_steps)
+    t = time.perf_counter()
+    texts = [quote_text(p, tok, n)[0] for p in table.column("prefix").to_pylist()]
+    vectors = torch.from_numpy(vectors_from_arrow(table.column("vector"), store.d_model).copy())
+    fresh = Reconstructor.from_target(model, tok, nla.layer, template=nla.ar.template)
+    ar = fit_reconstructor(fresh, texts, vectors, budget)
+    pred = ar.reconstruct([quote_text(p, tok, n)[0] for p in rows.prefixes], cfg.batch_size)
+    sc.timings[name] = time.perf_counter() - t
+    sc.record(name, pred, note=f"an AR trained on the last {n} tokens of the {len(texts)} "
+              f"{split} rows ({budget.steps} steps x {budget.batch_size}, lr {budget.lr:g}, "
+              f"LoRA {budget.lora_rank}: the NLA's AR budget), same template and start")
+
+
+def _claims(sc: _Scores, exps, tok) -> dict:
+    """Claim-level checks of the NLA's explanations (see `nlakit.ladder.claim_checks`)."""
+    from .ladder import claim_checks
+
+    if not exps:
+        return {}
+    checks = claim_checks([e.text for e in exps], sc.rows.prefixes, tok)
+    out = {}
+    for name, values in checks.items():
+        made = np.isfinite(values)
+        if not made.any():
+            continue
+        summary = metrics.bootstrap_ci(values[made], groups=sc.rows.doc_ids[made],
+                                       n_boot=sc.cfg.n_boot, seed=sc.cfg.seed)
+        out[name] = {**summary, "n_claims": int(made.sum()), "n_rows": len(sc.rows)}
+    return out
+
+
 def _sanity(sc: _Scores) -> dict:
     """The mean-direction baseline measured against its closed form 1 - 2/(1 + ||E g_hat||)."""
     v = sc.rows.vectors
@@ -480,6 +616,8 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
     exps, pred_nla = _score_nla(nla, sc)
     _score_constants(store, sc, pred_nla)
     _score_texts(nla, store, sc, labels, control_av)
+    _score_references(nla, store, sc)
+    claims = _claims(sc, exps, nla.ar.tokenizer)
     sanity = _sanity(sc)
     sc.timings["total"] = time.perf_counter() - t0
     data = {
@@ -494,9 +632,12 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
         "ci": f"95% percentile bootstrap over documents ({cfg.n_boot} resamples)",
         "config": {"max_rows": cfg.max_rows, "max_new_tokens": cfg.max_new_tokens,
                    "quote_tokens": list(cfg.quote_tokens), "best_of": cfg.best_of,
+                   "reread_tokens": list(cfg.reread_tokens),
+                   "quote_fit_tokens": list(cfg.quote_fit_tokens),
                    "seed": cfg.seed, "batch_size": cfg.batch_size},
         "methods": sc.methods,
         "skipped": sc.notes,
+        "claims": claims,
         "sanity": sanity,
         "explanations": ({"complete": sum(e.complete for e in exps),
                           "hit_cap": sum(e.hit_cap for e in exps),
@@ -535,4 +676,12 @@ def format_table(data: dict) -> str:
                      f"{cell('cos'):<26} {m['fve_meannorm']['mean']:>+12.3f}")
     for name, why in data.get("skipped", {}).items():
         lines.append(f"{name:<22} {why}")
+    methods = data["methods"]
+    if "label" in methods and "nla" in methods:
+        gap = methods["label"]["fve_nrm"]["mean"] - methods["nla"]["fve_nrm"]["mean"]
+        lines.append(f"label is the AR's ceiling for this label format; what the verbalizer "
+                     f"loses (label - nla): {gap:+.3f} fve_nrm")
+    for name, c in (data.get("claims") or {}).items():
+        lines.append(f"claim check {name}: {c['mean']:.1%} [{c['ci'][0]:.1%}, {c['ci'][1]:.1%}]"
+                     f" of {c['n_claims']} explanations that make the claim ({c['n_rows']} rows)")
     return "\n".join(lines)
