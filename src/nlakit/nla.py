@@ -65,11 +65,33 @@ def _load_av(av_dir: Path, dtype, device):
     return av, meta
 
 
+def _adapter_ar_body(ar_dir: Path, meta: dict, dtype, device):
+    """An AR kept as LoRA adapters: the target truncated after the stored layer, adapters
+    merged in (the value head is read separately)."""
+    from peft import PeftModel
+
+    from .reconstructor import truncate_model
+
+    spec = meta.get("nlakit", {}).get("target_model", {}).get("spec")
+    layer = meta.get("extraction", {}).get("layer")
+    if not spec or layer is None:
+        raise NLAError(f"{ar_dir} holds LoRA adapters but names no target model spec or layer")
+    base, _ = load_model(spec, dtype=dtype, device=device)
+    want = meta["nlakit"]["target_model"].get("weights_hash")
+    have = getattr(base, "nlakit_source", {}).get("weights_hash")
+    if want and have and want != have:
+        raise NLAError(f"{ar_dir} was trained on target weights {want}, but {spec!r} has {have}")
+    return PeftModel.from_pretrained(truncate_model(base, int(layer)), ar_dir).merge_and_unload()
+
+
 def _load_ar(ar_dir: Path, dtype, device, av_tokenizer=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     meta = read_meta(ar_dir, "ar")
-    body = AutoModelForCausalLM.from_pretrained(ar_dir, dtype=dtype)
+    if meta.get("nlakit", {}).get("weights") == "adapter":
+        body = _adapter_ar_body(ar_dir, meta, dtype, device)
+    else:
+        body = AutoModelForCausalLM.from_pretrained(ar_dir, dtype=dtype)
     body.to(device).eval().requires_grad_(False)
     d = int(meta["d_model"])
     if body.get_input_embeddings().weight.shape[1] != d:
@@ -115,11 +137,14 @@ class NLA:
     def load(cls, path: str | Path | None = None, *, av: str | Path | None = None,
              ar: str | Path | None = None, device: str | None = None, dtype=None,
              target=None) -> NLA:
-        """Load ``NLA.load(NLA_DIR)`` (nlakit layout: NLA_DIR/av, NLA_DIR/ar) or a pair of
-        directories in the official release layout: ``NLA.load(av=AV_DIR, ar=AR_DIR)``.
+        """Load ``NLA.load(NLA_DIR)`` (nlakit layout: NLA_DIR/av, NLA_DIR/ar), an NLA shipped
+        in the package by name (``NLA.load("smollm2-135m")``, see `nlakit.shipped`), or a pair
+        of directories in the official release layout: ``NLA.load(av=AV_DIR, ar=AR_DIR)``.
         target: an optional loaded ``(model, tokenizer)`` of the target for `explain_text`."""
         if path is not None:
-            root = Path(path)
+            from .shipped import resolve
+
+            root = resolve(path) or Path(path)
             if (root / "nla_meta.yaml").is_file():
                 role = ROLE_ALIASES.get(str(__import__("yaml").safe_load(
                     (root / "nla_meta.yaml").read_text()).get("role")), "?")

@@ -197,7 +197,11 @@ def _load_nla(inputs: _ScoreInputs):
 def _ar_dir(inputs: _ScoreInputs) -> str:
     if not (inputs.ar or inputs.nla):
         raise NLAError("this needs --ar AR_DIR or --nla DIR")
-    return inputs.ar or str(Path(inputs.nla) / "ar")
+    if inputs.ar:
+        return inputs.ar
+    from .shipped import resolve
+
+    return str((resolve(inputs.nla) or Path(inputs.nla)) / "ar")
 
 
 def _json_path(inputs: _ScoreInputs, default_name: str) -> Path:

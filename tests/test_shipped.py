@@ -1,0 +1,95 @@
+"""NLAs shipped in the package: packing adapters, loading by name, refusing modified files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nlakit import NLAError
+from nlakit.nla import NLA
+from nlakit.shipped import MANIFEST_FILE, pack_nla, resolve, shipped_names, verify
+
+
+@pytest.fixture(scope="module")
+def adapter_nla(tiny, tiny_store, tmp_path_factory):
+    """A tiny NLA whose AV and AR are saved as (randomly initialised, non-zero) LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    from nlakit.checkpoint import save_ar_dir, save_av_dir
+
+    nla = NLA.from_target(tiny, tiny_store.layer, injection_scale=10.0,
+                          dataset_stats={"rawvar": tiny_store.stats()["rawvar"]})
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
+    torch.manual_seed(0)
+    av_model = get_peft_model(nla.av.model, lora)
+    ar_body = get_peft_model(nla.ar.body, lora)
+    root = tmp_path_factory.mktemp("adapter-nla")
+    for meta in (nla.av_meta, nla.ar_meta):
+        meta["nlakit"]["weights"] = "adapter"
+    av_meta = {k: v for k, v in nla.av_meta.items() if k != "template"}
+    ar_meta = {k: v for k, v in nla.ar_meta.items() if k != "template"}
+    save_av_dir(root / "av", av_model, nla.av.tokenizer, av_meta)
+    save_ar_dir(root / "ar", ar_body, nla.ar.head, nla.ar.tokenizer, ar_meta)
+    merged = (av_model.merge_and_unload(), ar_body.merge_and_unload())
+    return root, merged
+
+
+def test_an_adapter_ar_loads_like_its_merged_weights(adapter_nla, tiny):
+    from nlakit.reconstructor import Reconstructor
+
+    root, (_, ar_merged) = adapter_nla
+    loaded = NLA.load(root, target=tiny)
+    reference = Reconstructor(ar_merged, loaded.ar.head, loaded.ar.tokenizer, loaded.ar.template)
+    texts = ["the text ends with a colon", "x = 1"]
+    got = loaded.reconstruct(texts)
+    assert torch.allclose(got, reference.reconstruct(texts), atol=1e-5)
+    # the adapters matter: the bare truncated target reads the same texts differently
+    bare = Reconstructor.from_target(tiny[0], tiny[1], loaded.layer, loaded.ar.template)
+    assert not torch.allclose(got, bare.reconstruct(texts), atol=1e-3)
+
+
+def test_pack_writes_half_precision_and_loads_by_name(adapter_nla, tmp_path, tiny):
+    root, _ = adapter_nla
+    (tmp_path / "eval.md").write_text("| method | fve_nrm |\n")
+    shipped = tmp_path / "nlas"
+    out = pack_nla(root, shipped / "tiny-nla", provenance={"eval.md": tmp_path / "eval.md"})
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert "av/adapter_model.safetensors" in manifest["files"]
+    assert "ar/value_head.safetensors" in manifest["files"]
+    assert "provenance/eval.md" in manifest["files"]
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.float16 for t in load_file(
+        str(out / "ar" / "adapter_model.safetensors")).values())
+    assert shipped_names(shipped) == ["tiny-nla"]
+    assert resolve("tiny-nla", shipped) == out
+    assert resolve("no-such-nla", shipped) is None
+    nla = NLA.load(out, target=tiny)
+    full = NLA.load(root, target=tiny)
+    texts = ["a short explanation"]
+    # float16 adapters change the reconstruction only at half-precision level
+    assert torch.allclose(nla.reconstruct(texts), full.reconstruct(texts), atol=5e-2)
+
+
+def test_a_modified_or_added_file_is_refused(adapter_nla, tmp_path):
+    root, _ = adapter_nla
+    out = pack_nla(root, tmp_path / "nlas" / "tiny-nla")
+    verify(out)
+    head = out / "ar" / "value_head.safetensors"
+    data = bytearray(head.read_bytes())
+    data[-1] ^= 0xFF
+    head.write_bytes(bytes(data))
+    with pytest.raises(NLAError, match="sha256"):
+        resolve("tiny-nla", tmp_path / "nlas")
+    out2 = pack_nla(root, tmp_path / "nlas2" / "tiny-nla")
+    (out2 / "av" / "extra.txt").write_text("not from the release")
+    with pytest.raises(NLAError, match="does not list"):
+        verify(out2)
+
+
+def test_pack_refuses_merged_weights(tiny, tiny_store, tmp_path):
+    merged = NLA.from_target(tiny, tiny_store.layer, injection_scale=10.0).save(tmp_path / "m")
+    with pytest.raises(NLAError, match="merged weights"):
+        pack_nla(merged, tmp_path / "out")
