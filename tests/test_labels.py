@@ -377,3 +377,28 @@ def test_local_labeller_smollm(smollm, tmp_path):
     assert sum(p.kept for p in parsed) >= 2, raws
     kept = [p for p in parsed if p.kept]
     assert all(any(c.isalpha() for c in f) for p in kept for f in p.features)
+
+
+def test_context_labeller_tail_style_states_the_current_token_and_ends_verbatim(tiny, tiny_store):
+    from nlakit.labels import LabelRow
+    from nlakit.labels.context import _visible
+
+    _, tok = tiny
+    spec = str(tiny_store.meta["model"]["spec"])
+    table = tiny_store.table("av_sft", columns=["row_id", "doc_id", "prefix", "position",
+                                                "token_id", "split"]).to_pylist()[:4]
+    rows = [LabelRow(r["row_id"], r["split"], r["doc_id"], r["prefix"], r["position"],
+                     r["token_id"]) for r in table]
+    tail = ContextLabeller(spec, loaded=tiny, style="tail", tail_tokens=5)
+    v1 = ContextLabeller(spec, loaded=tiny)
+    assert tail.identity() != v1.identity()  # different formats never share cached labels
+    assert v1.identity()["prompt_version"] == "context-v1"  # v1's cache keys are unchanged
+    for r, raw in zip(rows, tail.label_batch(rows)):
+        lines = raw.removeprefix("<explanation>\n").removesuffix("\n</explanation>").split("\n")
+        assert len(lines) == 3
+        ids = tok(r.prefix, add_special_tokens=False)["input_ids"]
+        assert lines[0] == f"Current token: '{_visible(tok.decode(ids[-1:]))}'."
+        assert lines[1].startswith("Kind of text: ") and "The model expects next: " in lines[1]
+        assert lines[2] == f"Ending: {_visible(tok.decode(ids[-5:]))}"
+    with pytest.raises(NLAError, match="style"):
+        ContextLabeller(spec, loaded=tiny, style="poem")

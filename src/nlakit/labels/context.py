@@ -113,9 +113,15 @@ def top_next_tokens(model, batch_ids: Sequence[Sequence[int]], k: int = 3,
 class ContextLabeller(ModelLabeller):
     """Deterministic labels grounded in the target model (no language model writes them).
 
-    Three features: the kind of text (rules of `text_kind`), the last few words of the context
-    (quoted), and the target model's own top-k next-token predictions with probabilities from
-    its real output logits at the sampled position.
+    Three features: the kind of text (rules of `text_kind`), the end of the context, and the
+    target model's own top-k next-token predictions with probabilities from its real output
+    logits at the sampled position. Two formats (``style``):
+
+    - ``v1``: kind, the last few words quoted, predictions.
+    - ``tail``: the current token first (what the AV can read most surely from one vector),
+      kind + predictions, then the last ``tail_tokens`` tokens verbatim *last*, so that an AR
+      reading raw text (template ``{explanation}``) ends on the current token, where the target
+      itself was. Newlines and tabs are written as \\n and \\t (one feature per line).
 
     The store keeps the decoded prefix, not token ids; the prefix is re-tokenised the way
     extraction tokenises documents (BOS unless the text starts with it). Re-tokenisation can
@@ -124,17 +130,26 @@ class ContextLabeller(ModelLabeller):
     """
 
     kind = "context"
-    OPTIONS = ("model", "dtype", "device", "batch_size", "top_k", "n_words")
-    prompt_version = "context-v1"
+    OPTIONS = ("model", "dtype", "device", "batch_size", "top_k", "n_words", "style",
+               "tail_tokens")
+    STYLES = ("v1", "tail")
 
     def __init__(self, model: str, *, dtype: str | None = None, device: str | None = None,
-                 batch_size: int = 32, top_k: int = 3, n_words: int = 6,
-                 loaded: tuple | None = None):
+                 batch_size: int = 32, top_k: int = 3, n_words: int = 6, style: str = "v1",
+                 tail_tokens: int = 8, loaded: tuple | None = None):
         self.model_spec = model
         self.dtype, self.device = dtype, device
         self.batch_size, self.top_k, self.n_words = int(batch_size), int(top_k), int(n_words)
         if self.top_k < 1:
             raise NLAError(f"top_k must be >= 1, got {top_k}")
+        if style not in self.STYLES:
+            raise NLAError(f"context labeller style must be one of {', '.join(self.STYLES)}, "
+                           f"got {style!r}")
+        if int(tail_tokens) < 1:
+            raise NLAError(f"tail_tokens must be >= 1, got {tail_tokens}")
+        self.style, self.tail_tokens = style, int(tail_tokens)
+        # v1 keeps its historical version (and cache keys); tail names its ending length
+        self.prompt_version = "context-v1" if style == "v1" else f"context-tail{tail_tokens}-v1"
         self._weights = _weights_id(model)
         self._loaded = loaded  # an already loaded (model, tokenizer) of this spec
         self.stats = {"retokenized": 0, "retokenized_exact": 0}
@@ -142,7 +157,12 @@ class ContextLabeller(ModelLabeller):
     def identity(self) -> dict:
         return {"kind": self.kind, "model": self.model_spec, "weights_hash": self._weights,
                 "prompt_version": self.prompt_version,
-                "settings": {"top_k": self.top_k, "n_words": self.n_words}}
+                "settings": self._settings()}
+
+    def _settings(self) -> dict:
+        if self.style == "v1":  # unchanged identity: cached v1 labels stay valid
+            return {"top_k": self.top_k, "n_words": self.n_words}
+        return {"top_k": self.top_k, "style": self.style, "tail_tokens": self.tail_tokens}
 
     def provenance(self) -> dict:
         return {**self.identity(), "batch_size": self.batch_size,
@@ -167,6 +187,16 @@ class ContextLabeller(ModelLabeller):
 
     def explain(self, prefix: str, probs: Sequence[float], tokens: Sequence[str]) -> str:
         preds = ", ".join(f"'{_visible(t)}' ({p:.0%})" for t, p in zip(tokens, probs))
+        if self.style == "tail":
+            ids = self.token_ids(prefix)
+            bos = self._load()[1].bos_token_id
+            ids = ids[1:] if ids[:1] == [bos] and bos is not None else ids
+            decode = self._load()[1].decode
+            return ("<explanation>\n"
+                    f"Current token: '{_visible(decode(ids[-1:]))}'.\n"
+                    f"Kind of text: {text_kind(prefix)}. The model expects next: {preds}.\n"
+                    f"Ending: {_visible(decode(ids[-self.tail_tokens:]))}\n"
+                    "</explanation>")
         return ("<explanation>\n"
                 f"Kind of text: {text_kind(prefix)}.\n"
                 f"The text ends with \"{_visible(last_words(prefix, self.n_words))}\".\n"

@@ -84,7 +84,13 @@ class LabellerOptions:
                 "local, 2000 openai)"})
     top_k: int | None = field(default=None, metadata={"help": "context: predictions shown (3)"})
     n_words: int | None = field(default=None, metadata={
-        "help": "context: last words of the context quoted (6)"})
+        "help": "context: last words of the context quoted (6; style v1)"})
+    style: str | None = field(default=None, metadata={
+        "help": "context: label format, v1 (kind, quoted last words, predictions) or tail "
+                "(current token first, kind + predictions, then the verbatim last tokens last, "
+                "for an AR that reads raw text; see docs/labels.md) (v1)"})
+    tail_tokens: int | None = field(default=None, metadata={
+        "help": "context: tokens of the verbatim ending in style tail (8)"})
     base_url: str | None = field(default=None, metadata={
         "help": "openai: endpoint base, e.g. https://api.openai.com/v1 (required for openai)"})
     api_model: str | None = field(default=None, metadata={
