@@ -130,6 +130,16 @@ def test_evaluate_all_methods_on_tiny(untrained, tiny_store, tmp_path):
     table = format_table(d)
     assert "quote_5" in table and "rawvar" in table
     json.dumps(d)  # serialisable
+    # spliced metrics for every method, per row too; the true vector costs (almost) nothing
+    for name, m in d["methods"].items():
+        assert {"kl", "ce_recovered", "delta_ce"} <= set(m), name
+        assert m["kl"]["mean"] >= 0 and m["kl"]["ci"][0] <= m["kl"]["mean"] <= m["kl"]["ci"][1]
+        assert set(d["rows"][0]["kl"]) >= {name} and name in d["rows"][0]["ce_recovered"]
+    ref = d["spliced"]["reference"]
+    assert ref["true_vector"]["kl"]["mean"] < 1e-6
+    assert ref["mean_ablation"]["ce_recovered"]["mean"] == pytest.approx(0, abs=1e-9)
+    assert d["spliced"]["tokens"]["rows_mismatched"] == 0
+    assert "ablation" in d["spliced"] and "kl (nats)" in table and "ce_recovered" in table
 
 
 def test_label_baseline_skipped_without_labels_and_single_doc_errors(untrained, tiny_store):
@@ -148,9 +158,10 @@ def test_eval_cli_writes_json_and_report(untrained, tiny_store, tmp_path, capsys
     report = tmp_path / "out" / "report.html"
     rc = main(["eval", "--nla", str(root), "--acts", str(tiny_store.path), "--split", "all",
                "--max-rows", "15", "--max-new-tokens", "3", "--quote-tokens", "4", "--n-boot",
-               "100", "--report", str(report)])
+               "100", "--report", str(report), "--no-spliced"])
     assert rc == 0
     data = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert data["config"]["spliced"] is False and "kl" not in data["methods"]["nla"]
     assert data["split"] == "all" and data["n_rows"] <= 15
     assert data["rawvar"] == pytest.approx(tiny_store.stats("all")["rawvar"])
     assert {"nla", "mean_direction", "quote_4"} <= set(data["methods"])
@@ -182,6 +193,8 @@ def test_baselines_only_needs_no_av(untrained, tiny_store, tmp_path):
     d = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert "nla" not in d["methods"] and {"mean_direction", "quote_3"} <= set(d["methods"])
     assert "nla" in d["skipped"] and "wrong_document" in d["skipped"]
+    # no NLA target: the spliced metrics splice into the store's own model
+    assert "kl" in d["methods"]["quote_3"] and "ce_recovered" in d["rows"][0]
     assert "<h3>Examples</h3>" in (tmp_path / "b" / "r.html").read_text()
 
 
@@ -221,3 +234,38 @@ def test_reread_reference_is_the_frozen_target(untrained, tiny_store):
     assert d["methods"]["reread_3"]["fve_nrm"]["mean"] == pytest.approx(float(expected), abs=1e-5)
     with pytest.raises(NLAError, match="reread_tokens"):
         EvalConfig(reread_tokens="8,x")
+
+
+def test_spliced_values_match_a_direct_splice_and_can_be_turned_off(untrained, tiny_store):
+    from nlakit.splice import mean_activation, row_tokens, splice_logits
+
+    cfg = EvalConfig(split="heldout", max_new_tokens=2, quote_tokens=(), reread_tokens=(),
+                     n_boot=50)
+    d = evaluate(untrained, tiny_store, cfg).data
+    rows = select_rows(tiny_store, "heldout")
+    model, tok = untrained.target()
+    toks = row_tokens(tiny_store, rows, tok)
+    abl, _ = mean_activation(tiny_store, exclude="heldout")
+    i = 3
+    p, g = int(rows.positions[i]), rows.vectors[i]
+    ids = toks.doc_tokens[str(rows.doc_ids[i])][: p + 1]
+    y = int(toks.next_token[i])
+    md = mean_direction_prediction(rows.vectors)[i]
+    lp = {name: torch.log_softmax(splice_logits(model, ids, tiny_store.layer, pos, v)[p], -1)
+          for name, pos, v in [("orig", [], torch.zeros(0, g.numel())),
+                               ("md", [p], (md * g.norm() / md.norm())[None]),
+                               ("abl", [p], abl[None])]}
+    kl = float((lp["orig"].exp() * (lp["orig"] - lp["md"])).sum())
+    ce = {k: float(-v[y]) for k, v in lp.items()}
+    row = d["rows"][i]
+    assert row["row_id"] == int(rows.row_ids[i])
+    assert row["kl"]["mean_direction"] == pytest.approx(kl, rel=1e-3, abs=1e-5)
+    assert row["ce_recovered"]["mean_direction"] == pytest.approx(
+        (ce["abl"] - ce["md"]) / (ce["abl"] - ce["orig"]), rel=1e-3, abs=1e-4)
+    off = evaluate(untrained, tiny_store, EvalConfig(
+        split="heldout", max_new_tokens=2, quote_tokens=(), reread_tokens=(), n_boot=50,
+        spliced=False)).data
+    assert not any("kl" in m or "ce_recovered" in m for m in off["methods"].values())
+    assert "kl" not in off["rows"][0] and off["spliced"] == {"skipped": "turned off "
+                                                                        "(spliced: false)"}
+    assert "ce_recovered" not in format_table(off)

@@ -165,22 +165,27 @@ class _Tokenized:
     split: str
 
 
-def _tokenize(tokenizer, doc: Document, max_tokens: int) -> list[int]:
-    # A chat template may already start with BOS: adding special tokens again would double it.
+def tokenize_document(tokenizer, doc: Document, max_tokens: int) -> list[int]:
+    """The token ids extraction feeds the target for `doc` (truncated to max_tokens); a chat
+    template may already start with BOS, which is then not added again."""
     bos = tokenizer.bos_token
     add_special = not (bos and doc.text.startswith(bos))
     return tokenizer(doc.text, add_special_tokens=add_special, truncation=True,
                      max_length=max_tokens)["input_ids"]
 
 
-def _prefix_text(tokenizer, ids: list[int], text: str = "") -> str:
-    # Drop a BOS the tokenizer added, but keep one the document itself starts with (a chat
-    # transcript's first turn marker, e.g. SmolLM2's <|im_start|>): the prefix is document text.
+def prefix_text(tokenizer, ids: list[int], text: str = "") -> str:
+    """The stored prefix text of ids[0..p] of a document `text`: a BOS the tokenizer added is
+    dropped, one the document itself starts with (a chat transcript's first turn marker, e.g.
+    SmolLM2's <|im_start|>) is kept, so the prefix is document text."""
     bos = tokenizer.bos_token
     if (ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
             and not (bos and text.startswith(bos))):
         ids = ids[1:]
     return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+_tokenize, _prefix_text = tokenize_document, prefix_text  # the earlier private names
 
 
 def _shard_rows(model, tokenizer, docs: list[_Tokenized], layer: int, batch_size: int,
@@ -318,7 +323,7 @@ def _tokenize_shard(chunk, ctx: _ShardContext) -> list[_Tokenized]:
     cfg = ctx.cfg
     docs = []
     for index, doc in chunk:
-        ids = _tokenize(ctx.tokenizer, doc, cfg.max_tokens_per_doc)
+        ids = tokenize_document(ctx.tokenizer, doc, cfg.max_tokens_per_doc)
         positions = sample_positions(ids, doc.doc_id, cfg.seed, cfg.positions_per_doc,
                                      cfg.min_position, ctx.special)
         docs.append(_Tokenized(index, doc, ids, positions,
@@ -341,7 +346,7 @@ def _write_shard(part: Path, chunk: list[tuple[int, Document]], ctx: _ShardConte
             rows["position"].append(pos)
             rows["token_id"].append(t.ids[pos])
             rows["token_text"].append(tokenizer.decode([t.ids[pos]]))
-            rows["prefix"].append(_prefix_text(tokenizer, t.ids[: pos + 1], t.doc.text))
+            rows["prefix"].append(prefix_text(tokenizer, t.ids[: pos + 1], t.doc.text))
             rows["vector"].append(vectors[t.index][j])
     # row_id is global and stable: document index * positions_per_doc + rank within document
     rows["row_id"] = [i * ctx.cfg.positions_per_doc + r for i, r in _ranks(rows["doc_index"])]
@@ -420,4 +425,4 @@ def _finalize(out, parts, config, d, layer, model, fractions) -> ActivationStore
 
 
 __all__ = ["DEFAULT_SPLIT_FRACTIONS", "SPLITS", "ExtractConfig", "assign_split", "extract",
-           "sample_positions"]
+           "prefix_text", "sample_positions", "tokenize_document"]

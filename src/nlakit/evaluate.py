@@ -21,6 +21,13 @@ bootstrap 95% CI (rows of a document are correlated). Methods:
                    the AR's ceiling for that label format; label - nla is what the verbalizer loses
   control          explanations from a control AV (trained on shuffled activations), same AR
 
+Spliced metrics (``spliced``, on by default; `nlakit.splice`): every method's prediction,
+rescaled to the true vector's norm, replaces the block-K output at the row's position; the
+target's next-token distribution there is compared with the unmodified one: ``kl`` (nats),
+``delta_ce`` and ``ce_recovered`` (1 = as good as the true activation, 0 = no better than the
+mean-activation ablation), with document-level CIs, in each method's summary and per row.
+``spliced.reference`` holds the true vector's kl (the float noise floor) and the ablation's.
+
 Claim checks (``claims`` in the JSON) where the explanation format makes them checkable: the
 fraction of explanations whose stated current token is right and whose quoted ending really ends
 the context, with document-level CIs (rows that make no such claim are left out).
@@ -288,6 +295,9 @@ class EvalConfig(ScoringConfig):
         "each)"))
     quote_fit_steps: int | None = field(default=None, metadata=_help(
         "quote_N_fit training steps (None: the NLA's AR's own recorded budget, else 150)"))
+    spliced: bool = field(default=True, metadata=_help(
+        "splice every method's prediction into the target and score kl / ce_recovered of the "
+        "next-token distribution (one extra forward of the target per document)"))
 
     def __post_init__(self):
         for name in ("quote_tokens", "reread_tokens", "quote_fit_tokens"):
@@ -342,6 +352,7 @@ class _Scores:
         self.per_row: dict[str, dict] = {}
         self.notes: dict[str, str] = {}
         self.timings: dict[str, float] = {}
+        self.preds: dict[str, torch.Tensor] = {}  # [n, d] per method, NaN rows where it has none
 
     def record(self, name: str, pred: torch.Tensor, idx: np.ndarray | None = None,
                note: str = "") -> None:
@@ -363,6 +374,12 @@ class _Scores:
             else:
                 full[k][idx] = a
         self.per_row[name] = full
+        if idx is None:
+            self.preds[name] = pred.detach().float().cpu()
+        else:
+            whole = torch.full(tuple(v.shape), float("nan"))
+            whole[torch.as_tensor(idx)] = pred.detach().float().cpu()
+            self.preds[name] = whole
 
     def timed(self, name: str, fn):
         t = time.perf_counter()
@@ -544,6 +561,39 @@ def _score_quote_fit(nla, store, sc: _Scores, target, n: int) -> None:
               f"LoRA {budget.lora_rank}: the NLA's AR budget), same template and start")
 
 
+def _score_spliced(nla, store, sc: _Scores, progress: bool) -> dict:
+    """kl / delta_ce / ce_recovered of every recorded method (`nlakit.splice`), merged into each
+    method's summary and the per-row values; returns the JSON's ``spliced`` section."""
+    from . import splice
+
+    if not sc.cfg.spliced:
+        return {"skipped": "turned off (spliced: false)"}
+    target = _frozen_target(nla)
+    try:
+        if target is None:  # e.g. --baselines-only: the store's own model
+            target = splice.load_target(store, device=str(getattr(nla.ar, "device", "cpu")))
+        t = time.perf_counter()
+        data, res = splice.spliced_eval(store, sc.rows, sc.preds, target=target,
+                                        n_boot=sc.cfg.n_boot, seed=sc.cfg.seed,
+                                        progress=progress)
+        sc.timings["spliced"] = time.perf_counter() - t
+    except NLAError as e:
+        log.warning("spliced metrics skipped: %s", e)
+        return {"skipped": str(e)}
+    methods = data.pop("methods")
+    for name, summary in sc.methods.items():
+        for k in splice.SPLICE_METRICS:
+            if k in methods.get(name, {}):
+                summary[k] = methods[name][k]
+        per = res.per_method[name]
+        for k in ("kl", "ce_recovered"):
+            sc.per_row[name][k] = per[k]
+    data["reference"] = {**(data.get("reference") or {}),
+                         **{m: methods[m] for m in (splice.TRUE_METHOD, splice.ABLATION_METHOD)
+                            if m in methods}}
+    return data
+
+
 def _claims(sc: _Scores, exps, tok) -> dict:
     """Claim-level checks of the NLA's explanations (see `nlakit.ladder.claim_checks`)."""
     from .ladder import claim_checks
@@ -584,6 +634,7 @@ def _sanity(sc: _Scores) -> dict:
 
 def _row_records(sc: _Scores, exps) -> list[dict]:
     rows, per_row = sc.rows, sc.per_row
+    spliced = any("kl" in p for p in per_row.values())
     return [
         {"row_id": int(rows.row_ids[i]), "doc_id": str(rows.doc_ids[i]),
          "position": int(rows.positions[i]),
@@ -592,7 +643,9 @@ def _row_records(sc: _Scores, exps) -> list[dict]:
          "complete": bool(exps[i].complete) if exps else None,
          "n_tokens": int(exps[i].n_tokens) if exps else None,
          "fve_nrm": {k: _num(per_row[k]["fve_nrm"][i]) for k in per_row},
-         "cos": _num(per_row["nla"]["cos"][i]) if "nla" in per_row else None}
+         "cos": _num(per_row["nla"]["cos"][i]) if "nla" in per_row else None,
+         **{k: {m: _num(per_row[m][k][i]) for m in per_row if k in per_row[m]}
+            for k in ("kl", "ce_recovered") if spliced}}
         for i in range(len(rows))
     ]
 
@@ -617,6 +670,7 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
     _score_constants(store, sc, pred_nla)
     _score_texts(nla, store, sc, labels, control_av)
     _score_references(nla, store, sc)
+    spliced = _score_spliced(nla, store, sc, progress)
     claims = _claims(sc, exps, nla.ar.tokenizer)
     sanity = _sanity(sc)
     sc.timings["total"] = time.perf_counter() - t0
@@ -634,8 +688,9 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
                    "quote_tokens": list(cfg.quote_tokens), "best_of": cfg.best_of,
                    "reread_tokens": list(cfg.reread_tokens),
                    "quote_fit_tokens": list(cfg.quote_fit_tokens),
-                   "seed": cfg.seed, "batch_size": cfg.batch_size},
+                   "seed": cfg.seed, "batch_size": cfg.batch_size, "spliced": cfg.spliced},
         "methods": sc.methods,
+        "spliced": spliced,
         "skipped": sc.notes,
         "claims": claims,
         "sanity": sanity,
@@ -662,20 +717,37 @@ def write_eval_json(result: EvalResult | dict, path: str | Path) -> Path:
 
 def format_table(data: dict) -> str:
     """A plain-text table of the methods' means and CIs, with split, rows and denominators."""
+    spliced = any("kl" in m for m in data["methods"].values())
     lines = [(f"split {data['split']}: {data['n_rows']} rows, {data['n_docs']} documents, "
              f"layer {data['layer']}; {data['ci']}"),
              f"fve_nrm denominator: {data['denominator']['fve_nrm']}",
              f"fve_meannorm denominator: {data['denominator']['fve_meannorm']}",
              (f"{'method':<22} {'rows':>5}  {'fve_nrm [95% CI]':<26} {'mse_nrm [95% CI]':<26} "
-             f"{'cos [95% CI]':<26} {'fve_meannorm':>12}")]
+              f"{'cos [95% CI]':<26} {'fve_meannorm':>12}"
+              + (f"  {'kl (nats) [95% CI]':<23} {'ce_recovered [95% CI]':<26}" if spliced
+                 else ""))]
     for name, m in data["methods"].items():
-        def cell(k, m=m):
-            s = m[k]
-            return f"{s['mean']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"
+        def cell(k, m=m, fmt="+.3f"):
+            s = m.get(k)
+            if s is None:
+                return "n/a"
+            return f"{s['mean']:{fmt}} [{s['ci'][0]:{fmt}}, {s['ci'][1]:{fmt}}]"
         lines.append(f"{name:<22} {m['n_rows']:>5}  {cell('fve_nrm'):<26} {cell('mse_nrm'):<26} "
-                     f"{cell('cos'):<26} {m['fve_meannorm']['mean']:>+12.3f}")
+                     f"{cell('cos'):<26} {m['fve_meannorm']['mean']:>+12.3f}"
+                     + (f"  {cell('kl', fmt='.3f'):<23} {cell('ce_recovered'):<26}"
+                        if spliced else ""))
     for name, why in data.get("skipped", {}).items():
         lines.append(f"{name:<22} {why}")
+    spl = data.get("spliced") or {}
+    if spliced:
+        ref = spl.get("reference") or {}
+        floor = (ref.get("true_vector") or {}).get("kl")
+        lines.append(f"spliced: each prediction rescaled to ||g|| replaces block {data['layer']}'s"
+                     f" output at the row; kl = KL(original || spliced) of the next token; "
+                     f"ce_recovered against {spl.get('ablation')}"
+                     + (f"; true vector kl {floor['mean']:.2e} (noise floor)" if floor else ""))
+    elif spl.get("skipped"):
+        lines.append(f"{'spliced':<22} skipped: {spl['skipped']}")
     methods = data["methods"]
     if "label" in methods and "nla" in methods:
         gap = methods["label"]["fve_nrm"]["mean"] - methods["nla"]["fve_nrm"]["mean"]

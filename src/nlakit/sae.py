@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import NLAError
+from .store import TRAINING_SPLITS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KS = (1, 4, 16, 64)
-TRAINING_SPLITS = ("av_sft", "ar_sft", "rl")
 
 
 def directions(vectors: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ def training_vectors(store, *, source: str = "tokens", splits=TRAINING_SPLITS, t
         return v, {"source": "stored rows", "splits": splits, "n": len(v)}
     if source != "tokens":
         raise NLAError(f"source must be 'rows' or 'tokens', got {source!r}")
-    from .activations import _tokenize
+    from .activations import tokenize_document
     from .models import forward_to_layer, special_token_ids
     from .splice import _reopen_corpus, load_target
 
@@ -245,7 +245,7 @@ def training_vectors(store, *, source: str = "tokens", splits=TRAINING_SPLITS, t
     seqs = []
     for doc in _reopen_corpus(store, tok, chat_model=(model, tok)):
         if doc.doc_id in docs:
-            ids = _tokenize(tok, doc, max_tokens)
+            ids = tokenize_document(tok, doc, max_tokens)
             keep = [i for i in range(min_pos, len(ids)) if ids[i] not in special]
             if keep:
                 seqs.append((ids, keep))

@@ -34,7 +34,7 @@ own tokens give the unmodified distributions in the same pass. Per document the 
 plain forward: the queries also run blocks 0..K, whose output is then thrown away (Q·(K+1)
 token-blocks of waste, traded for not depending on each architecture's block signature), and
 attention grows to (T + Q)^2. Only the LM-head rows that are read are computed. See
-docs/spliced.md for measured costs.
+docs/benchmarks.md for measured costs.
 
 The token ids come from the corpus itself: the store records the corpus spec, the documents are
 re-read and re-tokenised exactly as extraction did (`row_tokens`), and every row is checked
@@ -54,11 +54,11 @@ import torch
 from . import metrics
 from .errors import NLAError
 from .models import decoder_layers, decoder_stack
+from .store import TRAINING_SPLITS
 
 log = logging.getLogger(__name__)
 
 SPLICE_METRICS = ("kl", "delta_ce", "ce_recovered")
-TRAINING_SPLITS = ("av_sft", "ar_sft", "rl")
 TRUE_METHOD = "true_vector"  # the stored activation itself: kl measures the float noise floor
 ABLATION_METHOD = "mean_ablation"
 _EPS_DEN = 1e-6
@@ -107,13 +107,13 @@ def _reopen_corpus(store, tokenizer, chat_model=None):
 
 def row_tokens(store, rows, tokenizer, *, corpus=None, chat_model=None) -> RowTokens:
     """Re-read the rows' documents from the store's corpus and re-tokenise them the way
-    extraction did (same `_tokenize`, truncation at max_tokens_per_doc; one more token is kept
-    so the last position has its next token). Each row is checked: ids[position] must equal the
-    stored token id and the decoded prefix the stored prefix.
+    extraction did (same `tokenize_document`, truncation at max_tokens_per_doc; one more token
+    is kept so the last position has its next token). Each row is checked: ids[position] must
+    equal the stored token id and the decoded prefix the stored prefix.
 
     rows: an EvalRows (row_ids, doc_ids, positions, prefixes). corpus: a Corpus or spec that
     overrides the one the store records (e.g. a moved file)."""
-    from .activations import _prefix_text, _tokenize
+    from .activations import prefix_text, tokenize_document
     from .corpus import Corpus, load_corpus
 
     n = len(rows.row_ids)
@@ -145,8 +145,8 @@ def row_tokens(store, rows, tokenizer, *, corpus=None, chat_model=None) -> RowTo
         notes.append(f"{len(missing)} documents not found in the corpus (e.g. {missing[0]!r})")
     seen_ctx: dict[str, list[int]] = {}
     for d, doc in docs.items():
-        seen_ctx[d] = _tokenize(tokenizer, doc, max_tokens)  # exactly what extraction saw
-        more = _tokenize(tokenizer, doc, max_tokens + 1)
+        seen_ctx[d] = tokenize_document(tokenizer, doc, max_tokens)  # what extraction saw
+        more = tokenize_document(tokenizer, doc, max_tokens + 1)
         doc_tokens[d] = more if more[: len(seen_ctx[d])] == seen_ctx[d] else seen_ctx[d]
     bad_token = bad_prefix = 0
     for i in range(n):
@@ -157,7 +157,7 @@ def row_tokens(store, rows, tokenizer, *, corpus=None, chat_model=None) -> RowTo
         if p >= len(ids) or ids[p] != tok_of.get(int(rows.row_ids[i])):
             bad_token += 1
             continue
-        if _prefix_text(tokenizer, ids[: p + 1], docs[d].text) != rows.prefixes[i]:
+        if prefix_text(tokenizer, ids[: p + 1], docs[d].text) != rows.prefixes[i]:
             bad_prefix += 1
             continue
         ok[i] = True
