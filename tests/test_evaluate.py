@@ -196,6 +196,8 @@ def test_baselines_only_needs_no_av(untrained, tiny_store, tmp_path):
     # no NLA target: the spliced metrics splice into the store's own model
     assert "kl" in d["methods"]["quote_3"] and "ce_recovered" in d["rows"][0]
     assert "<h3>Examples</h3>" in (tmp_path / "b" / "r.html").read_text()
+    assert "kl (nats)" in (tmp_path / "b" / "r.html").read_text()
+    assert "ce_recovered" in (tmp_path / "b" / "r.md").read_text()
 
 
 def test_quote_fit_trains_only_on_training_rows(untrained, tiny_store, monkeypatch):

@@ -103,3 +103,52 @@ def test_plot_ladder_writes_a_png(tmp_path):
                        {"fve_nrm": {"nla": 0.2, "quote_8": np.nan}, "kl": {"nla": 1.5}},
                        tmp_path / "ladder.png", title="t")
     assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sae_cli_writes_the_ladder_with_an_nla_and_an_eval_json(tiny, tiny_store, tmp_path,
+                                                                capsys):
+    import json
+
+    from nlakit.cli import main
+    from nlakit.nla import NLA
+
+    nla = NLA.from_target(tiny, tiny_store.layer, injection_scale=10.0,
+                          dataset_stats={"rawvar": tiny_store.stats()["rawvar"]})
+    root = nla.save(tmp_path / "nla")
+    ev = tmp_path / "eval.json"
+    assert main(["eval", "--nla", str(root), "--acts", str(tiny_store.path), "--max-new-tokens",
+                 "3", "--quote-tokens", "2", "--reread-tokens", "4", "--n-boot", "50",
+                 "--json", str(ev), "--no-progress"]) == 0
+    out = tmp_path / "ladder"
+    common = ["sae", "--acts", str(tiny_store.path), "--out", str(out), "--ks", "1,4",
+              "--epochs", "2", "--batch-size", "64", "--source", "rows", "--reread-tokens", "4",
+              "--n-boot", "50", "--max-new-tokens", "3", "--no-progress"]
+    assert main([*common, "--nla", str(root), "--eval-json", str(ev),
+                 "--report", str(out / "report.html")]) == 0
+    data = json.loads((out / "ladder.json").read_text())
+    assert {"sae_k1", "sae_k4", "mean_direction_train", "reread_4", "nla", "quote_2",
+            "mean_direction", "eval:reread_4"} <= set(data["methods"])
+    for name in ("sae_k1", "sae_k4", "nla", "reread_4", "quote_2"):
+        assert {"fve_nrm", "kl", "ce_recovered"} <= set(data["methods"][name]), name
+    assert set(data["ladder"]) == {"fve_nrm", "kl", "ce_recovered"}
+    assert list(data["ladder"]["fve_nrm"]) == ["1", "4"]
+    # the same reread_4 scored by the eval and by the ladder: same rows, same numbers
+    assert data["methods"]["reread_4"]["fve_nrm"]["mean"] == pytest.approx(
+        data["methods"]["eval:reread_4"]["fve_nrm"]["mean"], abs=1e-5)
+    assert data["methods"]["reread_4"]["kl"]["mean"] == pytest.approx(
+        data["methods"]["eval:reread_4"]["kl"]["mean"], rel=1e-4)
+    assert data["worth"]["nla"]["explanation_tokens"] > 0
+    assert data["worth"]["nla"]["fve_nrm"]["text"].startswith("worth")
+    assert data["n_rows"] == tiny_store.num_rows("heldout")
+    assert (out / "ladder.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "sae_k4" / "sae_weights.safetensors").is_file()
+    html = (out / "report.html").read_text()
+    assert "NLA vs SAE" in html and "data:image/png;base64" in html and "kl (nats)" in html
+    printed = capsys.readouterr().out
+    assert "sae_k4" in printed and "worth" in printed
+    # a rerun reuses the trained SAEs; an eval.json of other rows is refused
+    assert main([*common]) == 0
+    again = json.loads((out / "ladder.json").read_text())
+    assert again["sae_logs"] == data["sae_logs"]
+    assert main([*common, "--split", "all", "--eval-json", str(ev)]) == 2
+    assert "same rows" in capsys.readouterr().err

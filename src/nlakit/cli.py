@@ -353,7 +353,20 @@ def cmd_serve(args) -> int:
     return run_serve(ServeInputs(**_given(args, "inputs")), ServeLimits(**_given(args, "limits")))
 
 
-def _add_other_commands(sub) -> None:
+def cmd_sae(args) -> int:
+    from .sae import LadderConfig, LadderInputs, format_ladder, run_ladder
+
+    path = run_ladder(LadderConfig(**_given(args, "config")),
+                      LadderInputs(**_given(args, "inputs")))
+    data = json.loads(Path(path).read_text())
+    print(format_ladder(data))
+    print(f"wrote {path}, {Path(path).with_suffix('.md')} and {Path(path).with_suffix('.png')}")
+    if data.get("timings_s"):
+        print("seconds: " + ", ".join(f"{k} {v}" for k, v in data["timings_s"].items()))
+    return 0
+
+
+def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
     from .serve.config import ServeInputs, ServeLimits
 
     p = sub.add_parser("info", help="summarise an activation store")
@@ -402,6 +415,20 @@ def _add_other_commands(sub) -> None:
     add_dataclass_flags(p, ServeLimits, "limits")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("sae", help="TopK SAEs on a store's training splits, scored like eval "
+                                   "(fve_nrm, kl, ce_recovered): how many latents an NLA's "
+                                   "explanation is worth", allow_abbrev=False,
+                       description="Train TopK SAEs (one per k) on the store's training splits, "
+                                   "score them on a split with fve_nrm, kl and ce_recovered, put "
+                                   "baselines, an NLA (--nla) or an eval.json's methods "
+                                   "(--eval-json) on the ladder; writes ladder.json/.md/.png.")
+    p.set_defaults(func=cmd_sae)
+    if wanted is None or wanted == ("sae",):  # builds its flags only when run (imports torch)
+        from .sae import LadderConfig, LadderInputs
+
+        add_dataclass_flags(p, LadderConfig, "config")
+        add_dataclass_flags(p, LadderInputs, "inputs")
+
     p = sub.add_parser("plot", help="PNG of training curves from metrics.jsonl / log.jsonl")
     p.add_argument("log", help="a metrics.jsonl / log.jsonl file or the directory holding it")
     p.add_argument("--out", required=True, help="output PNG path")
@@ -438,7 +465,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             _add_stage_parser(train, stage, stage.command, full)
         else:
             _add_stage_parser(sub, stage, stage.command, full)
-    _add_other_commands(sub)
+    _add_other_commands(sub, wanted)
     return parser
 
 

@@ -20,6 +20,7 @@ from .fileio import write_text_atomic
 
 SECTIONS_EVAL = ("Baselines", "Per-row FVE", "FVE by token position", "Examples")
 SECTIONS_AUDIT = ("Robustness", "Sentence ablation", "Edited examples")
+SECTIONS_LADDER = ("NLA vs SAE on the same activations",)
 
 
 def _plt():
@@ -39,8 +40,32 @@ def _png(fig) -> str:
             + base64.b64encode(buf.getvalue()).decode("ascii") + "'>")
 
 
-def _fmt(s: dict) -> str:
-    return f"{s['mean']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"
+def _fmt(s: dict | None, fmt: str = "+.3f") -> str:
+    if s is None:
+        return "n/a"
+    return f"{s['mean']:{fmt}} [{s['ci'][0]:{fmt}}, {s['ci'][1]:{fmt}}]"
+
+
+SPLICED_COLUMNS = (("kl", "kl (nats) [95% CI]", ".3f"),
+                   ("ce_recovered", "ce_recovered [95% CI]", "+.3f"))
+
+
+def _has_spliced(ev: dict) -> bool:
+    return any("kl" in m for m in ev["methods"].values())
+
+
+def _spliced_caption(ev: dict) -> str:
+    """What the spliced columns are, with the ablation and the noise floor (true vector)."""
+    spl = ev.get("spliced") or {}
+    if not _has_spliced(ev):
+        return f"Spliced metrics skipped: {spl['skipped']}." if spl.get("skipped") else ""
+    floor = ((spl.get("reference") or {}).get("true_vector") or {}).get("kl")
+    return ("Spliced: each prediction, rescaled to the true vector's norm, replaces the block-"
+            f"{ev['layer']} output at the row's position; kl = KL(original ‖ spliced) of the "
+            "next-token distribution (nats); ce_recovered = (CE_ablated − CE_spliced) / "
+            f"(CE_ablated − CE_original), ablation: {spl.get('ablation')}"
+            + (f"; the true vector spliced back gives kl {floor['mean']:.1e} (noise floor)"
+               if floor else "") + ".")
 
 
 def _esc(x) -> str:
@@ -143,19 +168,24 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 
 
 def _eval_html(ev: dict) -> list[str]:
+    spliced = SPLICED_COLUMNS if _has_spliced(ev) else ()
     out = [(f"<h2>Evaluation</h2><p class='cap'>{_scope(ev)} fve_meannorm denominator: "
            f"{_esc(ev['denominator']['fve_meannorm'])}.</p>"),
            "<h3>Baselines</h3>",
            ("<table><tr><th>method</th><th>rows</th><th>docs</th><th>fve_nrm [95% CI]</th>"
            "<th>mse_nrm [95% CI]</th><th>cos [95% CI]</th><th>fve_meannorm [95% CI]</th>"
-           "<th>what it is</th></tr>")]
+           + "".join(f"<th>{h}</th>" for _, h, _ in spliced)
+           + "<th>what it is</th></tr>")]
     for name, m in ev["methods"].items():
         out.append(f"<tr><td>{_esc(name)}</td><td class=num>{m['n_rows']}</td>"
                    f"<td class=num>{m['n_docs']}</td>"
                    + "".join(f"<td class=num>{_fmt(m[k])}</td>"
                              for k in ("fve_nrm", "mse_nrm", "cos", "fve_meannorm"))
+                   + "".join(f"<td class=num>{_fmt(m.get(k), f)}</td>" for k, _, f in spliced)
                    + f"<td>{_esc(m.get('note', ''))}</td></tr>")
     out.append("</table>")
+    if _spliced_caption(ev):
+        out.append(f"<p class='cap'>{_esc(_spliced_caption(ev))}</p>")
     for name, why in ev.get("skipped", {}).items():
         out.append(f"<p class='cap'>{_esc(name)}: {_esc(why)}</p>")
     san = ev.get("sanity", {})
@@ -236,16 +266,33 @@ def _audit_html(au: dict) -> list[str]:
     return out
 
 
+def _ladder_html(ld: dict, png: bytes | None) -> list[str]:
+    from .sae import format_ladder
+
+    out = [f"<h2>NLA vs SAE on the same activations</h2><p class='cap'>TopK SAEs (k = "
+           f"{', '.join(ld['ladder'].get('fve_nrm', {}))}) trained on {_esc(ld['training']['n'])}"
+           f" vectors of {_esc('+'.join(ld['training']['splits']))}; {_esc(ld['denominator'])}."
+           "</p>"]
+    if png:
+        out.append("<img alt='SAE ladder' src='data:image/png;base64,"
+                   + base64.b64encode(png).decode("ascii") + "'>")
+    out.append(f"<pre>{_esc(format_ladder(ld))}</pre>")
+    return out
+
+
 def render_html(eval_data: dict | None = None, audit_data: dict | None = None,
-                title: str = "nlakit report") -> str:
-    if eval_data is None and audit_data is None:
-        raise NLAError("a report needs an eval result, an audit result, or both")
+                title: str = "nlakit report", ladder_data: dict | None = None,
+                ladder_png: bytes | None = None) -> str:
+    if eval_data is None and audit_data is None and ladder_data is None:
+        raise NLAError("a report needs an eval result, an audit result or an SAE ladder")
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>")]
     if eval_data is not None:
         parts += _eval_html(eval_data)
     if audit_data is not None:
         parts += _audit_html(audit_data)
+    if ladder_data is not None:
+        parts += _ladder_html(ladder_data, ladder_png)
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -254,18 +301,22 @@ def render_html(eval_data: dict | None = None, audit_data: dict | None = None,
 
 
 def render_markdown(eval_data: dict | None = None, audit_data: dict | None = None,
-                    title: str = "nlakit report") -> str:
+                    title: str = "nlakit report", ladder_data: dict | None = None) -> str:
     out = [f"# {title}", ""]
     if eval_data is not None:
         ev = eval_data
+        spliced = SPLICED_COLUMNS if _has_spliced(ev) else ()
         out += ["## Evaluation", "", _scope_md(ev), "",
                 ("| method | rows | fve_nrm [95% CI] | mse_nrm [95% CI] | cos [95% CI] | "
-                "fve_meannorm |"), "|---|---:|---:|---:|---:|---:|"]
+                 "fve_meannorm |" + "".join(f" {h} |" for _, h, _ in spliced)),
+                "|---|---:|---:|---:|---:|---:|" + "---:|" * len(spliced)]
         for name, m in ev["methods"].items():
             out.append(f"| {name} | {m['n_rows']} | {_fmt(m['fve_nrm'])} | "
                        f"{_fmt(m['mse_nrm'])} | {_fmt(m['cos'])} | "
-                       f"{m['fve_meannorm']['mean']:+.3f} |")
-        out += [""] + [f"- {n}: {w}" for n, w in ev.get("skipped", {}).items()] + [""]
+                       f"{m['fve_meannorm']['mean']:+.3f} |"
+                       + "".join(f" {_fmt(m.get(k), f)} |" for k, _, f in spliced))
+        out += [""] + ([_spliced_caption(ev), ""] if _spliced_caption(ev) else [])
+        out += [f"- {n}: {w}" for n, w in ev.get("skipped", {}).items()] + [""]
     if audit_data is not None:
         au = audit_data
         out += ["## Faithfulness audit", "", _scope_md(au),
@@ -287,6 +338,10 @@ def render_markdown(eval_data: dict | None = None, audit_data: dict | None = Non
         if ab.get("verdict"):
             out.append(f"- {ab['verdict']}")
         out.append("")
+    if ladder_data is not None:
+        from .sae import format_ladder
+
+        out += ["## NLA vs SAE on the same activations", "", format_ladder(ladder_data), ""]
     return "\n".join(out)
 
 
@@ -299,10 +354,14 @@ class ReportConfig:
 
 
 def write_report(path: str | Path, eval_data: dict | None = None,
-                 audit_data: dict | None = None, title: str = "nlakit report") -> tuple[Path, Path]:
-    """Write PATH (HTML) and PATH with suffix .md (Markdown summary); returns both paths."""
+                 audit_data: dict | None = None, title: str = "nlakit report", *,
+                 ladder_data: dict | None = None,
+                 ladder_png: str | Path | None = None) -> tuple[Path, Path]:
+    """Write PATH (HTML) and PATH with suffix .md (Markdown summary); returns both paths.
+    ladder_data: a `nlakit sae` ladder.json (its plot `ladder_png` is embedded)."""
     path = Path(path)
-    write_text_atomic(path, render_html(eval_data, audit_data, title))
+    png = Path(ladder_png).read_bytes() if ladder_png and Path(ladder_png).is_file() else None
+    write_text_atomic(path, render_html(eval_data, audit_data, title, ladder_data, png))
     md = path.with_suffix(".md")
-    write_text_atomic(md, render_markdown(eval_data, audit_data, title))
+    write_text_atomic(md, render_markdown(eval_data, audit_data, title, ladder_data))
     return path, md

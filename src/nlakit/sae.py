@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -334,5 +334,259 @@ def plot_ladder(ladder: dict[str, dict[int, float]], lines: dict[str, dict[str, 
     return path
 
 
-__all__ = ["DEFAULT_KS", "SAETrainConfig", "TopKSAE", "directions", "plot_ladder",
-           "train_sae", "training_vectors", "worth_k"]
+# ---- `nlakit sae`: the ladder on a store ------------------------------------------------------
+
+LADDER_METRICS = ("fve_nrm", "kl", "ce_recovered")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class LadderConfig:
+    """``nlakit sae``: which SAEs, trained how, scored on which rows."""
+
+    ks: tuple[int, ...] = field(default=DEFAULT_KS, metadata=_help(
+        "active latents k of each TopK SAE (comma-separated on the command line)"))
+    width_mult: int = field(default=8, metadata=_help("SAE width as a multiple of d_model"))
+    source: str = field(default="tokens", metadata=_help(
+        "training vectors: tokens (every eligible token of the training splits' documents, "
+        "recomputed with the target) or rows (the stored training rows only)"))
+    max_vectors: int | None = field(default=None, metadata=_help(
+        "keep a seeded random subset of this many training vectors"))
+    epochs: float = field(default=8.0, metadata=_help("passes over the training vectors"))
+    lr: float | None = field(default=None, metadata=_help(
+        "Adam learning rate (None: 2e-4 / sqrt(width / 2^14), capped at 1e-3)"))
+    batch_size: int = field(default=1024, metadata=_help("training vectors per step"))
+    split: str = field(default="heldout", metadata=_help("the split the ladder is scored on"))
+    max_rows: int | None = field(default=None, metadata=_help(
+        "score about this many rows, choosing whole documents (seeded; as `nlakit eval`)"))
+    reread_tokens: tuple[int, ...] = field(default=(8, 32), metadata=_help(
+        "reread_N lines: the frozen target re-reading the last N tokens (as `nlakit eval`)"))
+    max_new_tokens: int = field(default=150, metadata=_help(
+        "explanation length cap of --nla's explanations"))
+    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples"))
+    seed: int = field(default=0, metadata=_help("seed of training, row choice and bootstrap"))
+
+    def __post_init__(self):
+        from .evaluate import _token_counts
+
+        self.ks = _token_counts("ks", self.ks)
+        self.reread_tokens = _token_counts("reread_tokens", self.reread_tokens)
+        if not self.ks:
+            raise NLAError("sae: ks needs at least one k")
+        if self.source not in ("tokens", "rows"):
+            raise NLAError(f"sae: source must be tokens or rows, got {self.source!r}")
+        for name in ("width_mult", "batch_size", "n_boot", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise NLAError(f"sae: {name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs <= 0:
+            raise NLAError(f"sae: epochs must be > 0, got {self.epochs}")
+
+
+@dataclass
+class LadderInputs:
+    acts: str = field(metadata={"help": "activation store", "required": True})
+    out: str = field(metadata={"help": "output directory: ladder.json, ladder.md, ladder.png, "
+                                       "sae_k*/ (SAELens tensor names)", "required": True})
+    nla: str | None = field(default=None, metadata=_help(
+        "an NLA (directory or shipped name) to explain and score on the same rows"))
+    eval_json: str | None = field(default=None, metadata=_help(
+        "an eval.json of the same rows whose methods are put on the ladder"))
+    report: str | None = field(default=None, metadata=_help(
+        "also write an HTML report with the ladder plot here (.md beside it)"))
+    device: str | None = field(default=None, metadata=_help("cpu, cuda, cuda:N or auto"))
+    progress: bool = field(default=True, metadata=_help("show progress bars"))
+
+
+def _train_or_reuse(x: torch.Tensor, k: int, config: LadderConfig, out: Path, store,
+                    progress: bool):
+    """The SAE of one rung, reused from out/sae_k{k} when it was trained with the same
+    settings on the same store (a rerun resumes after the last finished rung)."""
+    tcfg = SAETrainConfig(k=k, width=config.width_mult * x.shape[1], epochs=config.epochs,
+                          lr=config.lr, batch_size=config.batch_size, seed=config.seed)
+    path = out / f"sae_k{k}"
+    if (path / "cfg.json").is_file():
+        saved = json.loads((path / "cfg.json").read_text())
+        log_ = saved.get("train_log", {})
+        if (log_.get("config") == asdict(tcfg) and saved.get("store") == str(store.path)
+                and log_.get("n_train") == len(x)):
+            return TopKSAE.load(path), log_
+    sae, log_ = train_sae(x, tcfg, progress=progress)
+    sae.save(path, extra={"layer": store.layer, "store": str(store.path), "train_log": log_})
+    return sae, log_
+
+
+def _eval_lines(path: str | Path, rows) -> tuple[dict, float | None]:
+    """{method: {metric: mean}} of an eval.json scored on exactly `rows`, and the NLA's mean
+    explanation length in tokens."""
+    data = json.loads(Path(path).read_text())
+    ids = sorted(int(r["row_id"]) for r in data.get("rows", []))
+    if ids != sorted(int(r) for r in rows.row_ids):
+        raise NLAError(f"{path} scored {len(ids)} rows of split {data.get('split')!r}, the ladder "
+                       f"{len(rows)} rows of {rows.split!r}: give `nlakit sae` the eval's "
+                       "--split, --max-rows and --seed so both score the same rows")
+    lines = {name: {m: {"mean": s[m]["mean"], "ci": s[m]["ci"]} for m in
+                    (*LADDER_METRICS, "delta_ce") if m in s}
+             for name, s in data["methods"].items()}
+    tokens = (data.get("explanations") or {}).get("mean_tokens")
+    return lines, tokens
+
+
+def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
+    """TopK SAEs for each k trained on the store's training splits, scored on `config.split`
+    with fve_nrm, kl and ce_recovered next to baselines (mean_direction_train, reread_N) and,
+    when given, an NLA and an eval.json's methods; writes OUT/ladder.json, ladder.md,
+    ladder.png. Returns OUT/ladder.json."""
+    from . import splice
+    from .evaluate import (
+        bootstrap_summary,
+        denominators,
+        row_metrics,
+        select_rows,
+        training_mean_direction,
+    )
+    from .ladder import reread_predictions
+    from .store import ActivationStore
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(inputs.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ActivationStore(inputs.acts)
+    target = splice.load_target(store, device=inputs.device)
+    model, tok = target
+    rows = select_rows(store, config.split, config.max_rows, config.seed)
+    den = denominators(store, rows)
+    eval_lines, nla_tokens = ({}, None)
+    if inputs.eval_json:
+        eval_lines, nla_tokens = _eval_lines(inputs.eval_json, rows)
+
+    t = time.perf_counter()
+    cache = out / f"train_vectors_{config.source}.pt"
+    key = {"store": str(store.path), "source": config.source, "max_vectors": config.max_vectors,
+           "seed": config.seed}
+    blob = torch.load(cache) if cache.is_file() else None
+    if blob is not None and blob.get("key") == key:
+        train, info = blob["vectors"], blob["info"]
+    else:
+        train, info = training_vectors(store, source=config.source, target=target,
+                                       max_vectors=config.max_vectors, seed=config.seed,
+                                       progress=inputs.progress)
+        from .fileio import atomic_path
+
+        with atomic_path(cache) as tmp:
+            torch.save({"vectors": train, "info": info, "key": key}, tmp)
+    timings["training_vectors"] = time.perf_counter() - t
+    x = directions(train)
+    preds, logs = {}, {}
+    for k in config.ks:
+        t = time.perf_counter()
+        sae, logs[k] = _train_or_reuse(x, k, config, out, store, inputs.progress)
+        preds[f"sae_k{k}"] = sae.reconstruct(rows.vectors)
+        timings[f"sae_k{k}"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tm = training_mean_direction(store, rows.split)
+    if tm is not None:
+        mu, _ = tm
+        preds["mean_direction_train"] = (mu / mu.norm()).expand(len(rows), -1).clone()
+    for n in config.reread_tokens:
+        preds[f"reread_{n}"] = reread_predictions(model, tok, store.layer, rows.prefixes, n)
+    timings["baselines"] = time.perf_counter() - t
+    if inputs.nla:
+        from .nla import NLA
+
+        t = time.perf_counter()
+        nla = NLA.load(inputs.nla, device=inputs.device, target=target)
+        exps = nla.explain(rows.vectors, n=1, temperature=0.0,
+                           max_new_tokens=config.max_new_tokens, batch_size=16)
+        preds["nla"] = nla.reconstruct([e.text for e in exps], batch_size=16)
+        nla_tokens = float(np.mean([e.n_tokens for e in exps]))
+        eval_lines.pop("nla", None)  # this NLA's own line replaces an eval.json's
+        timings["nla"] = time.perf_counter() - t
+
+    fve = {name: bootstrap_summary(row_metrics(p, rows.vectors, den), rows.doc_ids,
+                                   n_boot=config.n_boot, seed=config.seed)
+           for name, p in preds.items()}
+    t = time.perf_counter()
+    spliced, _ = splice.spliced_eval(store, rows, preds, target=target, n_boot=config.n_boot,
+                                     seed=config.seed, progress=inputs.progress)
+    timings["splice"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+
+    methods = {name: {"fve_nrm": fve[name]["fve_nrm"],
+                      **{m: spliced["methods"][name][m] for m in ("kl", "ce_recovered",
+                                                                  "delta_ce")
+                         if m in spliced["methods"].get(name, {})}}
+               for name in preds}
+    for name, line in eval_lines.items():
+        methods.setdefault(f"eval:{name}" if name in methods else name, line)
+    ladder = {m: {k: methods[f"sae_k{k}"][m]["mean"] for k in config.ks}
+              for m in LADDER_METRICS if all(m in methods[f"sae_k{k}"] for k in config.ks)}
+    others = [n for n in methods if not n.startswith("sae_k")]
+    lines = {m: {n: methods[n][m]["mean"] for n in others if m in methods[n]} for m in ladder}
+    worth = {}
+    for n in others:
+        worth[n] = {m: worth_k({k: -v for k, v in ladder[m].items()} if m == "kl"
+                               else ladder[m], -lines[m][n] if m == "kl" else lines[m][n])
+                    for m in ladder if n in lines[m]}
+        if n == "nla" and nla_tokens is not None:
+            worth[n]["explanation_tokens"] = nla_tokens
+    spec = store.meta.get("model", {}).get("spec")
+    result = {"kind": "nlakit_sae_ladder", "store": str(store.path), "model": spec,
+              "split": rows.split, "n_rows": len(rows), "n_docs": rows.n_docs,
+              "layer": store.layer, "d_model": store.d_model, "training": info,
+              "config": asdict(config), "sae_logs": {str(k): v for k, v in logs.items()},
+              "denominator": f"fve_nrm: rawvar = {den.rawvar:.6f} from {den.rawvar_source}",
+              "ci": f"95% percentile bootstrap over documents ({config.n_boot} resamples)",
+              "spliced": {k: v for k, v in spliced.items() if k != "methods"},
+              "methods": methods, "ladder": {m: {str(k): v for k, v in r.items()}
+                                             for m, r in ladder.items()},
+              "lines": lines, "worth": worth, "nla_mean_tokens": nla_tokens,
+              "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+    from .fileio import write_json, write_text_atomic
+
+    path = out / "ladder.json"
+    write_json(path, result)
+    plot_ladder(ladder, lines, out / "ladder.png",
+                title=f"{spec} layer {store.layer}, {len(rows)} {rows.split} rows / "
+                      f"{rows.n_docs} docs")
+    write_text_atomic(out / "ladder.md", format_ladder(result) + "\n")
+    if inputs.report:
+        from .report import write_report
+
+        eval_data = json.loads(Path(inputs.eval_json).read_text()) if inputs.eval_json else None
+        write_report(inputs.report, eval_data=eval_data, ladder_data=result,
+                     ladder_png=out / "ladder.png", title="nlakit sae ladder")
+    return path
+
+
+def format_ladder(result: dict) -> str:
+    """The ladder as a Markdown table (means and CIs) and one "worth about k latents" line per
+    method that is not an SAE."""
+    def cell(s, fmt="+.3f"):
+        return "n/a" if s is None else (f"{s['mean']:{fmt}} [{s['ci'][0]:{fmt}}, "
+                                        f"{s['ci'][1]:{fmt}}]")
+
+    md = [f"{result['model']} layer {result['layer']}: {result['n_rows']} {result['split']} rows "
+          f"from {result['n_docs']} documents; {result['denominator']}; "
+          f"ablation: {result['spliced'].get('ablation')}; {result['ci']}.", "",
+          "| method | fve_nrm [95% CI] | kl (nats) [95% CI] | ce_recovered [95% CI] | "
+          "delta_ce (nats) [95% CI] |", "|---|---|---|---|---|"]
+    for name, m in result["methods"].items():
+        md.append(f"| {name} | {cell(m.get('fve_nrm'))} | {cell(m.get('kl'), '.3f')} | "
+                  f"{cell(m.get('ce_recovered'))} | {cell(m.get('delta_ce'))} |")
+    md.append("")
+    for name, w in result["worth"].items():
+        parts = [f"by {m} {w[m]['text']}" for m in LADDER_METRICS if m in w]
+        tokens = w.get("explanation_tokens")
+        md.append(f"- {name}: {'; '.join(parts)}"
+                  + (f" (explanation: {tokens:.1f} tokens on average)" if tokens else ""))
+    return "\n".join(md)
+
+
+__all__ = ["DEFAULT_KS", "LadderConfig", "LadderInputs", "SAETrainConfig", "TopKSAE",
+           "directions", "format_ladder", "plot_ladder", "run_ladder", "train_sae",
+           "training_vectors", "worth_k"]
