@@ -212,7 +212,7 @@ def test_every_labeller_and_paraphraser_option_flag_applies_to_one_of_them():
     from nlakit.labels import LabellerOptions, get_labeller_class
 
     taken = set()
-    for name in ("local", "context", "openai"):
+    for name in ("local", "context", "openai", "nla"):
         taken |= set(get_labeller_class(name).OPTIONS)
     assert {f.name for f in fields(LabellerOptions)} <= taken
     assert {f.name for f in fields(ParaphraserOptions)} <= set().union(

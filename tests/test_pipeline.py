@@ -42,7 +42,8 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir):
     config = tiny_config(tmp_path, tiny_model_dir)
     summary = run_pipeline(config, progress=False)
     assert [s["stage"] for s in summary["stages"]] == list(STAGES)
-    assert all(s["status"] == ("disabled" if s["stage"] == "train_control" else "done")
+    off_by_default = ("train_control", "label_ar")
+    assert all(s["status"] == ("disabled" if s["stage"] in off_by_default else "done")
                for s in summary["stages"])
     run = tmp_path / "runs" / "tiny"
     for path in ("acts/meta.yaml", "labels/meta.yaml", "sft/av/nla_meta.yaml",
@@ -66,7 +67,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir):
 
     again = run_pipeline(config, progress=False)
     assert all(s["status"] in ("skipped", "disabled") for s in again["stages"])
-    assert dict(plan(config)) == {s: "disabled" if s == "train_control" else "complete"
+    assert dict(plan(config)) == {s: "disabled" if s in off_by_default else "complete"
                                   for s in STAGES}
 
     # enabling the shuffled control adds its stage and redoes the eval (now with a control)
@@ -207,13 +208,57 @@ def test_an_old_run_directory_still_resumes(tmp_path):
     config = tiny_config(tmp_path, "/models/tiny", train_control={"enabled": True, "lr": 1e-3})
     cfg = load_config(config)
     pipe = Pipeline(cfg)
-    assert {s: pipe.stage_hash(s) for s in STAGES} == LEGACY_HASHES
+    # every stage of 0.1 hashes as it did; stages added since (off by default) are new
+    assert {s: pipe.stage_hash(s) for s in LEGACY_HASHES} == LEGACY_HASHES
+    assert set(STAGES) - set(LEGACY_HASHES) == {"label_ar"}
     stamps = tmp_path / "runs" / "tiny" / ".pipeline"
     stamps.mkdir(parents=True)
     for stage, digest in LEGACY_HASHES.items():  # the 0.1 stamp format
         (stamps / f"{stage}.json").write_text(json.dumps(
             {"stage": stage, "hash": digest, "config": {}, "seconds": 1.0,
              "finished": "2026-11-20T10:00:00+0000"}))
-    assert set(dict(plan(config)).values()) == {"complete"}
+    assert set(dict(plan(config)).values()) == {"complete", "disabled"}
     summary = run_pipeline(config, progress=False)
-    assert {s["status"] for s in summary["stages"]} == {"skipped"}
+    assert {s["stage"]: s["status"] for s in summary["stages"]} == {
+        s: "disabled" if s == "label_ar" else "skipped" for s in STAGES}
+
+
+def test_label_ar_trains_the_ar_on_the_avs_own_explanations(tmp_path, tiny_model_dir,
+                                                           monkeypatch):
+    from nlakit.labels import ParsedLabel
+    from nlakit.labels.verbalizer import VerbalizerLabeller
+    from nlakit.verbalizer import parse_explanation
+
+    # a 2-step tiny AV writes no closed 2-line explanations; keep whatever it wrote
+    monkeypatch.setattr(VerbalizerLabeller, "parse", lambda self, raw: ParsedLabel(
+        [parse_explanation(raw)[0] or "(empty)", "tiny AV output"]))
+    config = tiny_config(tmp_path, tiny_model_dir, label_ar={"enabled": True,
+                                                              "max_new_tokens": 12},
+                         train_rl={"enabled": False}, audit={"enabled": False})
+    summary = run_pipeline(config, stop="train_ar", progress=False)
+    assert {s["stage"]: s["status"] for s in summary["stages"]}["label_ar"] == "done"
+    run = tmp_path / "runs" / "tiny"
+    from nlakit.labels import LabelSet
+
+    labels = LabelSet(run / "labels_ar")
+    assert labels.meta["labeller"]["kind"] == "nla" and labels.splits == ["ar_sft"]
+    ar = yaml.safe_load((run / "sft/ar/nla_meta.yaml").read_text())
+    assert Path(ar["nlakit"]["provenance"]["labels"]) == (run / "labels_ar").resolve()
+    # the labels are the AV's greedy explanations of those rows' vectors
+    from nlakit.nla import _load_av
+    from nlakit.store import ActivationStore
+
+    table = labels.table("ar_sft")
+    store = ActivationStore(run / "acts")
+    av, _ = _load_av(run / "sft/av", None, "cpu")
+    ids = table.column("row_id").to_pylist()[:3]
+    import numpy as np
+    import torch
+
+    from nlakit.store import vectors_from_arrow
+
+    rows = store.rows(ids, ["row_id", "vector"])
+    v = torch.from_numpy(np.asarray(vectors_from_arrow(rows.column("vector"), store.d_model)))
+    again = [e.text for e in av.generate(v, temperature=0.0, max_new_tokens=12)]
+    raws = dict(zip(table.column("row_id").to_pylist(), table.column("raw").to_pylist()))
+    assert [parse_explanation(raws[i])[0] for i in ids] == again

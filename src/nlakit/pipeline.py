@@ -92,6 +92,18 @@ def _sft_inputs(out: str):
     return inputs
 
 
+def _label_ar_inputs(p: Pipeline, progress: bool) -> S.ARLabelInputs:
+    return S.ARLabelInputs(acts=str(p.path("acts")), av=str(p.path("sft/av")),
+                           out=str(p.path("labels_ar")), device=p.cfg.device, progress=progress)
+
+
+def _train_ar_inputs(p: Pipeline, progress: bool) -> S.SFTInputs:
+    """The AR trains on the AV's explanations when label_ar is enabled, else on the labels."""
+    data = "labels_ar" if p.enabled("label_ar") else "labels"
+    return S.SFTInputs(data=str(p.path(data)), out=str(p.path("sft")), acts=str(p.path("acts")),
+                       progress=progress)
+
+
 def _rl_inputs(p: Pipeline, progress: bool) -> S.RLInputs:
     resume = (p.path("rl") / ".train-rl" / "checkpoint" / "state.pt").is_file()
     if resume:
@@ -137,9 +149,11 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("train_av", ("label",), SFT_CONFIG, S.run_train_av, _sft_inputs("sft"),
           ("sft/av", "sft/.train-av"), exclude=("dtype",), command=("train", "av"),
           inputs_class=S.SFTInputs, training=True),
-    Stage("train_ar", ("label",), SFT_CONFIG, S.run_train_ar, _sft_inputs("sft"),
+    Stage("label_ar", ("train_av",), "nlakit.labels.verbalizer:ARLabelConfig", S.run_label_ar,
+          _label_ar_inputs, ("labels_ar",), enabled=False),
+    Stage("train_ar", ("label",), SFT_CONFIG, S.run_train_ar, _train_ar_inputs,
           ("sft/ar", "sft/.train-ar"), exclude=("dtype", "control"), command=("train", "ar"),
-          inputs_class=S.SFTInputs, training=True),
+          inputs_class=S.SFTInputs, training=True, optional_upstream=("label_ar",)),
     Stage("train_control", ("label",), SFT_CONFIG, S.run_train_control, _sft_inputs("control"),
           ("control",), enabled=False, exclude=("dtype", "control"), inherits="train_av",
           command=("train", "control"), inputs_class=S.SFTInputs, training=True),
@@ -231,6 +245,7 @@ class PipelineConfig:
     extract: dict = field(default_factory=dict)
     label: dict = field(default_factory=dict)
     train_av: dict = field(default_factory=dict)
+    label_ar: dict = field(default_factory=dict)
     train_ar: dict = field(default_factory=dict)
     train_control: dict = field(default_factory=dict)
     train_rl: dict = field(default_factory=dict)
@@ -366,6 +381,7 @@ class Pipeline:
                                     **defaults, **section},
                 "label": lambda: {**defaults, **section},
                 "train_av": lambda: {"dtype": c.dtype, **section},
+                "label_ar": lambda: {**defaults, **section},
                 "train_ar": lambda: {"dtype": c.dtype, **section},
                 "train_control": lambda: {
                     "dtype": c.dtype, **{k: v for k, v in section.items() if k != "enabled"},

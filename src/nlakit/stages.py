@@ -148,6 +148,31 @@ def run_label(config, inputs: LabelInputs) -> Path:
     return Path(inputs.out)
 
 
+@dataclass
+class ARLabelInputs:
+    acts: str = _required("activation store directory")
+    av: str = _required("the trained AV directory whose explanations label the rows")
+    out: str = _required("output label-set directory")
+    device: str | None = field(default=None, metadata=_help("cpu (default), cuda, auto"))
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+
+
+def run_label_ar(config, inputs: ARLabelInputs) -> Path:
+    """The trained AV's greedy explanations of the AR's training rows -> a label set the AR
+    trains on (instead of the warm-start labels)."""
+    from .labels import label_store
+    from .labels.verbalizer import VerbalizerLabeller
+    from .store import ActivationStore
+
+    store = ActivationStore(inputs.acts)
+    labeller = VerbalizerLabeller(store, inputs.av, device=inputs.device,
+                                  batch_size=config.batch_size,
+                                  max_new_tokens=config.max_new_tokens)
+    label_store(store, labeller, inputs.out, splits=config.splits, max_rows=config.max_rows,
+                progress=inputs.progress)
+    return Path(inputs.out)
+
+
 def _train_sft(role: str, config, inputs: SFTInputs) -> Path:
     from .train.sft import train_sft
 

@@ -9,6 +9,9 @@ Built-in labellers:
   * ``context`` deterministic and grounded in the target model: kind of text (rules), the last
                 words of the context (quoted), and the target's own top-k next-token predictions
                 (`nlakit.labels.context`).
+  * ``nla``     a trained AV's own explanations of the rows' vectors: not a warm start but the
+                AR's training data (`nlakit.labels.verbalizer`; the one labeller that reads the
+                vector, through the AV).
 Add your own by subclassing `Labeller` and calling `register_labeller`, or by an entry point in
 the group ``nlakit.labellers`` that names the class.
 """
@@ -85,6 +88,8 @@ class LabellerOptions:
     top_k: int | None = field(default=None, metadata={"help": "context: predictions shown (3)"})
     n_words: int | None = field(default=None, metadata={
         "help": "context: last words of the context quoted (6; style v1)"})
+    av: str | None = field(default=None, metadata={
+        "help": "nla: the trained AV directory whose greedy explanations are the labels"})
     style: str | None = field(default=None, metadata={
         "help": "context: label format, v1 (kind, quoted last words, predictions) or tail "
                 "(current token first, kind + predictions, then the verbatim last tokens last, "
@@ -177,6 +182,7 @@ _REGISTRY: dict[str, type[Labeller] | str] = {
     "local": "nlakit.labels.local:LocalLabeller",
     "context": "nlakit.labels.context:ContextLabeller",
     "openai": "nlakit.labels.openai:OpenAILabeller",
+    "nla": "nlakit.labels.verbalizer:VerbalizerLabeller",
 }
 
 
