@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/spliced.py --store ACTS [--max-rows N] [--repeats 2]
         [--methods 8] [--gen-rows 16] [--max-new-tokens 150]
 
-On the store's held-out rows (embedded SmolLM2 store: see docs/spliced.md) it times, alternating
-within one run so that background load hits all alike (the minimum over --repeats is printed):
+On the store's held-out rows (embedded SmolLM2 store: docs/benchmarks.md, "Spliced metrics") it
+times, alternating within one run so that background load hits all alike (the minimum over
+--repeats is printed):
   ar_score_1      what plain eval spends per scored method: the AR reading one text per row
                   (quote_32 texts, an untrained AR built from the target: speed does not depend
                   on training) plus the fve/mse/cos metrics;

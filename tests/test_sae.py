@@ -146,6 +146,12 @@ def test_sae_cli_writes_the_ladder_with_an_nla_and_an_eval_json(tiny, tiny_store
     assert "NLA vs SAE" in html and "data:image/png;base64" in html and "kl (nats)" in html
     printed = capsys.readouterr().out
     assert "sae_k4" in printed and "worth" in printed
+    # `nlakit report` puts a ladder next to an eval
+    assert main(["report", "--eval", str(ev), "--ladder", str(out / "ladder.json"), "--out",
+                 str(tmp_path / "rep" / "r.html")]) == 0
+    md = (tmp_path / "rep" / "r.md").read_text()
+    assert "## NLA vs SAE on the same activations" in md and "ce_recovered" in md
+    assert "data:image/png;base64" in (tmp_path / "rep" / "r.html").read_text()
     # a rerun reuses the trained SAEs; an eval.json of other rows is refused
     assert main([*common]) == 0
     again = json.loads((out / "ladder.json").read_text())

@@ -123,6 +123,8 @@ class ReportInputs:
     out: str = _required("report.html (report.md is written beside it)")
     eval: str | None = field(default=None, metadata=_help("eval.json"))
     audit: str | None = field(default=None, metadata=_help("audit.json"))
+    ladder: str | None = field(default=None, metadata=_help(
+        "ladder.json of `nlakit sae` (its ladder.png beside it is embedded)"))
 
 
 # ---- run functions ----------------------------------------------------------------------------
@@ -323,8 +325,10 @@ def run_report(config, inputs: ReportInputs) -> Path:
 
     ev = json.loads(Path(inputs.eval).read_text()) if inputs.eval else None
     au = json.loads(Path(inputs.audit).read_text()) if inputs.audit else None
+    ld = json.loads(Path(inputs.ladder).read_text()) if inputs.ladder else None
     html, _ = write_report(inputs.out, eval_data=ev, audit_data=au,
-                           title=config.title or "nlakit report")
+                           title=config.title or "nlakit report", ladder_data=ld,
+                           ladder_png=Path(inputs.ladder).with_suffix(".png") if ld else None)
     return html
 
 
