@@ -151,3 +151,21 @@ def test_kept_adapters_load_like_merged_weights(labels_dir, tmp_path, tiny):
     merged = NLA.load(tmp_path / "merged", target=tiny).explain(v, max_new_tokens=12)
     adapter = NLA.load(tmp_path / "adapter", target=tiny).explain(v, max_new_tokens=12)
     assert [e.raw for e in merged] == [e.raw for e in adapter]
+
+
+def test_a_kept_adapter_ar_reconstructs_like_its_merged_export(labels_dir, tmp_path, tiny):
+    cfg = dict(lr=1e-2, batch_size=4, max_steps=2)
+    train_sft("ar", labels_dir, tmp_path / "merged", SFTConfig(**cfg), progress=False)
+    train_sft("ar", labels_dir, tmp_path / "adapter", SFTConfig(**cfg, keep_adapters=True),
+              progress=False)
+    adapter_dir = tmp_path / "adapter" / "ar"
+    assert (adapter_dir / "adapter_config.json").is_file()
+    assert (adapter_dir / "value_head.safetensors").is_file()
+    assert not (adapter_dir / "model.safetensors").exists()
+    from nlakit.nla import _load_ar
+
+    texts = ["Kind of text: prose.", "the end of a line"]
+    merged, _ = _load_ar(tmp_path / "merged" / "ar", torch.float32, torch.device("cpu"))
+    adapter, meta = _load_ar(adapter_dir, torch.float32, torch.device("cpu"))
+    assert meta["nlakit"]["weights"] == "adapter"
+    assert torch.allclose(merged.reconstruct(texts), adapter.reconstruct(texts), atol=1e-5)

@@ -81,7 +81,8 @@ class SFTConfig:
                                                    "{injection_char} placeholder")
     ar_template: str = option(DEFAULT_AR_TEMPLATE, "AR prompt with an {explanation} "
                                                    "placeholder")
-    keep_adapters: bool = option(False, "AV: save LoRA adapters instead of merged weights")
+    keep_adapters: bool = option(False, "save LoRA adapters (and, for the AR, its head) instead "
+                                        "of merged weights: small, packable NLAs")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, ...); default: the "
                                      "device's")
 
@@ -182,9 +183,10 @@ class _Task:
             save_av_dir(role_dir, model, self.av.tokenizer, meta)
         else:
             body = self.ar.body
-            if hasattr(body, "merge_and_unload"):
+            keep = cfg.keep_adapters and hasattr(body, "peft_config")
+            if hasattr(body, "merge_and_unload") and not keep:
                 body = body.merge_and_unload()
-            nlakit["weights"] = "merged"
+            nlakit["weights"] = "adapter" if keep else "merged"
             meta = ar_meta(d_model=d, layer=store.layer, ar_template=cfg.ar_template,
                            nlakit=nlakit)
             save_ar_dir(role_dir, body, self.ar.head, self.ar.tokenizer, meta)
