@@ -93,3 +93,15 @@ def test_pack_refuses_merged_weights(tiny, tiny_store, tmp_path):
     merged = NLA.from_target(tiny, tiny_store.layer, injection_scale=10.0).save(tmp_path / "m")
     with pytest.raises(NLAError, match="merged weights"):
         pack_nla(merged, tmp_path / "out")
+
+
+def test_describe_lists_files_and_the_recorded_table(adapter_nla, tmp_path):
+    from nlakit.shipped import describe
+
+    root, _ = adapter_nla
+    (tmp_path / "eval.txt").write_text("method nla fve_nrm +0.123\n")
+    pack_nla(root, tmp_path / "nlas" / "tiny-nla", provenance={"eval.txt": tmp_path / "eval.txt"})
+    text = describe("tiny-nla", tmp_path / "nlas")
+    assert "every sha256 checked" in text and "fve_nrm +0.123" in text
+    with pytest.raises(NLAError, match="no shipped NLA named"):
+        describe("other", tmp_path / "nlas")

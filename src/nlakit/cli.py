@@ -285,6 +285,17 @@ def _positions(text: str):
                        f"{text!r}") from None
 
 
+def cmd_shipped(args) -> int:
+    from .shipped import describe, shipped_names
+
+    names = [args.name] if args.name else shipped_names()
+    if not names:
+        print("no NLA ships with this installation")
+    for name in names:
+        print(describe(name))
+    return 0
+
+
 def cmd_explain(args) -> int:
     from .nla import NLA
 
@@ -386,6 +397,11 @@ def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("shipped", help="the NLAs shipped in the package (load with --nla NAME)"
+                                       ": their files checked, provenance and eval table")
+    p.add_argument("name", nargs="?", default=None, help="one shipped NLA (default: list all)")
+    p.set_defaults(func=cmd_shipped)
 
     p = sub.add_parser("export", help="write an NLA in the official two-directory layout")
     p.add_argument("--nla", required=True)

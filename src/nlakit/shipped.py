@@ -121,3 +121,19 @@ def pack_nla(nla_dir: str | Path, out: str | Path, *, provenance: dict[str, Path
     write_json(out / MANIFEST_FILE, {"kind": "nlakit_shipped_nla", "files": files,
                                      "torch_version": torch.__version__})
     return out
+
+
+def describe(name: str, root: Path = SHIPPED_ROOT) -> str:
+    """A shipped NLA's name, size, checked manifest and recorded held-out eval table."""
+    if name not in shipped_names(root):
+        raise NLAError(f"no shipped NLA named {name!r}; shipped: {', '.join(shipped_names(root))}"
+                       " (or none)")
+    directory = root / name
+    manifest = verify(directory)
+    size = sum((directory / rel).stat().st_size for rel in manifest["files"])
+    lines = [f"{name}: {directory} ({len(manifest['files'])} files, {size / 2**20:.1f} MiB, "
+             "every sha256 checked)"]
+    table = directory / "provenance" / "eval.txt"
+    if table.is_file():
+        lines += ["recorded held-out evaluation (provenance/eval.txt):", table.read_text()]
+    return "\n".join(lines)
