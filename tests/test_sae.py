@@ -131,6 +131,7 @@ def test_sae_cli_writes_the_ladder_with_an_nla_and_an_eval_json(tiny, tiny_store
     for name in ("sae_k1", "sae_k4", "nla", "reread_4", "quote_2"):
         assert {"fve_nrm", "kl", "ce_recovered"} <= set(data["methods"][name]), name
     assert set(data["ladder"]) == {"fve_nrm", "kl", "ce_recovered"}
+    assert data["spliced"]["reference"]["true_vector"]["kl"]["mean"] < 1e-6
     assert list(data["ladder"]["fve_nrm"]) == ["1", "4"]
     # the same reread_4 scored by the eval and by the ladder: same rows, same numbers
     assert data["methods"]["reread_4"]["fve_nrm"]["mean"] == pytest.approx(

@@ -541,7 +541,11 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
               "config": asdict(config), "sae_logs": {str(k): v for k, v in logs.items()},
               "denominator": f"fve_nrm: rawvar = {den.rawvar:.6f} from {den.rawvar_source}",
               "ci": f"95% percentile bootstrap over documents ({config.n_boot} resamples)",
-              "spliced": {k: v for k, v in spliced.items() if k != "methods"},
+              "spliced": {**{k: v for k, v in spliced.items() if k != "methods"},
+                          "reference": {**(spliced.get("reference") or {}),
+                                        **{m: spliced["methods"][m] for m in (
+                                            splice.TRUE_METHOD, splice.ABLATION_METHOD)
+                                           if m in spliced["methods"]}}},
               "methods": methods, "ladder": {m: {str(k): v for k, v in r.items()}
                                              for m, r in ladder.items()},
               "lines": lines, "worth": worth, "nla_mean_tokens": nla_tokens,
