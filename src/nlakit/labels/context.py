@@ -149,7 +149,7 @@ class ContextLabeller(ModelLabeller):
             raise NLAError(f"tail_tokens must be >= 1, got {tail_tokens}")
         self.style, self.tail_tokens = style, int(tail_tokens)
         # v1 keeps its historical version (and cache keys); tail names its ending length
-        self.prompt_version = "context-v1" if style == "v1" else f"context-tail{tail_tokens}-v1"
+        self.prompt_version = "context-v1" if style == "v1" else f"context-tail-{tail_tokens}"
         self._weights = _weights_id(model)
         self._loaded = loaded  # an already loaded (model, tokenizer) of this spec
         self.stats = {"retokenized": 0, "retokenized_exact": 0}
@@ -162,7 +162,8 @@ class ContextLabeller(ModelLabeller):
     def _settings(self) -> dict:
         if self.style == "v1":  # unchanged identity: cached v1 labels stay valid
             return {"top_k": self.top_k, "n_words": self.n_words}
-        return {"top_k": self.top_k, "style": self.style, "tail_tokens": self.tail_tokens}
+        return {"top_k": self.top_k, "n_words": self.n_words, "style": self.style,
+                "tail_tokens": self.tail_tokens}
 
     def provenance(self) -> dict:
         return {**self.identity(), "batch_size": self.batch_size,
