@@ -169,7 +169,8 @@ def run_label_ar(config, inputs: ARLabelInputs) -> Path:
     store = ActivationStore(inputs.acts)
     labeller = VerbalizerLabeller(store, inputs.av, device=inputs.device,
                                   batch_size=config.batch_size,
-                                  max_new_tokens=config.max_new_tokens)
+                                  max_new_tokens=config.max_new_tokens,
+                                  keep_unfinished=config.keep_unfinished)
     label_store(store, labeller, inputs.out, splits=config.splits, max_rows=config.max_rows,
                 progress=inputs.progress)
     return Path(inputs.out)

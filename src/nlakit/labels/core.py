@@ -88,6 +88,8 @@ class LabellerOptions:
     top_k: int | None = field(default=None, metadata={"help": "context: predictions shown (3)"})
     n_words: int | None = field(default=None, metadata={
         "help": "context: last words of the context quoted (6; style v1)"})
+    keep_unfinished: bool | None = field(default=None, metadata={
+        "help": "nla: keep explanations cut at the length cap as labels (on)"})
     av: str | None = field(default=None, metadata={
         "help": "nla: the trained AV directory whose greedy explanations are the labels"})
     style: str | None = field(default=None, metadata={

@@ -38,11 +38,11 @@ class VerbalizerLabeller(Labeller):
     """Greedy explanations of a trained AV (``av``: its directory) for the store's rows."""
 
     kind = "nla"
-    OPTIONS = ("av", "device", "batch_size", "max_new_tokens")
+    OPTIONS = ("av", "device", "batch_size", "max_new_tokens", "keep_unfinished")
     prompt_version = "av-greedy-v1"
 
     def __init__(self, store, av: str | Path, *, device: str | None = None,
-                 batch_size: int = 32, max_new_tokens: int = 96):
+                 batch_size: int = 32, max_new_tokens: int = 96, keep_unfinished: bool = True):
         if store is None:
             raise NLAError("the nla labeller needs the activation store (it reads the vectors)")
         self.store, self.av_dir = store, Path(av)
@@ -50,6 +50,7 @@ class VerbalizerLabeller(Labeller):
             raise NLAError(f"--av {self.av_dir} is not an AV directory (no nla_meta.yaml)")
         self.device, self.batch_size = device, int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
+        self.keep_unfinished = bool(keep_unfinished)
         self._digest = _dir_digest(self.av_dir)
         self._av = None
 
@@ -61,7 +62,8 @@ class VerbalizerLabeller(Labeller):
 
     def identity(self) -> dict:
         return {"kind": self.kind, "prompt_version": self.prompt_version, "av": self._digest,
-                "settings": {"max_new_tokens": self.max_new_tokens}}
+                "settings": {"max_new_tokens": self.max_new_tokens,
+                             "keep_unfinished": self.keep_unfinished}}
 
     def provenance(self) -> dict:
         return {**self.identity(), "av_dir": str(self.av_dir.resolve()),
@@ -97,8 +99,10 @@ class VerbalizerLabeller(Labeller):
         v = torch.from_numpy(vectors[[by_id[i] for i in ids]].copy())
         exps = self._av.generate(v, n=1, temperature=0.0, max_new_tokens=self.max_new_tokens,
                                  batch_size=self.batch_size)
-        # an unfinished explanation keeps no closing tag: parsing drops it (and says so)
-        return [f"{OPEN_TAG}\n{e.text}\n" + (CLOSE_TAG if e.complete else "") for e in exps]
+        # The AR must read what the AV really writes, loops cut at the cap included (the eval
+        # scores those too); without keep_unfinished they keep no closing tag and are dropped.
+        return [f"{OPEN_TAG}\n{e.text}\n" + (CLOSE_TAG if e.complete or self.keep_unfinished
+                                               else "") for e in exps]
 
     def close(self) -> None:
         self._av = None
@@ -115,6 +119,8 @@ class ARLabelConfig:
     batch_size: int = field(default=32, metadata={"help": "rows per generation batch"})
     max_rows: int | None = field(default=None, metadata={
         "help": "at most this many rows per split"})
+    keep_unfinished: bool = field(default=True, metadata={
+        "help": "keep explanations cut at the cap (the eval reads those too); false drops them"})
 
     def __post_init__(self):
         if isinstance(self.splits, str):
