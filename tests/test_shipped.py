@@ -105,3 +105,21 @@ def test_describe_lists_files_and_the_recorded_table(adapter_nla, tmp_path):
     assert "every sha256 checked" in text and "fve_nrm +0.123" in text
     with pytest.raises(NLAError, match="no shipped NLA named"):
         describe("other", tmp_path / "nlas")
+
+
+@pytest.mark.slow
+def test_the_shipped_smollm2_nla_loads_by_name_and_explains():
+    """The NLA in the package: its files match the manifest, it loads by name over the
+    embedded model, and it states the current token of a text it explains."""
+    from nlakit.shipped import SHIPPED_ROOT
+
+    assert "smollm2-135m" in shipped_names()
+    manifest = verify(SHIPPED_ROOT / "smollm2-135m")
+    size = sum((SHIPPED_ROOT / "smollm2-135m" / rel).stat().st_size for rel in manifest["files"])
+    assert size < 30 * 2**20
+    nla = NLA.load("smollm2-135m")
+    assert nla.layer == 10 and nla.ar.template == "{explanation}"
+    (row,) = nla.explain_text("The assignment statement evaluates the expression list and",
+                              positions="last", max_new_tokens=40)
+    assert row.explanation.startswith("Current token: ")
+    assert -4.0 <= row.fve_nrm <= 1.0
