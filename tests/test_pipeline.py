@@ -258,7 +258,7 @@ def test_label_ar_trains_the_ar_on_the_avs_own_explanations(tmp_path, tiny_model
     from nlakit.store import vectors_from_arrow
 
     rows = store.rows(ids, ["row_id", "vector"])
-    v = torch.from_numpy(np.asarray(vectors_from_arrow(rows.column("vector"), store.d_model)))
+    v = torch.from_numpy(np.array(vectors_from_arrow(rows.column("vector"), store.d_model)))
     again = [e.text for e in av.generate(v, temperature=0.0, max_new_tokens=12)]
     raws = dict(zip(table.column("row_id").to_pylist(), table.column("raw").to_pylist()))
     assert [parse_explanation(raws[i])[0] for i in ids] == again
