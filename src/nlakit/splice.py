@@ -372,18 +372,8 @@ def ratio_bootstrap_ci(num, den, groups, *, n_boot: int = 1000, level: float = 0
                           "CE_original) over the rows"}
 
 
-def spliced_metrics(model, rows, tokens: RowTokens, predictions: Mapping[str, torch.Tensor], *,
-                    layer: int, ablation: torch.Tensor, ablation_name: str = "mean activation",
-                    rescale: bool = True, batch_docs: int = 4, max_queries: int = 512,
-                    progress: bool = False) -> SpliceResult:
-    """Splice every method's prediction at every evaluated row (see the module doc).
-
-    rows: doc_ids [n], positions [n], vectors [n, d] (the true block-K outputs; an EvalRows).
-    predictions: {method: [n, d]}; a row of NaNs means "no prediction for this row" (e.g. a
-    method that covers only some rows). ablation: [d], spliced unscaled.
-    Documents run `batch_docs` at a time; a document with more than `max_queries` queries is
-    split into several forwards (each recomputing the document's tokens)."""
-    t0 = time.perf_counter()
+def _checked_inputs(rows, predictions, ablation):
+    """(true [n, d], predictions {name: [n, d]}, ablation [d]) as float tensors, checked."""
     n = len(rows.positions)
     true = torch.as_tensor(rows.vectors).float()
     d = true.shape[1]
@@ -399,38 +389,43 @@ def spliced_metrics(model, rows, tokens: RowTokens, predictions: Mapping[str, to
     abl = torch.as_tensor(ablation).float().reshape(-1)
     if abl.numel() != d or not torch.isfinite(abl).all():
         raise NLAError(f"the ablation must be a finite [{d}] vector")
-    true_norm = true.norm(dim=1, keepdim=True)
+    return true, preds, abl
 
-    def spliced_vectors(name: str) -> torch.Tensor:
-        if name == TRUE_METHOD:
-            return true
-        if name == ABLATION_METHOD:
-            return abl.expand(n, -1)
-        p = preds[name]
-        if not rescale:
-            return p
+
+def _spliced_vectors(true, preds, abl, rescale: bool) -> dict[str, torch.Tensor]:
+    """What each method splices at each row: the true vector, the unscaled ablation, and each
+    prediction (rescaled to the true vector's norm unless `rescale` is off)."""
+    n, true_norm = true.shape[0], true.norm(dim=1, keepdim=True)
+    out = {TRUE_METHOD: true, ABLATION_METHOD: abl.expand(n, -1)}
+    for name, p in preds.items():
         norm = p.norm(dim=1, keepdim=True)
-        return torch.where(norm > 0, p * (true_norm / norm.clamp_min(1e-30)), p * np.nan)
+        out[name] = p if not rescale else torch.where(
+            norm > 0, p * (true_norm / norm.clamp_min(1e-30)), p * np.nan)
+    return out
 
-    vecs = {name: spliced_vectors(name) for name in names}
-    valid = {name: (torch.isfinite(v).all(1).numpy() & tokens.ok) for name, v in vecs.items()}
-    logp_true: dict[int, torch.Tensor] = {}  # row -> unmodified log-probs [V]
-    spl_lp: dict[tuple[int, str], torch.Tensor] = {}
 
-    # queries per document, split into chunks of at most max_queries
+def _query_chunks(rows, tokens: RowTokens, valid: dict, max_queries: int) -> list:
+    """[(doc, [(row, method)])]: a document's queries in chunks of at most max_queries, the
+    longest first (one forward runs the chunk's prefix plus one token per query)."""
     doc_rows: dict[str, list[int]] = {}
-    for i in range(n):
+    for i in range(len(rows.positions)):
         if tokens.ok[i]:
             doc_rows.setdefault(str(rows.doc_ids[i]), []).append(i)
-    chunks = []  # (doc, [(row, method)])
+    chunks = []
     for doc, rs in doc_rows.items():
-        qs = [(i, m) for i in rs for m in names if valid[m][i]]
+        qs = [(i, m) for i in rs for m in valid if valid[m][i]]
         for s in range(0, len(qs), max_queries):
             chunks.append((doc, qs[s:s + max_queries]))
     chunks.sort(key=lambda c: -(max(rows.positions[i] for i, _ in c[1]) + 1 + len(c[1])))
-    n_queries = sum(len(q) for _, q in chunks)
+    return chunks
+
+
+def _run_chunks(model, layer, rows, tokens, vecs, chunks, batch_docs, progress):
+    """Log-probs of the next token: unmodified per row, and spliced per (row, method)."""
     from tqdm.auto import tqdm
 
+    logp_true: dict[int, torch.Tensor] = {}
+    spl_lp: dict[tuple[int, str], torch.Tensor] = {}
     bar = tqdm(total=len(chunks), desc="splicing", unit="doc", disable=not progress)
     for s in range(0, len(chunks), batch_docs):
         batch = chunks[s:s + batch_docs]
@@ -449,7 +444,12 @@ def spliced_metrics(model, rows, tokens: RowTokens, predictions: Mapping[str, to
                 spl_lp[(i, m)] = torch.log_softmax(spl[j], -1)
         bar.update(len(batch))
     bar.close()
+    return logp_true, spl_lp
 
+
+def _row_values(n, names, tokens, logp_true, spl_lp):
+    """Per-row CE of the original and the ablation, and per method kl, ce, delta_ce and
+    ce_recovered (NaN where a row has no value)."""
     nan = np.full(n, np.nan)
     ce_orig, ce_abl = nan.copy(), nan.copy()
     per_method = {m: {k: nan.copy() for k in ("kl", "ce", "delta_ce", "ce_recovered")}
@@ -473,6 +473,30 @@ def spliced_metrics(model, rows, tokens: RowTokens, predictions: Mapping[str, to
                 den = ce_abl[i] - ce_orig[i]
                 if np.isfinite(den) and abs(den) >= _EPS_DEN:
                     r["ce_recovered"][i] = (ce_abl[i] - r["ce"][i]) / den
+    return per_method, ce_orig, ce_abl
+
+
+def spliced_metrics(model, rows, tokens: RowTokens, predictions: Mapping[str, torch.Tensor], *,
+                    layer: int, ablation: torch.Tensor, ablation_name: str = "mean activation",
+                    rescale: bool = True, batch_docs: int = 4, max_queries: int = 512,
+                    progress: bool = False) -> SpliceResult:
+    """Splice every method's prediction at every evaluated row (see the module doc).
+
+    rows: doc_ids [n], positions [n], vectors [n, d] (the true block-K outputs; an EvalRows).
+    predictions: {method: [n, d]}; a row of NaNs means "no prediction for this row" (e.g. a
+    method that covers only some rows). ablation: [d], spliced unscaled.
+    Documents run `batch_docs` at a time; a document with more than `max_queries` queries is
+    split into several forwards (each recomputing the document's tokens)."""
+    t0 = time.perf_counter()
+    true, preds, abl = _checked_inputs(rows, predictions, ablation)
+    vecs = _spliced_vectors(true, preds, abl, rescale)
+    valid = {name: (torch.isfinite(v).all(1).numpy() & tokens.ok) for name, v in vecs.items()}
+    chunks = _query_chunks(rows, tokens, valid, max_queries)
+    logp_true, spl_lp = _run_chunks(model, layer, rows, tokens, vecs, chunks, batch_docs,
+                                    progress)
+    per_method, ce_orig, ce_abl = _row_values(len(rows.positions), list(vecs), tokens,
+                                              logp_true, spl_lp)
+    n_queries = sum(len(q) for _, q in chunks)
     return SpliceResult(per_method, ce_orig, ce_abl, ablation_name, rescale, n_queries,
                         time.perf_counter() - t0)
 
