@@ -434,6 +434,53 @@ def _eval_lines(path: str | Path, rows) -> tuple[dict, float | None]:
     return lines, tokens
 
 
+def _cached_training_vectors(store, target, config, out: Path, progress: bool):
+    """The SAEs' training vectors (`training_vectors`), cached in OUT for reruns of the same
+    store, source, cap and seed."""
+    cache = out / f"train_vectors_{config.source}.pt"
+    key = {"store": str(store.path), "source": config.source, "max_vectors": config.max_vectors,
+           "seed": config.seed}
+    blob = torch.load(cache) if cache.is_file() else None
+    if blob is not None and blob.get("key") == key:
+        return blob["vectors"], blob["info"]
+    train, info = training_vectors(store, source=config.source, target=target,
+                                   max_vectors=config.max_vectors, seed=config.seed,
+                                   progress=progress)
+    from .fileio import atomic_path
+
+    with atomic_path(cache) as tmp:
+        torch.save({"vectors": train, "info": info, "key": key}, tmp)
+    return train, info
+
+
+def _place_on_ladder(methods: dict, ks, nla_tokens):
+    """(ladder {metric: {k: mean}}, lines {metric: {method: mean}} of the other methods, and
+    worth {method: {metric: k}}: where each method sits on the SAE ladder)."""
+    ladder = {m: {k: methods[f"sae_k{k}"][m]["mean"] for k in ks}
+              for m in LADDER_METRICS if all(m in methods[f"sae_k{k}"] for k in ks)}
+    others = [n for n in methods if not n.startswith("sae_k")]
+    lines = {m: {n: methods[n][m]["mean"] for n in others if m in methods[n]} for m in ladder}
+    worth = {}
+    for n in others:  # kl: lower is better, so the ladder and the line are negated
+        worth[n] = {m: worth_k({k: -v for k, v in ladder[m].items()} if m == "kl"
+                               else ladder[m], -lines[m][n] if m == "kl" else lines[m][n])
+                    for m in ladder if n in lines[m]}
+        if n == "nla" and nla_tokens is not None:
+            worth[n]["explanation_tokens"] = nla_tokens
+    return ladder, lines, worth
+
+
+def _nla_predictions(inputs, config, target, rows):
+    """The NLA's greedy round trip of the rows ([n, d]) and its mean explanation length."""
+    from .nla import NLA
+
+    nla = NLA.load(inputs.nla, device=inputs.device, target=target)
+    exps = nla.explain(rows.vectors, n=1, temperature=0.0,
+                       max_new_tokens=config.max_new_tokens, batch_size=16)
+    pred = nla.reconstruct([e.text for e in exps], batch_size=16)
+    return pred, float(np.mean([e.n_tokens for e in exps]))
+
+
 def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
     """TopK SAEs for each k trained on the store's training splits, scored on `config.split`
     with fve_nrm, kl and ce_recovered next to baselines (mean_direction_train, reread_N) and,
@@ -464,20 +511,7 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
         eval_lines, nla_tokens = _eval_lines(inputs.eval_json, rows)
 
     t = time.perf_counter()
-    cache = out / f"train_vectors_{config.source}.pt"
-    key = {"store": str(store.path), "source": config.source, "max_vectors": config.max_vectors,
-           "seed": config.seed}
-    blob = torch.load(cache) if cache.is_file() else None
-    if blob is not None and blob.get("key") == key:
-        train, info = blob["vectors"], blob["info"]
-    else:
-        train, info = training_vectors(store, source=config.source, target=target,
-                                       max_vectors=config.max_vectors, seed=config.seed,
-                                       progress=inputs.progress)
-        from .fileio import atomic_path
-
-        with atomic_path(cache) as tmp:
-            torch.save({"vectors": train, "info": info, "key": key}, tmp)
+    train, info = _cached_training_vectors(store, target, config, out, inputs.progress)
     timings["training_vectors"] = time.perf_counter() - t
     x = directions(train)
     preds, logs = {}, {}
@@ -496,14 +530,8 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
         preds[f"reread_{n}"] = reread_predictions(model, tok, store.layer, rows.prefixes, n)
     timings["baselines"] = time.perf_counter() - t
     if inputs.nla:
-        from .nla import NLA
-
         t = time.perf_counter()
-        nla = NLA.load(inputs.nla, device=inputs.device, target=target)
-        exps = nla.explain(rows.vectors, n=1, temperature=0.0,
-                           max_new_tokens=config.max_new_tokens, batch_size=16)
-        preds["nla"] = nla.reconstruct([e.text for e in exps], batch_size=16)
-        nla_tokens = float(np.mean([e.n_tokens for e in exps]))
+        preds["nla"], nla_tokens = _nla_predictions(inputs, config, target, rows)
         eval_lines.pop("nla", None)  # this NLA's own line replaces an eval.json's
         timings["nla"] = time.perf_counter() - t
 
@@ -523,17 +551,7 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
                for name in preds}
     for name, line in eval_lines.items():
         methods.setdefault(f"eval:{name}" if name in methods else name, line)
-    ladder = {m: {k: methods[f"sae_k{k}"][m]["mean"] for k in config.ks}
-              for m in LADDER_METRICS if all(m in methods[f"sae_k{k}"] for k in config.ks)}
-    others = [n for n in methods if not n.startswith("sae_k")]
-    lines = {m: {n: methods[n][m]["mean"] for n in others if m in methods[n]} for m in ladder}
-    worth = {}
-    for n in others:
-        worth[n] = {m: worth_k({k: -v for k, v in ladder[m].items()} if m == "kl"
-                               else ladder[m], -lines[m][n] if m == "kl" else lines[m][n])
-                    for m in ladder if n in lines[m]}
-        if n == "nla" and nla_tokens is not None:
-            worth[n]["explanation_tokens"] = nla_tokens
+    ladder, lines, worth = _place_on_ladder(methods, config.ks, nla_tokens)
     spec = store.meta.get("model", {}).get("spec")
     result = {"kind": "nlakit_sae_ladder", "store": str(store.path), "model": spec,
               "split": rows.split, "n_rows": len(rows), "n_docs": rows.n_docs,
@@ -550,13 +568,18 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
                                              for m, r in ladder.items()},
               "lines": lines, "worth": worth, "nla_mean_tokens": nla_tokens,
               "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+    return _write_ladder(result, ladder, lines, out, inputs)
+
+
+def _write_ladder(result: dict, ladder: dict, lines: dict, out: Path, inputs) -> Path:
+    """OUT/ladder.json, ladder.png, ladder.md (and the --report); returns ladder.json."""
     from .fileio import write_json, write_text_atomic
 
     path = out / "ladder.json"
     write_json(path, result)
     plot_ladder(ladder, lines, out / "ladder.png",
-                title=f"{spec} layer {store.layer}, {len(rows)} {rows.split} rows / "
-                      f"{rows.n_docs} docs")
+                title=f"{result['model']} layer {result['layer']}, {result['n_rows']} "
+                      f"{result['split']} rows / {result['n_docs']} docs")
     write_text_atomic(out / "ladder.md", format_ladder(result) + "\n")
     if inputs.report:
         from .report import write_report
