@@ -76,7 +76,9 @@ class FitBudget:
 
 def fit_reconstructor(ar, texts: list[str], vectors: torch.Tensor, budget: FitBudget):
     """Train a *fresh* AR (``ar``: an untrained Reconstructor, changed in place) on
-    (text, vector) pairs of training rows with the given budget; returns it in eval mode."""
+    (text, vector) pairs of training rows with the given budget; returns it in eval mode.
+    A plain loop rather than the SFT trainer: the pairs are made in memory at eval time and
+    the baseline needs no label set, checkpoint or resume."""
     if len(texts) != vectors.shape[0] or not texts:
         raise NLAError(f"{len(texts)} texts for {vectors.shape[0]} vectors")
     if budget.lora_rank > 0:

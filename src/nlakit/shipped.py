@@ -12,7 +12,6 @@ its value head), stored in float16 so the package stays small. Beside them:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import NLAError
-from .fileio import write_json
+from .fileio import file_sha256, write_json
 
 SHIPPED_ROOT = Path(__file__).parent / "data" / "nlas"
 MANIFEST_FILE = "MANIFEST.json"
@@ -33,14 +32,6 @@ def shipped_names(root: Path = SHIPPED_ROOT) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / MANIFEST_FILE).is_file())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _listed_files(directory: Path) -> list[str]:
@@ -65,7 +56,7 @@ def verify(directory: Path) -> dict:
         path = directory / rel
         if not path.is_file():
             raise NLAError(f"shipped NLA {directory} is missing {rel}; reinstall nlakit")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise NLAError(f"shipped NLA file {path} does not match its recorded sha256 (it was "
                            "modified or corrupted); reinstall nlakit")
     return manifest
@@ -117,7 +108,7 @@ def pack_nla(nla_dir: str | Path, out: str | Path, *, provenance: dict[str, Path
     (out / "provenance").mkdir()
     for name, src in (provenance or {}).items():
         shutil.copy2(src, out / "provenance" / name)
-    files = {rel: _sha256(out / rel) for rel in _listed_files(out)}
+    files = {rel: file_sha256(out / rel) for rel in _listed_files(out)}
     write_json(out / MANIFEST_FILE, {"kind": "nlakit_shipped_nla", "files": files,
                                      "torch_version": torch.__version__})
     return out

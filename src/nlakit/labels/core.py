@@ -35,6 +35,16 @@ ENTRY_POINT_GROUP = "nlakit.labellers"
 # ---- the stage config --------------------------------------------------------------------
 
 
+def split_list(value, stage: str) -> list[str]:
+    """Split names from a list or a comma-separated string; NLAError when there are none."""
+    if isinstance(value, str):
+        value = [s.strip() for s in value.split(",") if s.strip()]
+    value = list(value)
+    if not value:
+        raise NLAError(f"{stage}: no splits to label")
+    return value
+
+
 @dataclass
 class LabelConfig:
     """The ``label`` stage: which labeller labels which rows of the activation store."""
@@ -49,11 +59,7 @@ class LabelConfig:
         "help": "the labeller's options (see LabellerOptions); another option is an error"})
 
     def __post_init__(self):
-        if isinstance(self.splits, str):
-            self.splits = [s.strip() for s in self.splits.split(",") if s.strip()]
-        self.splits = list(self.splits)
-        if not self.splits:
-            raise NLAError("label: no splits to label")
+        self.splits = split_list(self.splits, "label")
         if self.max_rows is not None and self.max_rows < 1:
             raise NLAError(f"label: max_rows must be >= 1, got {self.max_rows}")
         if not isinstance(self.options, dict):

@@ -10,28 +10,22 @@ before RL, with this labeller (``nlakit label --labeller nla --av AV_DIR --split
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NLAError
+from ..fileio import file_sha256, stable_hash
 from ..store import AR_SFT
-from .core import Labeller
+from .core import Labeller, split_list
 
 
 def _dir_digest(directory: Path) -> str:
     """sha256 over an AV directory's weights and sidecar (what determines its explanations)."""
-    h = hashlib.sha256()
     files = sorted(p for p in directory.iterdir()
                    if p.suffix in (".safetensors", ".yaml", ".json") and p.is_file())
     if not files:
         raise NLAError(f"{directory} holds no AV weights; pass the AV directory of a trained NLA")
-    for p in files:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + stable_hash([(p.name, file_sha256(p)) for p in files])
 
 
 class VerbalizerLabeller(Labeller):
@@ -84,6 +78,8 @@ class VerbalizerLabeller(Labeller):
         return row.row_id
 
     def label_batch(self, rows) -> list[str]:
+        import torch
+
         from ..store import vectors_from_arrow
         from ..verbalizer import CLOSE_TAG, OPEN_TAG
 
@@ -94,8 +90,6 @@ class VerbalizerLabeller(Labeller):
         if set(by_id) != set(ids):
             raise NLAError(f"rows {sorted(set(ids) - set(by_id))[:5]} are not in the store")
         vectors = vectors_from_arrow(table.column("vector"), self.store.d_model)
-        import torch
-
         v = torch.from_numpy(vectors[[by_id[i] for i in ids]].copy())
         exps = self._av.generate(v, n=1, temperature=0.0, max_new_tokens=self.max_new_tokens,
                                  batch_size=self.batch_size)
@@ -123,10 +117,7 @@ class ARLabelConfig:
         "help": "keep explanations cut at the cap (the eval reads those too); false drops them"})
 
     def __post_init__(self):
-        if isinstance(self.splits, str):
-            self.splits = [s.strip() for s in self.splits.split(",") if s.strip()]
-        if not self.splits:
-            raise NLAError("label_ar: no splits to label")
+        self.splits = split_list(self.splits, "label_ar")
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise NLAError(f"label_ar: {name} must be >= 1, got {getattr(self, name)}")
