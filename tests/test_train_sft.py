@@ -169,3 +169,21 @@ def test_a_kept_adapter_ar_reconstructs_like_its_merged_export(labels_dir, tmp_p
     adapter, meta = _load_ar(adapter_dir, torch.float32, torch.device("cpu"))
     assert meta["nlakit"]["weights"] == "adapter"
     assert torch.allclose(merged.reconstruct(texts), adapter.reconstruct(texts), atol=1e-5)
+
+
+def test_raising_max_steps_extends_a_finished_run_exactly(labels_dir, tmp_path):
+    """Constant LR and a prefix-stable row order: 3 steps, then extended to 6, equal 6."""
+    from safetensors.torch import load_file
+
+    def cfg(steps):
+        return SFTConfig(lr=1e-3, batch_size=4, max_steps=steps, eval_every=100, save_every=3)
+
+    train_sft("ar", labels_dir, tmp_path / "straight", cfg(6), progress=False)
+    train_sft("ar", labels_dir, tmp_path / "extended", cfg(3), progress=False)
+    summary = train_sft("ar", labels_dir, tmp_path / "extended", cfg(6), progress=False)
+    assert summary["resumed_from"] == 3 and summary["steps"] == 6
+    head = "ar/value_head.safetensors"
+    assert torch.equal(load_file(str(tmp_path / "straight" / head))["weight"],
+                       load_file(str(tmp_path / "extended" / head))["weight"])
+    with pytest.raises(NLAError, match="past this run's 2 steps"):
+        train_sft("ar", labels_dir, tmp_path / "extended", cfg(2), progress=False)

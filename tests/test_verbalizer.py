@@ -137,3 +137,22 @@ def test_injection_class_rejects_wrong_batch(tiny):
     inj = Injection(model, av.marker, 5.0)
     with inj.active(torch.randn(3, 64)), pytest.raises(NLAError, match="vectors for a batch"):
         model.get_input_embeddings()(torch.tensor([av.prompt_ids] * 2))
+
+
+def test_decoding_settings_stop_repeats_and_default_to_the_checkpoint(tiny):
+    model, tok = tiny
+    av = Verbalizer(model, tok, choose_marker(tok), 10.0)
+    v = torch.randn(4, 64)
+
+    def tokens(**kw):
+        return [e.token_ids for e in av.generate(v, temperature=0, max_new_tokens=24, **kw)]
+
+    plain = tokens()
+    assert any(len(set(ids)) < len(ids) for ids in plain), "the random model never repeats"
+    for ids in tokens(no_repeat_ngram_size=1):  # no token twice (a final EOS is new too)
+        assert len(set(ids)) == len(ids)
+    av.decoding["no_repeat_ngram_size"] = 1  # what nla_meta.yaml `decoding:` sets
+    assert tokens() == tokens(no_repeat_ngram_size=1)
+    assert tokens(no_repeat_ngram_size=0) == plain  # a call overrides the checkpoint's setting
+    with pytest.raises(NLAError, match="repetition_penalty > 0"):
+        av.generate(v, repetition_penalty=0.0)

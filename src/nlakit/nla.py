@@ -62,6 +62,8 @@ def _load_av(av_dir: Path, dtype, device):
     marker = verify_av_tokenizer(tok, meta, str(av_dir))
     av = Verbalizer(model, tok, marker, float(meta["extraction"]["injection_scale"]),
                     meta["template"])
+    av.decoding_settings(**meta.get("decoding", {}))  # validates before it is used
+    av.decoding.update(meta.get("decoding", {}))
     return av, meta
 
 
@@ -248,13 +250,17 @@ class NLA:
 
     def explain(self, vectors, *, n: int = 1, temperature: float | None = None,
                 top_p: float = 1.0, max_new_tokens: int = 150, batch_size: int = 32,
-                seed: int | None = None) -> list[Explanation]:
+                seed: int | None = None, no_repeat_ngram_size: int | None = None,
+                repetition_penalty: float | None = None) -> list[Explanation]:
         """Explanations of [m, d] vectors: a flat list of m*n, vector 0's n samples first.
-        temperature defaults to 0 (greedy) for n=1 and 1.0 for n>1."""
+        temperature defaults to 0 (greedy) for n=1 and 1.0 for n>1; the decoding settings
+        default to the AV checkpoint's own (`decoding:` in its nla_meta.yaml)."""
         if temperature is None:
             temperature = 0.0 if n == 1 else 1.0
         return self.av.generate(vectors, n=n, temperature=temperature, top_p=top_p,
-                                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                                no_repeat_ngram_size=no_repeat_ngram_size,
+                                repetition_penalty=repetition_penalty)
 
     def reconstruct(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
         """[n, d] AR reconstructions of explanation texts."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -205,6 +206,9 @@ class Verbalizer:
         self.injection = Injection(model, marker, injection_scale)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        # The checkpoint's own decoding settings (nla_meta.yaml `decoding:`), used unless a call
+        # overrides them: a small AV can fall into repetition loops under plain greedy decoding.
+        self.decoding = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
 
     @property
     def d_model(self) -> int:
@@ -243,20 +247,36 @@ class Verbalizer:
                         labels=batch["labels"].to(dev), use_cache=False)
         return out.loss
 
+    def decoding_settings(self, no_repeat_ngram_size: int | None = None,
+                          repetition_penalty: float | None = None) -> dict:
+        """The decoding settings a call uses: its own where given, else the checkpoint's."""
+        ngram = self.decoding["no_repeat_ngram_size"] if no_repeat_ngram_size is None \
+            else no_repeat_ngram_size
+        penalty = self.decoding["repetition_penalty"] if repetition_penalty is None \
+            else repetition_penalty
+        if int(ngram) < 0 or float(penalty) <= 0:
+            raise NLAError(f"need no_repeat_ngram_size >= 0 and repetition_penalty > 0, "
+                           f"got {ngram}, {penalty}")
+        return {"no_repeat_ngram_size": int(ngram), "repetition_penalty": float(penalty)}
+
     @torch.no_grad()
     def generate(self, vectors, *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 150, batch_size: int = 32,
-                 seed: int | None = None) -> list[Explanation]:
+                 seed: int | None = None, no_repeat_ngram_size: int | None = None,
+                 repetition_penalty: float | None = None) -> list[Explanation]:
         """Explanations for each vector, n samples each (row-major: vector 0's n samples first).
 
         temperature 0 means greedy. All prompts have the same length (only the injected vector
         differs), so batches need no padding; generation uses the KV cache from inputs_embeds.
+        no_repeat_ngram_size / repetition_penalty default to `self.decoding` (0 / 1.0 = off);
+        both see only the response tokens (the prompt goes in as embeddings).
         """
         v = check_vectors(vectors, self.d_model)
         if n < 1 or max_new_tokens < 1 or batch_size < 1:
             raise NLAError("n, max_new_tokens and batch_size must be >= 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise NLAError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        decoding = self.decoding_settings(no_repeat_ngram_size, repetition_penalty)
         v = v.repeat_interleave(n, dim=0)
         if seed is not None:
             torch.manual_seed(seed)
@@ -270,10 +290,12 @@ class Verbalizer:
                 embeds = embed(ids)
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) \
                 if temperature > 0 else dict(do_sample=False)
-            out = self.model.generate(
-                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                eos_token_id=self.eos_id, pad_token_id=self.pad_id, **sampling,
-            )
+            with warnings.catch_warnings():  # "n-gram constraints only on new tokens": wanted
+                warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
+                out = self.model.generate(
+                    inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                    eos_token_id=self.eos_id, pad_token_id=self.pad_id, **sampling, **decoding,
+                )
             for row in out.tolist():
                 n_tok = next((i + 1 for i, t in enumerate(row) if t == self.eos_id), len(row))
                 raw = self.tokenizer.decode(row[:n_tok], skip_special_tokens=True)

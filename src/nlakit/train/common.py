@@ -96,10 +96,12 @@ class Checkpoint:
     ``optimizer`` keys and RL its ``av_params`` / ``ar_params`` / ``av_optimizer`` /
     ``ar_optimizer`` ones."""
 
-    def __init__(self, train_dir: str | Path, config_hash: str, what: str = "training"):
+    def __init__(self, train_dir: str | Path, config_hash: str, what: str = "training",
+                 also_accept: tuple[str, ...] = ()):
         self.dir = Path(train_dir) / "checkpoint"
         self.path = self.dir / "state.pt"
         self.config_hash, self.what = config_hash, what
+        self.accepted = {config_hash, *also_accept}  # e.g. the hash older versions wrote
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -116,7 +118,7 @@ class Checkpoint:
         if not self.exists():
             return 0
         state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state["config_hash"] != self.config_hash:
+        if state["config_hash"] not in self.accepted:
             raise ConfigMismatchError(
                 f"{self.dir.parent} holds a checkpoint of a different {self.what} configuration; "
                 "pass --overwrite to start over or choose another --out")

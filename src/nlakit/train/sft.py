@@ -208,6 +208,9 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
         overwrite=overwrite)
 
 
+EXTENSIBLE_SETTINGS = ("max_steps", "eval_every", "save_every", "eval_rows")
+
+
 class SFTTrainer:
     """One supervised run: rows and model set up once, then `run` = restore, steps (each: the
     micro-batches' losses and gradients, the guarded optimizer step, evaluation, log,
@@ -223,7 +226,13 @@ class SFTTrainer:
         self._load_rows(acts)
         self.config_hash = stable_hash(role, asdict(cfg), str(self.labels_dir.resolve()),
                                        self.store.meta["model"], self.acc.num_processes)
-        self.checkpoint = Checkpoint(self.train_dir, self.config_hash)
+        # The checkpoint ignores the settings that do not change the steps already taken (the
+        # learning rate is constant and the row order a prefix-stable cycle), so a finished run
+        # can be extended by raising max_steps.
+        trajectory = {k: v for k, v in asdict(cfg).items() if k not in EXTENSIBLE_SETTINGS}
+        self.checkpoint = Checkpoint(self.train_dir, stable_hash(
+            role, trajectory, str(self.labels_dir.resolve()), self.store.meta["model"],
+            self.acc.num_processes), also_accept=(self.config_hash,))
         self.metrics = MetricsLog(self.acc, self.train_dir / "log.jsonl", f"sft_{role}")
 
     def _load_rows(self, acts) -> None:
@@ -257,6 +266,9 @@ class SFTTrainer:
                                      {"optimizer": self.optimizer})
         self.module, self.optimizer = acc.prepare(self.task.module, self.optimizer)
         self._plan_steps()
+        if start > self.n_steps:
+            raise NLAError(f"{self.train_dir} holds a checkpoint at step {start}, past this "
+                           f"run's {self.n_steps} steps; raise --max-steps or pass --overwrite")
         if acc.is_main_process:
             self.train_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.train_dir / "config.json",
