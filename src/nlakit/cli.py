@@ -377,6 +377,16 @@ def cmd_sae(args) -> int:
     return 0
 
 
+def cmd_diff(args) -> int:
+    from .diff import DiffConfig, format_summary, run
+
+    config = DiffConfig(**_given(args, "config"))
+    print(format_summary(run(config)))
+    out = Path(config.out)
+    print(f"wrote {out / 'diff.json'}, {out / 'diff.md'} and {out / 'rows.jsonl'}")
+    return 0
+
+
 def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
     from .serve.config import ServeInputs, ServeLimits
 
@@ -444,6 +454,20 @@ def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
 
         add_dataclass_flags(p, LadderConfig, "config")
         add_dataclass_flags(p, LadderInputs, "inputs")
+
+    p = sub.add_parser("diff", help="audit a fine-tune through the base model's NLA: round "
+                                    "trip on both models, the rows and words that changed "
+                                    "(docs/diff.md)", allow_abbrev=False,
+                       description="Extract the base and fine-tuned models' activations at the "
+                                   "same positions of the same documents, explain both with the "
+                                   "base's NLA, and report round-trip scores, the rows that "
+                                   "changed most and the words over-used in the fine-tuned "
+                                   "model's explanations (log-odds z-scores).")
+    p.set_defaults(func=cmd_diff)
+    if wanted is None or wanted == ("diff",):  # builds its flags only when run (imports torch)
+        from .diff import DiffConfig
+
+        add_dataclass_flags(p, DiffConfig, "config")
 
     p = sub.add_parser("plot", help="PNG of training curves from metrics.jsonl / log.jsonl")
     p.add_argument("log", help="a metrics.jsonl / log.jsonl file or the directory holding it")

@@ -1,0 +1,494 @@
+"""Auditing by model diffing (`nlakit diff`): what did a fine-tune change, in words?
+
+Both models, base and fine-tuned, read the same documents; their block-K activations at the same
+token positions are extracted (the ordinary extraction, one pass each, stopped after block K, into
+OUT/acts/base and OUT/acts/finetuned) and explained by the *base* model's NLA (greedy). Reported:
+
+  round_trip   per model: the base NLA's AR reconstruction of each row's explanation against
+               that model's own activation (fve_nrm, mse_nrm, cos, fve_meannorm), and the paired
+               fine-tuned − base difference, all with document-level bootstrap CIs. Denominators
+               follow `nlakit eval`: rawvar of each model's own store statistics, meannorm of its
+               rows. A drop says the base NLA reads the fine-tune less well (its activations
+               left the distribution the NLA was trained on).
+  change       per row: act_mse_nrm = ||ĝ_f − ĝ_b||² (direction change, 0..4), act_rel_diff =
+               ||g_f − g_b|| / ||g_b||, text_distance = 1 − Jaccard of the two explanations'
+               word sets, explanation_mse_nrm = mse_nrm between the AR readings of the two
+               explanations (how differently the NLA *means* them).
+  top_rows     the rows that changed most by activation (act_mse_nrm) and by explanation
+               (text_distance, ties by explanation_mse_nrm).
+  words        unigrams/bigrams over-used in the fine-tuned model's explanations relative to the
+               base's: log-odds with an informative Dirichlet prior (`nlakit.wordstats`).
+
+Rows are paired by (document id, token position) and the pairing is checked (same prefix text);
+everything that can be checked without running a model is checked first (`preflight`).
+A fine-tuned model is a model spec (`nlakit.models.load_model`) or a directory of peft LoRA
+adapters (adapter_config.json) applied to the base and merged (`nlakit.finetuned`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__, metrics
+from .errors import NLAError
+from .fileio import write_json, write_text_atomic
+from .finetuned import (  # re-exported: the auditing game loads its model organism with these
+    ModelFacts,
+    check_models,
+    load_finetuned,
+    model_facts,
+    record_adapter_base,
+)
+from .models import load_model, resolve_model, weights_hash
+from .wordstats import log_odds_ranking  # re-exported: the ranking diff.json's words come from
+
+log = logging.getLogger(__name__)
+
+DIFF_SPLIT = "diff"  # the stores' single split: every document is diffed
+PREFIX_CHARS_KEPT = 300
+METRICS = ("fve_nrm", "mse_nrm", "cos", "fve_meannorm")
+CHANGE = ("act_mse_nrm", "act_rel_diff", "text_distance", "explanation_mse_nrm")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+def _required(text: str):
+    return field(metadata={"help": text, "required": True})
+
+
+@dataclass
+class DiffConfig:
+    """`nlakit diff`: the models, the NLA, the corpus and how much of it to explain."""
+
+    nla: str = _required("the base model's NLA: a directory (av/, ar/) or a shipped name")
+    base: str = _required("the base model (the NLA's target): alias, .gguf, HF dir or id")
+    finetuned: str = _required("the fine-tuned model: alias, .gguf, HF dir or id, or a peft "
+                               "LoRA adapter directory (applied to --base and merged)")
+    corpus: str = _required("builtin[:docs|:chats], a text file/folder, .jsonl, .parquet, or a "
+                            "saved datasets folder")
+    out: str = _required("output directory (diff.json, diff.md, rows.jsonl, acts/)")
+    layer: int | None = field(default=None, metadata=_help(
+        "block K (None: the NLA's layer; another value is an error)"))
+    text_field: str = field(default="text", metadata=_help("text field/column of jsonl/parquet"))
+    blocks: bool = field(default=False, metadata=_help(
+        "text files: one document per blank-line separated block"))
+    max_docs: int | None = field(default=100, metadata=_help("read at most this many documents"))
+    max_tokens_per_doc: int = field(default=512, metadata=_help(
+        "truncate documents to this many tokens"))
+    positions_per_doc: int = field(default=5, metadata=_help(
+        "token positions sampled per document (the same for both models)"))
+    min_position: int = field(default=50, metadata=_help(
+        "sample only tokens at index >= this (early positions have outlier norms)"))
+    seed: int = field(default=0, metadata=_help("seed of the positions and the bootstrap"))
+    max_new_tokens: int = field(default=150, metadata=_help("explanation length cap in tokens"))
+    batch_size: int = field(default=16, metadata=_help(
+        "rows per generation/AR batch (and documents per extraction forward)"))
+    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples"))
+    top_rows: int = field(default=20, metadata=_help("rows listed per 'changed most' ranking"))
+    top_terms: int = field(default=30, metadata=_help("terms listed per side of the word ranking"))
+    ngrams: tuple[int, ...] | str = field(default=(1, 2), metadata=_help(
+        "n-gram orders of the word ranking (comma-separated)"))
+    min_count: int = field(default=3, metadata=_help(
+        "rank only terms seen at least this often in both models' explanations together"))
+    binary_counts: bool = field(default=True, metadata=_help(
+        "count a term once per explanation (robust to an explanation that repeats itself)"))
+    z_threshold: float = field(default=1.96, metadata=_help(
+        "|z| above which a term is listed as significant (per term, uncorrected)"))
+    device: str | None = field(default=None, metadata=_help("cpu (default), cuda, cuda:N, auto"))
+    dtype: str | None = field(default=None, metadata=_help(
+        "float32 (CPU default), bfloat16, float16 or auto"))
+    overwrite: bool = field(default=False, metadata=_help(
+        "replace activation stores in OUT/acts made with another configuration"))
+    progress: bool = field(default=True, metadata=_help("show progress bars"))
+
+    def __post_init__(self):
+        for name in ("nla", "base", "finetuned", "corpus", "out"):
+            if not str(getattr(self, name) or "").strip():
+                raise NLAError(f"diff: {name} is required")
+        for name in ("max_new_tokens", "batch_size", "n_boot", "top_rows", "top_terms",
+                     "min_count"):
+            if getattr(self, name) < 1:
+                raise NLAError(f"diff: {name} must be >= 1, got {getattr(self, name)}")
+        if not self.z_threshold > 0:
+            raise NLAError(f"diff: z_threshold must be positive, got {self.z_threshold}")
+        self.ngrams = _orders(self.ngrams)
+        self.extract_config()  # validates the extraction fields now, not after loading models
+
+    def extract_config(self):
+        """The `ExtractConfig` both extractions use (one split: every document is diffed)."""
+        from .activations import ExtractConfig
+
+        return ExtractConfig(corpus=self.corpus, text_field=self.text_field, blocks=self.blocks,
+                             max_docs=self.max_docs, max_tokens_per_doc=self.max_tokens_per_doc,
+                             positions_per_doc=self.positions_per_doc,
+                             min_position=self.min_position, seed=self.seed,
+                             splits={DIFF_SPLIT: 1.0}, batch_size=self.batch_size)
+
+
+def _orders(value) -> tuple[int, ...]:
+    if isinstance(value, str):
+        value = [x for x in value.split(",") if x.strip()]
+    try:
+        orders = tuple(int(n) for n in value)
+    except (TypeError, ValueError):
+        raise NLAError(f"diff: ngrams must be comma-separated orders like 1,2, got {value!r}") \
+            from None
+    if not orders or min(orders) < 1:
+        raise NLAError(f"diff: ngrams must be positive orders like 1,2, got {orders}")
+    return orders
+
+
+# ---- checks before any heavy work ---------------------------------------------------------------
+
+
+def nla_facts(nla_spec: str) -> dict:
+    """The NLA's layer, d_model and target provenance from its nla_meta.yaml files (no
+    weights loaded)."""
+    from .checkpoint import read_meta
+    from .shipped import resolve
+
+    root = resolve(nla_spec) or Path(nla_spec)
+    if not (root / "av").is_dir() or not (root / "ar").is_dir():
+        raise NLAError(f"NLA {nla_spec!r} not found: expected a directory holding av/ and ar/ "
+                       "or the name of a shipped NLA (`nlakit shipped`)")
+    av, ar = read_meta(root / "av", "av"), read_meta(root / "ar", "ar")
+    layer = av.get("extraction", {}).get("layer", ar.get("extraction", {}).get("layer"))
+    if layer is None:
+        raise NLAError(f"{root}: nla_meta.yaml records no layer; cannot diff at an unknown layer")
+    return {"path": str(root), "layer": int(layer), "d_model": int(av["d_model"]),
+            "target": dict(av.get("nlakit", {}).get("target_model", {}))}
+
+
+def check_nla_target(nla: dict, base_spec: str, base: ModelFacts) -> None:
+    """NLAError unless the NLA was trained on the base: its recorded target weights hash must
+    match --base's (compared when both are content hashes; otherwise by spec, a warning)."""
+    if nla["d_model"] != base.d_model:
+        raise NLAError(f"the NLA reads d_model {nla['d_model']} but the base {base_spec!r} has "
+                       f"{base.d_model}: pass the NLA's target model as --base")
+    want, spec = nla["target"].get("weights_hash"), nla["target"].get("spec")
+    have = weights_hash(resolve_model(base_spec))
+    if want and want.startswith("sha256:") and have.startswith("sha256:"):
+        if want != have:
+            raise NLAError(f"the NLA was trained on target {spec!r} with weights {want}, but "
+                           f"--base {base_spec!r} has {have}: pass the NLA's target as --base")
+        return
+    if want and want == have:
+        return
+    log.warning("cannot verify that the NLA (target %r, %s) was trained on --base %r (%s)",
+                spec, want, base_spec, have)
+
+
+def _layer(config: DiffConfig, nla: dict) -> int:
+    if config.layer is not None and config.layer != nla["layer"]:
+        raise NLAError(f"the NLA was trained on layer {nla['layer']}, not {config.layer}: an "
+                       "NLA reads one layer only. Drop --layer or pass an NLA of that layer")
+    return nla["layer"]
+
+
+@dataclass
+class Plan:
+    """Everything `preflight` checked: what the heavy work runs on."""
+
+    base: ModelFacts
+    finetuned: ModelFacts
+    nla: dict
+    layer: int
+    corpus: object  # nlakit.corpus.Corpus
+
+
+def preflight(config: DiffConfig) -> Plan:
+    """Every check that needs no forward pass: the NLA, both models, the corpus."""
+    from .corpus import load_corpus
+
+    nla = nla_facts(config.nla)
+    layer = _layer(config, nla)
+    base = model_facts(config.base)
+    if base.kind == "lora":
+        raise NLAError(f"--base {config.base!r} is an adapter directory; pass the base model "
+                       "itself (the adapters go in --finetuned)")
+    finetuned = model_facts(config.finetuned, config.base)
+    check_models(base, finetuned, layer)
+    check_nla_target(nla, config.base, base)
+    corpus = load_corpus(config.corpus, tokenizer=base.tokenizer, text_field=config.text_field,
+                         blocks=config.blocks, max_docs=config.max_docs)
+    return Plan(base, finetuned, nla, layer, corpus)
+
+
+# ---- pairing the two extractions ------------------------------------------------------------
+
+
+def pair_index(keys_a: list, keys_b: list) -> np.ndarray:
+    """idx with keys_b[idx[i]] == keys_a[i]; NLAError unless both hold the same unique keys."""
+    where: dict = {}
+    for j, k in enumerate(keys_b):
+        if k in where:
+            raise NLAError(f"row key {k} appears twice in one extraction")
+        where[k] = j
+    missing = [k for k in keys_a if k not in where]
+    extra = len(where) - (len(keys_a) - len(missing))
+    if missing or extra or len(set(keys_a)) != len(keys_a):
+        raise NLAError(f"the two extractions hold different rows ({len(missing)} without a "
+                       f"partner, e.g. {missing[:3]}; {extra} extra): they must read the same "
+                       "documents at the same positions")
+    return np.asarray([where[k] for k in keys_a], dtype=np.int64)
+
+
+def _keys(rows) -> list[tuple[str, int]]:
+    return [(str(d), int(p)) for d, p in zip(rows.doc_ids, rows.positions)]
+
+
+def align_rows(base, other):
+    """`other`'s rows (an `evaluate.EvalRows`) reordered to pair with `base`'s row by row, by
+    (document id, position); NLAError when the rows or their prefix texts differ."""
+    from .evaluate import EvalRows
+
+    idx = pair_index(_keys(base), _keys(other))
+    aligned = EvalRows(split=other.split, row_ids=other.row_ids[idx],
+                       doc_ids=other.doc_ids[idx], positions=other.positions[idx],
+                       prefixes=[other.prefixes[i] for i in idx],
+                       vectors=other.vectors[torch.as_tensor(idx)])
+    if _keys(aligned) != _keys(base):  # the pairing itself, checked
+        raise NLAError("internal error: rows paired out of order")
+    bad = [k for k, a, b in zip(_keys(base), base.prefixes, aligned.prefixes) if a != b]
+    if bad:
+        raise NLAError(f"{len(bad)} paired rows have different prefix texts (e.g. {bad[0]}): the "
+                       "two models tokenize the documents differently")
+    return aligned
+
+
+# ---- the heavy work -----------------------------------------------------------------------------
+
+
+def _extract_side(side: str, plan: Plan, config: DiffConfig):
+    from .activations import extract
+
+    if side == "base":
+        model_tok = load_model(config.base, dtype=config.dtype, device=config.device)
+    else:
+        model_tok = load_finetuned(config.finetuned, config.base, dtype=config.dtype,
+                                   device=config.device)
+    store = extract(model_tok, plan.corpus, Path(config.out) / "acts" / side,
+                    config.extract_config(), layer=plan.layer, overwrite=config.overwrite,
+                    progress=config.progress)
+    source = dict(model_tok[0].nlakit_source)
+    del model_tok  # one model in memory at a time
+    gc.collect()
+    return store, source
+
+
+def _explain(nla, rows, config: DiffConfig):
+    """(explanations, AR readings [n, d]) of the rows' vectors, greedy."""
+    exps = nla.explain(rows.vectors, n=1, temperature=0.0, max_new_tokens=config.max_new_tokens,
+                       batch_size=config.batch_size)
+    return exps, nla.reconstruct([e.text for e in exps], batch_size=config.batch_size)
+
+
+def _change(rows_b, rows_f, exps_b, exps_f, pred_b, pred_f) -> dict:
+    """Per-row float64 arrays of how the two models' rows and explanations differ."""
+    from .wordstats import word_distance
+
+    gb, gf = rows_b.vectors.double(), rows_f.vectors.double()
+    return {
+        "act_mse_nrm": metrics.mse_nrm(gf, gb).numpy(),
+        "act_rel_diff": ((gf - gb).norm(dim=-1) / gb.norm(dim=-1)).numpy(),
+        "text_distance": np.asarray([word_distance(a.text, b.text)
+                                     for a, b in zip(exps_b, exps_f)], dtype=np.float64),
+        "explanation_mse_nrm": metrics.mse_nrm(pred_f, pred_b).double().numpy(),
+    }
+
+
+def _ci(values, groups, config: DiffConfig) -> dict:
+    return metrics.bootstrap_ci(values, groups=groups, n_boot=config.n_boot, seed=config.seed)
+
+
+def _round_trip(per_row: dict, groups, config: DiffConfig) -> dict:
+    out = {side: {k: _ci(per_row[side][k], groups, config) for k in METRICS}
+           for side in ("base", "finetuned")}
+    out["finetuned_minus_base"] = {
+        k: _ci(per_row["finetuned"][k] - per_row["base"][k], groups, config)
+        for k in ("fve_nrm", "cos")}
+    return out
+
+
+def _words(exps_b, exps_f, config: DiffConfig) -> dict:
+    ranking = log_odds_ranking([e.text for e in exps_f], [e.text for e in exps_b],
+                               ngrams=config.ngrams, min_count=config.min_count,
+                               binary=config.binary_counts)
+    up = [r for r in ranking if r["z"] > 0][: config.top_terms]
+    down = [r for r in reversed(ranking) if r["z"] < 0][: config.top_terms]
+    return {
+        "method": "log-odds ratio with an informative Dirichlet prior (Monroe, Colaresi & Quinn "
+                  "2008), prior = both models' explanations pooled; z > 0: more in the "
+                  "fine-tuned model's explanations (count_a), z < 0: more in the base's (count_b)",
+        "counts": "explanations containing the term" if config.binary_counts else "occurrences",
+        "ngrams": list(config.ngrams), "min_count": config.min_count,
+        "z_threshold": config.z_threshold, "n_terms": len(ranking),
+        "n_significant_finetuned": sum(r["z"] > config.z_threshold for r in ranking),
+        "n_significant_base": sum(r["z"] < -config.z_threshold for r in ranking),
+        "more_in_finetuned": up, "more_in_base": down,
+    }
+
+
+def _row_records(rows, exps_b, exps_f, per_row: dict, change: dict) -> list[dict]:
+    return [
+        {"doc_id": str(rows.doc_ids[i]), "position": int(rows.positions[i]),
+         "prefix_tail": rows.prefixes[i][-PREFIX_CHARS_KEPT:],
+         "explanation_base": exps_b[i].text, "explanation_finetuned": exps_f[i].text,
+         "complete_base": bool(exps_b[i].complete),
+         "complete_finetuned": bool(exps_f[i].complete),
+         **{f"{k}_{side}": float(per_row[side][k][i]) for side in ("base", "finetuned")
+            for k in ("fve_nrm", "cos")},
+         **{k: float(change[k][i]) for k in CHANGE}}
+        for i in range(len(rows))
+    ]
+
+
+def _top_rows(records: list[dict], change: dict, n: int) -> dict:
+    by_act = np.argsort(-change["act_mse_nrm"], kind="stable")[:n]
+    by_text = np.lexsort((-change["explanation_mse_nrm"], -change["text_distance"]))[:n]
+    return {"by_activation": [records[i] for i in by_act],
+            "by_text": [records[i] for i in by_text]}
+
+
+def run(config: DiffConfig) -> dict:
+    """Diff the base and fine-tuned models through the base's NLA (module doc); writes
+    OUT/diff.json, OUT/diff.md and OUT/rows.jsonl (atomically) and returns diff.json's data."""
+    from .evaluate import denominators, row_metrics, select_rows
+    from .nla import NLA
+
+    t0, timings = time.perf_counter(), {}
+    plan = preflight(config)
+    stores, sources, rows, dens = {}, {}, {}, {}
+    for side in ("base", "finetuned"):
+        t = time.perf_counter()
+        stores[side], sources[side] = _extract_side(side, plan, config)
+        rows[side] = select_rows(stores[side], "all")
+        dens[side] = denominators(stores[side], rows[side])
+        timings[f"extract_{side}"] = time.perf_counter() - t
+    if sources["base"]["weights_hash"] == sources["finetuned"]["weights_hash"]:
+        log.warning("the fine-tuned model has the same weights as the base: expect no change")
+    rows["finetuned"] = align_rows(rows["base"], rows["finetuned"])
+    t = time.perf_counter()
+    nla = NLA.load(config.nla, device=config.device, dtype=config.dtype)
+    exps, preds, per_row = {}, {}, {}
+    for side in ("base", "finetuned"):
+        exps[side], preds[side] = _explain(nla, rows[side], config)
+        per_row[side] = row_metrics(preds[side], rows[side].vectors, dens[side])
+    timings["explain"] = time.perf_counter() - t
+    change = _change(rows["base"], rows["finetuned"], exps["base"], exps["finetuned"],
+                     preds["base"], preds["finetuned"])
+    records = _row_records(rows["base"], exps["base"], exps["finetuned"], per_row, change)
+    groups = rows["base"].doc_ids
+    data = {
+        "kind": "nlakit_diff", "nlakit_version": __version__,
+        "models": sources, "nla": plan.nla, "layer": plan.layer,
+        "n_rows": len(rows["base"]), "n_docs": rows["base"].n_docs,
+        "corpus": plan.corpus.description,
+        "stores": {side: str(s.path) for side, s in stores.items()},
+        "denominators": {side: {"rawvar": d.rawvar, "rawvar_source": d.rawvar_source,
+                                "meannorm": d.meannorm, "meannorm_source": d.meannorm_source}
+                         for side, d in dens.items()},
+        "ci": f"95% percentile bootstrap over documents ({config.n_boot} resamples)",
+        "round_trip": _round_trip(per_row, groups, config),
+        "change": {**{k: _ci(change[k], groups, config) for k in CHANGE},
+                   "explanations_changed": float(np.mean(
+                       [a.text != b.text for a, b in zip(exps["base"], exps["finetuned"])]))},
+        "words": _words(exps["base"], exps["finetuned"], config),
+        "top_rows": _top_rows(records, change, config.top_rows),
+        "config": {k: (list(v) if isinstance(v, tuple) else v)
+                   for k, v in asdict(config).items()},
+    }
+    timings["total"] = time.perf_counter() - t0
+    data["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    write_outputs(data, records, Path(config.out))
+    return data
+
+
+# ---- outputs -------------------------------------------------------------------------------------
+
+
+def write_outputs(data: dict, records: list[dict], out: Path) -> None:
+    """diff.json, diff.md and rows.jsonl, each written atomically."""
+    write_json(out / "diff.json", data)
+    write_text_atomic(out / "rows.jsonl", "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(out / "diff.md", format_markdown(data))
+
+
+def _cell(s: dict, fmt: str = "+.3f") -> str:
+    return f"{s['mean']:{fmt}} [{s['ci'][0]:{fmt}}, {s['ci'][1]:{fmt}}]"
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def format_summary(data: dict) -> str:
+    """Plain-text summary: round trip per model, the paired difference, the top words."""
+    rt, ch, w = data["round_trip"], data["change"], data["words"]
+    lines = [f"diff at layer {data['layer']}: {data['n_rows']} rows, {data['n_docs']} documents; "
+             f"{data['ci']}",
+             f"{'':<24} {'fve_nrm [95% CI]':<26} {'cos [95% CI]':<26}"]
+    for side in ("base", "finetuned", "finetuned_minus_base"):
+        lines.append(f"{side:<24} {_cell(rt[side]['fve_nrm']):<26} {_cell(rt[side]['cos']):<26}")
+    lines.append(f"activation change: act_mse_nrm {_cell(ch['act_mse_nrm'], '.3f')}, "
+                 f"explanations changed in {ch['explanations_changed']:.0%} of rows, "
+                 f"text_distance {_cell(ch['text_distance'], '.3f')}")
+    top = ", ".join(f"{r['term']!r} (z {r['z']:+.1f})" for r in w["more_in_finetuned"][:10])
+    lines.append(f"more in the fine-tuned model's explanations: {top or '(none)'}; "
+                 f"{w['n_significant_finetuned']} terms with z > {w['z_threshold']}")
+    return "\n".join(lines)
+
+
+def format_markdown(data: dict) -> str:
+    """diff.md: the tables of diff.json for a reader."""
+    m, rt, w = data["models"], data["round_trip"], data["words"]
+    out = [f"# nlakit diff at layer {data['layer']}", "",
+           f"- base: `{m['base'].get('spec')}` ({m['base'].get('weights_hash')})",
+           f"- fine-tuned: `{m['finetuned'].get('spec')}` ({m['finetuned'].get('weights_hash')})",
+           f"- NLA: `{data['nla']['path']}`; {data['n_rows']} rows of {data['n_docs']} documents "
+           f"(paired by document and position); {data['ci']}", "",
+           "## Round trip of the base NLA on each model's activations", "",
+           "| model | fve_nrm | mse_nrm | cos | fve_meannorm | rawvar |",
+           "|---|---|---|---|---|---|"]
+    for side in ("base", "finetuned"):
+        s = rt[side]
+        out.append(f"| {side} | {_cell(s['fve_nrm'])} | {_cell(s['mse_nrm'], '.3f')} | "
+                   f"{_cell(s['cos'])} | {_cell(s['fve_meannorm'])} | "
+                   f"{data['denominators'][side]['rawvar']:.4f} |")
+    d = rt["finetuned_minus_base"]
+    out += [f"| fine-tuned − base (paired) | {_cell(d['fve_nrm'])} | | {_cell(d['cos'])} | | |",
+            "", "## What changed", ""]
+    out += [f"- {k}: {_cell(v, '.3f')}" for k, v in data["change"].items() if isinstance(v, dict)]
+    out += [f"- explanations that changed: {data['change']['explanations_changed']:.1%}", "",
+            "## Words more frequent in the fine-tuned model's explanations", "", w["method"] + ".",
+            f"Counts: {w['counts']}; {w['n_significant_finetuned']} terms with z > "
+            f"{w['z_threshold']}, {w['n_significant_base']} with z < −{w['z_threshold']} "
+            "(per term, uncorrected).", "",
+            "| term | z | log-odds δ | fine-tuned | base |", "|---|---|---|---|---|"]
+    out += [f"| {_one_line(r['term'])} | {r['z']:+.2f} | {r['delta']:+.3f} | {r['count_a']} | "
+            f"{r['count_b']} |" for r in w["more_in_finetuned"]]
+    for name, title in (("by_activation", "activation change"), ("by_text", "explanation change")):
+        out += ["", f"## Rows that changed most by {title}", "",
+                "| document | position | act_mse_nrm | text_distance | base explanation | "
+                "fine-tuned explanation |", "|---|---|---|---|---|---|"]
+        out += [f"| {_one_line(r['doc_id'], 40)} | {r['position']} | {r['act_mse_nrm']:.3f} | "
+                f"{r['text_distance']:.2f} | {_one_line(r['explanation_base'])} | "
+                f"{_one_line(r['explanation_finetuned'])} |" for r in data["top_rows"][name]]
+    return "\n".join(out) + "\n"
+
+
+__all__ = ["DiffConfig", "ModelFacts", "Plan", "align_rows", "check_models", "format_markdown",
+           "format_summary", "load_finetuned", "log_odds_ranking", "model_facts", "nla_facts",
+           "pair_index", "preflight", "record_adapter_base", "run"]
