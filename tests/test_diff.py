@@ -226,10 +226,31 @@ def test_a_lora_adapter_with_another_base_is_refused(tiny, tiny_model_dir, other
 # ---- end to end ----------------------------------------------------------------------------------
 
 
+def _plant(monkeypatch, common: str, planted: str):
+    """Wrap diff._explain so both sides' explanations say `common` and the second side's (the
+    fine-tuned model's) also `planted`: an untrained tiny NLA says nothing, and the word ranking
+    needs something to find."""
+    import dataclasses
+
+    import nlakit.diff as diff
+
+    calls, explain = [], diff._explain
+
+    def with_words(nla, rows, config):
+        exps, _ = explain(nla, rows, config)
+        calls.append(len(rows))
+        extra = f"{common} {planted}" if len(calls) == 2 else common
+        exps = [dataclasses.replace(e, text=f"{e.text} {extra}".strip()) for e in exps]
+        return exps, nla.reconstruct([e.text for e in exps], batch_size=config.batch_size)
+
+    monkeypatch.setattr(diff, "_explain", with_words)
+
+
 def test_diff_cli_end_to_end_on_a_lora_fine_tune(tiny_model_dir, adapter_dir, tiny_nla, tmp_path,
-                                                 capsys):
+                                                 capsys, monkeypatch):
     from nlakit.cli import main
 
+    _plant(monkeypatch, "the model reads plain text", "zebra stripes")
     out = tmp_path / "diff"
     argv = ["diff", "--nla", str(tiny_nla), "--base", str(tiny_model_dir), "--finetuned",
             str(adapter_dir), "--out", str(out), "--no-progress", "--top-rows", "3"]
@@ -250,9 +271,16 @@ def test_diff_cli_end_to_end_on_a_lora_fine_tune(tiny_model_dir, adapter_dir, ti
     assert len(data["top_rows"]["by_activation"]) == 3
     acts = [r["act_mse_nrm"] for r in data["top_rows"]["by_activation"]]
     assert acts == sorted(acts, reverse=True) and acts[0] == max(r["act_mse_nrm"] for r in rows)
-    assert all(r["z"] > 0 for r in data["words"]["more_in_finetuned"])
+    words = data["words"]
+    assert {r["term"] for r in words["more_in_finetuned"][:4]} == {
+        "zebra", "stripes", "zebra stripes", "text zebra"}
+    assert words["more_in_finetuned"][0]["z"] > 1.96 and words["n_significant_finetuned"] >= 1
+    assert all(r["z"] < 0 for r in words["more_in_base"])
+    assert "plain" in {r["term"] for r in words["more_in_base"]}  # shared: never "more in ft"
+    assert data["change"]["explanations_changed"] == 1
+    assert all(r["explanation_finetuned"].endswith("text zebra stripes") for r in rows)
     md = (out / "diff.md").read_text()
-    assert "## Words more frequent" in md and "fine-tuned − base" in md
+    assert "## Words more frequent" in md and "| zebra" in md and "fine-tuned − base" in md
 
 
 def test_a_model_diffed_against_itself_changes_nothing(tiny_model_dir, tiny_nla, tmp_path):

@@ -360,54 +360,85 @@ def _top_rows(records: list[dict], change: dict, n: int) -> dict:
             "by_text": [records[i] for i in by_text]}
 
 
-def run(config: DiffConfig) -> dict:
-    """Diff the base and fine-tuned models through the base's NLA (module doc); writes
-    OUT/diff.json, OUT/diff.md and OUT/rows.jsonl (atomically) and returns diff.json's data."""
-    from .evaluate import denominators, row_metrics, select_rows
+@dataclass
+class _Side:
+    """One model's half of the diff, filled step by step."""
+
+    store: object  # ActivationStore
+    source: dict  # the model's nlakit_source
+    rows: object  # evaluate.EvalRows, paired row by row with the other side's
+    den: object  # evaluate.Denominators
+    exps: list | None = None
+    pred: torch.Tensor | None = None  # [n, d] the AR's readings of the explanations
+    per_row: dict | None = None
+
+
+def _extract_both(plan: Plan, config: DiffConfig, timings: dict) -> dict[str, _Side]:
+    from .evaluate import denominators, select_rows
+
+    sides = {}
+    for name in ("base", "finetuned"):
+        t = time.perf_counter()
+        store, source = _extract_side(name, plan, config)
+        rows = select_rows(store, "all")
+        sides[name] = _Side(store, source, rows, denominators(store, rows))
+        timings[f"extract_{name}"] = time.perf_counter() - t
+    if sides["base"].source["weights_hash"] == sides["finetuned"].source["weights_hash"]:
+        log.warning("the fine-tuned model has the same weights as the base: expect no change")
+    sides["finetuned"].rows = align_rows(sides["base"].rows, sides["finetuned"].rows)
+    return sides
+
+
+def _explain_both(sides: dict[str, _Side], config: DiffConfig, timings: dict) -> None:
+    from .evaluate import row_metrics
     from .nla import NLA
 
-    t0, timings = time.perf_counter(), {}
-    plan = preflight(config)
-    stores, sources, rows, dens = {}, {}, {}, {}
-    for side in ("base", "finetuned"):
-        t = time.perf_counter()
-        stores[side], sources[side] = _extract_side(side, plan, config)
-        rows[side] = select_rows(stores[side], "all")
-        dens[side] = denominators(stores[side], rows[side])
-        timings[f"extract_{side}"] = time.perf_counter() - t
-    if sources["base"]["weights_hash"] == sources["finetuned"]["weights_hash"]:
-        log.warning("the fine-tuned model has the same weights as the base: expect no change")
-    rows["finetuned"] = align_rows(rows["base"], rows["finetuned"])
     t = time.perf_counter()
     nla = NLA.load(config.nla, device=config.device, dtype=config.dtype)
-    exps, preds, per_row = {}, {}, {}
-    for side in ("base", "finetuned"):
-        exps[side], preds[side] = _explain(nla, rows[side], config)
-        per_row[side] = row_metrics(preds[side], rows[side].vectors, dens[side])
+    for side in sides.values():
+        side.exps, side.pred = _explain(nla, side.rows, config)
+        side.per_row = row_metrics(side.pred, side.rows.vectors, side.den)
     timings["explain"] = time.perf_counter() - t
-    change = _change(rows["base"], rows["finetuned"], exps["base"], exps["finetuned"],
-                     preds["base"], preds["finetuned"])
-    records = _row_records(rows["base"], exps["base"], exps["finetuned"], per_row, change)
-    groups = rows["base"].doc_ids
+
+
+def _assemble(plan: Plan, sides: dict[str, _Side], config: DiffConfig):
+    """(diff.json's data, rows.jsonl's records)."""
+    b, f = sides["base"], sides["finetuned"]
+    per_row = {name: s.per_row for name, s in sides.items()}
+    change = _change(b.rows, f.rows, b.exps, f.exps, b.pred, f.pred)
+    records = _row_records(b.rows, b.exps, f.exps, per_row, change)
+    groups = b.rows.doc_ids
     data = {
         "kind": "nlakit_diff", "nlakit_version": __version__,
-        "models": sources, "nla": plan.nla, "layer": plan.layer,
-        "n_rows": len(rows["base"]), "n_docs": rows["base"].n_docs,
+        "models": {name: s.source for name, s in sides.items()}, "nla": plan.nla,
+        "layer": plan.layer, "n_rows": len(b.rows), "n_docs": b.rows.n_docs,
         "corpus": plan.corpus.description,
-        "stores": {side: str(s.path) for side, s in stores.items()},
-        "denominators": {side: {"rawvar": d.rawvar, "rawvar_source": d.rawvar_source,
-                                "meannorm": d.meannorm, "meannorm_source": d.meannorm_source}
-                         for side, d in dens.items()},
+        "stores": {name: str(s.store.path) for name, s in sides.items()},
+        "denominators": {name: {"rawvar": s.den.rawvar, "rawvar_source": s.den.rawvar_source,
+                                "meannorm": s.den.meannorm,
+                                "meannorm_source": s.den.meannorm_source}
+                         for name, s in sides.items()},
         "ci": f"95% percentile bootstrap over documents ({config.n_boot} resamples)",
         "round_trip": _round_trip(per_row, groups, config),
         "change": {**{k: _ci(change[k], groups, config) for k in CHANGE},
                    "explanations_changed": float(np.mean(
-                       [a.text != b.text for a, b in zip(exps["base"], exps["finetuned"])]))},
-        "words": _words(exps["base"], exps["finetuned"], config),
+                       [x.text != y.text for x, y in zip(b.exps, f.exps)]))},
+        "words": _words(b.exps, f.exps, config),
         "top_rows": _top_rows(records, change, config.top_rows),
         "config": {k: (list(v) if isinstance(v, tuple) else v)
                    for k, v in asdict(config).items()},
     }
+    return data, records
+
+
+def run(config: DiffConfig) -> dict:
+    """Diff the base and fine-tuned models through the base's NLA (module doc); writes
+    OUT/diff.json, OUT/diff.md and OUT/rows.jsonl (atomically) and returns diff.json's data."""
+    t0, timings = time.perf_counter(), {}
+    plan = preflight(config)  # every cheap check before the first forward
+    sides = _extract_both(plan, config, timings)
+    _explain_both(sides, config, timings)
+    data, records = _assemble(plan, sides, config)
     timings["total"] = time.perf_counter() - t0
     data["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     write_outputs(data, records, Path(config.out))

@@ -105,7 +105,7 @@ def check_adapter_base(adapter_dir: str | Path, base_spec: str | None = None) ->
                        "they were trained on (or fix base_model_name_or_path)")
     if kind_a != kind_b or kind_a == "missing":
         log.warning("cannot verify that the adapters in %s (trained on %r) fit the base %r; "
-                    "record the base with nlakit.diff.record_adapter_base to check by hash",
+                    "record the base with nlakit.finetuned.record_adapter_base to check by hash",
                     adapter_dir, named, base_spec)
     return base
 

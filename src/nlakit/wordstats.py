@@ -12,9 +12,10 @@ pseudo-counts α_w summing to α_0:
 
 Positive z: w is relatively more frequent in texts_a. The prior shrinks rare terms towards no
 difference (a term seen twice in a and never in b is weak evidence), which raw frequency ratios
-do not. α_w = α_0 · (c_w + 1) / Σ_v (c_v + 1), with c the term counts of `prior_texts` (default:
-texts_a and texts_b pooled, Monroe et al.'s choice) plus one, over every term seen in a, b or
-the prior, and α_0 = the prior's total count unless `prior_strength` says otherwise. Unigrams
+do not. α_w = α_0 · (c_w + 1) / (1 + Σ_v (c_v + 1)), with c the term counts of `prior_texts`
+(default: texts_a and texts_b pooled, Monroe et al.'s choice) plus one, over every term v seen in
+a, b or the prior, and one more slot for unseen terms (so the odds stay finite when a side uses
+a single term); α_0 = the prior's total count unless `prior_strength` says otherwise. Unigrams
 and bigrams are separate multinomials (each has its own n_a, n_b, α_0); their z-scores share
 one ranking.
 
@@ -88,7 +89,8 @@ def _prior(prior_counts: Counter, vocab: set, orders, strength: float | None):
     alpha0: dict[int, float] = {}
     for n in orders:
         terms = [t for t in vocab if t[0] == n]
-        mass = sum(prior_counts.get(t, 0) + 1 for t in terms)
+        # +1 for an unseen-term slot: every odds keeps a positive "rest", even with one term
+        mass = sum(prior_counts.get(t, 0) + 1 for t in terms) + 1
         total = strength if strength is not None else sum(
             c for (m, _), c in prior_counts.items() if m == n)
         alpha0[n] = max(float(total), 1.0)  # an empty prior still needs a proper Dirichlet
