@@ -54,10 +54,10 @@ def main() -> None:
         texts = [e.text for e in exps]
         pred = nla.reconstruct(texts)
         per_row = row_metrics(pred, rows.vectors, den)
-        summary = bootstrap_summary({"fve_nrm": per_row["fve_nrm"].numpy()}, rows.doc_ids)
+        summary = bootstrap_summary({"fve_nrm": np.asarray(per_row["fve_nrm"])}, rows.doc_ids)
         claims = claim_checks(texts, rows.prefixes, nla.av.tokenizer)
         closed = np.asarray([e.complete for e in exps])
-        fve = per_row["fve_nrm"].numpy()
+        fve = np.asarray(per_row["fve_nrm"])
         result = {
             "setting": name, "options": opts, "rows": len(rows),
             "fve_nrm": summary["fve_nrm"],
@@ -68,8 +68,9 @@ def main() -> None:
             "quote_true": float(np.nanmean(claims["quote_true"])),
             "seconds": round(time.time() - t0, 1),
             "examples": texts[:3],
+            "texts": texts,
         }
-        print(json.dumps(result), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k != "texts"}), flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(result) + "\n")

@@ -187,3 +187,20 @@ def test_raising_max_steps_extends_a_finished_run_exactly(labels_dir, tmp_path):
                        load_file(str(tmp_path / "extended" / head))["weight"])
     with pytest.raises(NLAError, match="past this run's 2 steps"):
         train_sft("ar", labels_dir, tmp_path / "extended", cfg(2), progress=False)
+
+
+def test_a_checkpoint_with_the_older_full_config_hash_can_be_extended(labels_dir, tmp_path):
+    """Checkpoints written before the trajectory hash carry the hash of the whole config."""
+    train_sft("ar", labels_dir, tmp_path / "old", SFTConfig(batch_size=4, max_steps=2),
+              progress=False)
+    state_path = tmp_path / "old" / ".train-ar" / "checkpoint" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    state["config_hash"] = json.loads(
+        (tmp_path / "old" / ".train-ar" / "summary.json").read_text())["config_hash"]
+    torch.save(state, state_path)
+    summary = train_sft("ar", labels_dir, tmp_path / "old", SFTConfig(batch_size=4, max_steps=4),
+                        progress=False)
+    assert summary["resumed_from"] == 2
+    with pytest.raises(NLAError, match="different training configuration"):  # lr changes steps
+        train_sft("ar", labels_dir, tmp_path / "old",
+                  SFTConfig(batch_size=4, max_steps=6, lr=1.0), progress=False)

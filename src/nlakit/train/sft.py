@@ -224,16 +224,35 @@ class SFTTrainer:
         self.acc = make_accelerator(self.train_dir, cfg.grad_accum)
         torch.manual_seed(cfg.seed)
         self._load_rows(acts)
-        self.config_hash = stable_hash(role, asdict(cfg), str(self.labels_dir.resolve()),
-                                       self.store.meta["model"], self.acc.num_processes)
+        self.config_hash = self._run_hash(cfg)
         # The checkpoint ignores the settings that do not change the steps already taken (the
         # learning rate is constant and the row order a prefix-stable cycle), so a finished run
         # can be extended by raising max_steps.
-        trajectory = {k: v for k, v in asdict(cfg).items() if k not in EXTENSIBLE_SETTINGS}
-        self.checkpoint = Checkpoint(self.train_dir, stable_hash(
-            role, trajectory, str(self.labels_dir.resolve()), self.store.meta["model"],
-            self.acc.num_processes), also_accept=(self.config_hash,))
+        self.checkpoint = Checkpoint(self.train_dir, self._run_hash(cfg, trajectory_only=True),
+                                     also_accept=self._legacy_hashes())
         self.metrics = MetricsLog(self.acc, self.train_dir / "log.jsonl", f"sft_{role}")
+
+    def _run_hash(self, cfg: SFTConfig, trajectory_only: bool = False) -> str:
+        settings = asdict(cfg)
+        if trajectory_only:
+            settings = {k: v for k, v in settings.items() if k not in EXTENSIBLE_SETTINGS}
+        return stable_hash(self.role, settings, str(self.labels_dir.resolve()),
+                           self.store.meta["model"], self.acc.num_processes)
+
+    def _legacy_hashes(self) -> tuple[str, ...]:
+        """Checkpoints written before the trajectory hash carry the full config's hash: accept
+        one whose recorded config (train_dir/config.json) differs from this one only in the
+        extensible settings."""
+        recorded = self.train_dir / "config.json"
+        if not recorded.is_file():
+            return ()
+        try:
+            old = SFTConfig(**json.loads(recorded.read_text())["config"])
+        except (TypeError, KeyError, ValueError, NLAError):
+            return ()
+        same = {k: v for k, v in asdict(old).items() if k not in EXTENSIBLE_SETTINGS} == \
+            {k: v for k, v in asdict(self.cfg).items() if k not in EXTENSIBLE_SETTINGS}
+        return (self._run_hash(old),) if same else ()
 
     def _load_rows(self, acts) -> None:
         """Training rows, evaluation rows (the heldout split, else held-out documents)."""
