@@ -204,3 +204,22 @@ def test_a_checkpoint_with_the_older_full_config_hash_can_be_extended(labels_dir
     with pytest.raises(NLAError, match="different training configuration"):  # lr changes steps
         train_sft("ar", labels_dir, tmp_path / "old",
                   SFTConfig(batch_size=4, max_steps=6, lr=1.0), progress=False)
+
+
+def test_decoding_settings_go_into_the_av_checkpoint(labels_dir, tmp_path):
+    from nlakit.checkpoint import read_meta
+    from nlakit.nla import _load_av
+
+    cfg = SFTConfig(batch_size=4, max_steps=2, no_repeat_ngram_size=3)
+    first = train_sft("av", labels_dir, tmp_path / "nla", cfg, progress=False)
+    assert read_meta(tmp_path / "nla" / "av", "av")["decoding"] == {"no_repeat_ngram_size": 3}
+    av, _ = _load_av(tmp_path / "nla" / "av", torch.float32, torch.device("cpu"))
+    assert av.decoding == {"no_repeat_ngram_size": 3, "repetition_penalty": 1.0}
+    # a new decoding setting re-exports the finished run without training again
+    again = train_sft("av", labels_dir, tmp_path / "nla", SFTConfig(
+        batch_size=4, max_steps=2, repetition_penalty=1.3), progress=False)
+    assert again["resumed_from"] == 2
+    assert read_meta(tmp_path / "nla" / "av", "av")["decoding"] == {"repetition_penalty": 1.3}
+    assert first["config_hash"] != again["config_hash"]
+    with pytest.raises(NLAError, match="no_repeat_ngram_size"):
+        SFTConfig(no_repeat_ngram_size=-1)

@@ -81,6 +81,12 @@ class SFTConfig:
                                                    "{injection_char} placeholder")
     ar_template: str = option(DEFAULT_AR_TEMPLATE, "AR prompt with an {explanation} "
                                                    "placeholder")
+    no_repeat_ngram_size: int = option(0, "AV: greedy decoding never repeats an n-gram of this "
+                                          "size (0 = off); written to the checkpoint's "
+                                          "nla_meta.yaml `decoding:`, used by explain, eval, "
+                                          "label_ar; does not change training")
+    repetition_penalty: float = option(1.0, "AV: decoding's repetition penalty (1 = off), "
+                                            "stored like no_repeat_ngram_size")
     keep_adapters: bool = option(False, "save LoRA adapters (and, for the AR, its head) instead "
                                         "of merged weights: small, packable NLAs")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, ...); default: the "
@@ -93,7 +99,9 @@ class SFTConfig:
                                    ("lora_rank", 0, False), ("weight_decay", 0, False),
                                    ("max_grad_norm", 0, True), ("eval_every", 1, False),
                                    ("save_every", 1, False), ("eval_rows", 1, False),
-                                   ("max_response_tokens", 1, False)):
+                                   ("max_response_tokens", 1, False),
+                                   ("no_repeat_ngram_size", 0, False),
+                                   ("repetition_penalty", 0, True)):
             check_range(name, key, getattr(self, key), low=low, low_open=low_open)
         check_range(name, "max_steps", self.max_steps, low=1, optional=True)
         check_range(name, "lora_alpha", self.lora_alpha, low=1, optional=True)
@@ -180,6 +188,9 @@ class _Task:
             meta = av_meta(d_model=d, layer=store.layer, injection_scale=self.scale,
                            marker=self.marker, av_template=cfg.av_template,
                            ar_template=cfg.ar_template, nlakit=nlakit)
+            decoding = _decoding(cfg)
+            if decoding:
+                meta["decoding"] = decoding
             save_av_dir(role_dir, model, self.av.tokenizer, meta)
         else:
             body = self.ar.body
@@ -208,7 +219,22 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
         overwrite=overwrite)
 
 
-EXTENSIBLE_SETTINGS = ("max_steps", "eval_every", "save_every", "eval_rows")
+# Settings that do not change the steps already taken: a checkpoint survives their change.
+EXTENSIBLE_SETTINGS = ("max_steps", "eval_every", "save_every", "eval_rows",
+                       "no_repeat_ngram_size", "repetition_penalty")
+DECODING_DEFAULTS = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+
+
+def _decoding(cfg: SFTConfig) -> dict:
+    """The AV's decoding settings that differ from plain greedy decoding."""
+    return {k: getattr(cfg, k) for k, v in DECODING_DEFAULTS.items() if getattr(cfg, k) != v}
+
+
+def _identity(cfg: SFTConfig) -> dict:
+    """The config as hashed: decoding settings only when set, so the hashes of runs made before
+    they existed stay the same."""
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in DECODING_DEFAULTS or v != DECODING_DEFAULTS[k]}
 
 
 class SFTTrainer:
@@ -233,7 +259,7 @@ class SFTTrainer:
         self.metrics = MetricsLog(self.acc, self.train_dir / "log.jsonl", f"sft_{role}")
 
     def _run_hash(self, cfg: SFTConfig, trajectory_only: bool = False) -> str:
-        settings = asdict(cfg)
+        settings = _identity(cfg)
         if trajectory_only:
             settings = {k: v for k, v in settings.items() if k not in EXTENSIBLE_SETTINGS}
         return stable_hash(self.role, settings, str(self.labels_dir.resolve()),
@@ -250,8 +276,8 @@ class SFTTrainer:
             old = SFTConfig(**json.loads(recorded.read_text())["config"])
         except (TypeError, KeyError, ValueError, NLAError):
             return ()
-        same = {k: v for k, v in asdict(old).items() if k not in EXTENSIBLE_SETTINGS} == \
-            {k: v for k, v in asdict(self.cfg).items() if k not in EXTENSIBLE_SETTINGS}
+        same = {k: v for k, v in _identity(old).items() if k not in EXTENSIBLE_SETTINGS} == \
+            {k: v for k, v in _identity(self.cfg).items() if k not in EXTENSIBLE_SETTINGS}
         return (self._run_hash(old),) if same else ()
 
     def _load_rows(self, acts) -> None:
