@@ -189,8 +189,11 @@ def test_raising_max_steps_extends_a_finished_run_exactly(labels_dir, tmp_path):
         train_sft("ar", labels_dir, tmp_path / "extended", cfg(2), progress=False)
 
 
-def test_a_checkpoint_with_the_older_full_config_hash_can_be_extended(labels_dir, tmp_path):
+def test_a_checkpoint_with_the_older_full_config_hash_can_be_extended(labels_dir, tmp_path,
+                                                                       monkeypatch):
     """Checkpoints written before the trajectory hash carry the hash of the whole config."""
+    from nlakit.train import sft
+
     train_sft("ar", labels_dir, tmp_path / "old", SFTConfig(batch_size=4, max_steps=2),
               progress=False)
     state_path = tmp_path / "old" / ".train-ar" / "checkpoint" / "state.pt"
@@ -198,6 +201,15 @@ def test_a_checkpoint_with_the_older_full_config_hash_can_be_extended(labels_dir
     state["config_hash"] = json.loads(
         (tmp_path / "old" / ".train-ar" / "summary.json").read_text())["config_hash"]
     torch.save(state, state_path)
+
+    def interrupt(*_a, **_k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # killed before its first save rewrote config.json
+        m.setattr(sft._Task, "loss", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train_sft("ar", labels_dir, tmp_path / "old", SFTConfig(batch_size=4, max_steps=5),
+                      progress=False)
     summary = train_sft("ar", labels_dir, tmp_path / "old", SFTConfig(batch_size=4, max_steps=4),
                         progress=False)
     assert summary["resumed_from"] == 2

@@ -118,6 +118,7 @@ class Checkpoint:
         if not self.exists():
             return 0
         state = torch.load(self.path, map_location="cpu", weights_only=False)
+        self.loaded_hash = state["config_hash"]
         if state["config_hash"] not in self.accepted:
             raise ConfigMismatchError(
                 f"{self.dir.parent} holds a checkpoint of a different {self.what} configuration; "

@@ -310,6 +310,8 @@ class SFTTrainer:
         start = self.checkpoint.load({"params": self.task.module},
                                      {"optimizer": self.optimizer})
         self.module, self.optimizer = acc.prepare(self.task.module, self.optimizer)
+        if start and self.checkpoint.loaded_hash != self.checkpoint.config_hash:
+            self._save(start)  # re-key an older checkpoint now: config.json is rewritten below
         self._plan_steps()
         if start > self.n_steps:
             raise NLAError(f"{self.train_dir} holds a checkpoint at step {start}, past this "
