@@ -387,6 +387,15 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_audit_game(args) -> int:
+    from .audit_game import config_from, format_markdown, run
+
+    config = config_from(args.config, _given(args, "config"))
+    print(format_markdown(run(config)))
+    print(f"wrote {Path(config.out) / 'game.json'} and {Path(config.out) / 'game.md'}")
+    return 0
+
+
 def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
     from .serve.config import ServeInputs, ServeLimits
 
@@ -468,6 +477,22 @@ def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
         from .diff import DiffConfig
 
         add_dataclass_flags(p, DiffConfig, "config")
+
+    p = sub.add_parser("audit-game", help="the auditing game: fine-tune a model organism "
+                                          "with a hidden quirk and a control, diff both through "
+                                          "the base's NLA (docs/audit-game.md)",
+                       allow_abbrev=False,
+                       description="Make a model organism (LoRA on answers the base wrote under a "
+                                   "hidden quirky system prompt, trained without it) and a "
+                                   "control, run `nlakit diff` on both with the base's NLA, and "
+                                   "rank the quirk's words against an output-diff baseline.")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="YAML with audit-game settings (configs/audit-game.yaml); flags override")
+    p.set_defaults(func=cmd_audit_game)
+    if wanted is None or wanted == ("audit-game",):  # builds its flags only when run
+        from .audit_game import AuditGameConfig
+
+        add_dataclass_flags(p, AuditGameConfig, "config")
 
     p = sub.add_parser("plot", help="PNG of training curves from metrics.jsonl / log.jsonl")
     p.add_argument("log", help="a metrics.jsonl / log.jsonl file or the directory holding it")
