@@ -5,6 +5,8 @@ The public API (every name loads its module on first use, so `import nlakit` sta
   nlakit.NLA, nlakit.load_model, nlakit.extract, nlakit.load_corpus, nlakit.ActivationStore,
   nlakit.label_store, nlakit.LabelSet, nlakit.train_sft, nlakit.train_rl, nlakit.run_pipeline,
   nlakit.metrics (nlakit.evaluate and nlakit.audit are the modules of those stages);
+  nlakit.steer (a context manager adding a vector to block K), nlakit.measure_steering and
+  nlakit.SteerConfig (steering from text, in `nlakit.steering`);
   the stage configs (ExtractConfig, LabelConfig, SFTConfig, RLConfig, EvalConfig, AuditConfig,
   ReportConfig) and run functions (run_extract ... run_report, see `nlakit.stages`).
 """
@@ -32,6 +34,9 @@ _LAZY = {
     "AuditConfig": "audit:AuditConfig",
     "ReportConfig": "report:ReportConfig",
     "run_pipeline": "pipeline:run_pipeline",
+    "steer": "steering:steer",
+    "measure_steering": "steering:measure_steering",
+    "SteerConfig": "steering:SteerConfig",
     **{name: f"stages:{name}" for name in (
         "run_extract", "run_label", "run_train_av", "run_train_ar", "run_train_control",
         "run_train_rl", "run_eval", "run_audit", "run_report")},

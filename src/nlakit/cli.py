@@ -377,6 +377,18 @@ def cmd_sae(args) -> int:
     return 0
 
 
+def cmd_steer(args) -> int:
+    from .steering import SteerConfig, SteerInputs, format_steer, run_steer
+
+    inputs = SteerInputs(**_given(args, "inputs"))
+    report = run_steer(SteerConfig(**_given(args, "config")), inputs)
+    print(format_steer(report))
+    print(f"seconds: {report.setup['seconds']}")
+    if inputs.out:
+        print(f"wrote {Path(inputs.out) / 'steer.json'} and {Path(inputs.out) / 'steer.md'}")
+    return 0
+
+
 def cmd_diff(args) -> int:
     from .diff import DiffConfig, format_summary, run
 
@@ -463,6 +475,21 @@ def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
 
         add_dataclass_flags(p, LadderConfig, "config")
         add_dataclass_flags(p, LadderInputs, "inputs")
+
+    p = sub.add_parser("steer", help="steer the target with AR(text) [- AR(contrast)] and "
+                                     "measure the effect against controls (docs/steer.md)",
+                       allow_abbrev=False,
+                       description="Add the AR's vector of an explanation (or of a contrast "
+                                   "of two) to the target's block K at several scales; measure "
+                                   "the concept words' log-probability, their rate in sampled "
+                                   "continuations and the perplexity cost, next to random, "
+                                   "mean-direction and empty-explanation controls.")
+    p.set_defaults(func=cmd_steer)
+    if wanted is None or wanted == ("steer",):  # builds its flags only when run (imports torch)
+        from .steering import SteerConfig, SteerInputs
+
+        add_dataclass_flags(p, SteerConfig, "config")
+        add_dataclass_flags(p, SteerInputs, "inputs")
 
     p = sub.add_parser("diff", help="audit a fine-tune through the base model's NLA: round "
                                     "trip on both models, the rows and words that changed "
