@@ -69,3 +69,16 @@ def test_bad_inputs(tiny):
         ar.reconstruct(["word " * 2000])
     with pytest.raises(NLAError, match="out of range"):
         Reconstructor.from_target(model, tok, 9)
+
+
+def test_an_empty_explanation_on_the_raw_template_reads_one_special_token(tiny):
+    """With `{explanation}` and a tokenizer that adds no BOS, "" has no tokens at all."""
+    model, tok = tiny
+    ar = Reconstructor.from_target(model, tok, 2, template="{explanation}")
+    alone, mixed = ar.reconstruct([""]), ar.reconstruct(["", "some words"])
+    fill = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([[fill]])
+    direct = forward_to_layer(model, ids, torch.ones_like(ids), 2)[0, -1]
+    assert torch.allclose(alone[0], direct, atol=1e-5)
+    assert torch.allclose(mixed[0], direct, atol=1e-5)
+    assert torch.allclose(mixed[1], ar.reconstruct(["some words"])[0], atol=1e-5)

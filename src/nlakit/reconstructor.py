@@ -80,10 +80,27 @@ class Reconstructor(nn.Module):
             prompts.append(self.template.format(explanation=t.strip()))
         enc = self.tokenizer(prompts, add_special_tokens=True, padding=True,
                              padding_side="right", return_tensors="pt")
+        enc = self._fill_empty(enc)
         if enc["input_ids"].shape[1] > self.max_length:
             raise NLAError(f"an AR prompt is {enc['input_ids'].shape[1]} tokens, over the limit "
                            f"of {self.max_length}; shorten the explanation")
         return enc
+
+    def _fill_empty(self, enc) -> dict:
+        """A raw template (`{explanation}`) with a tokenizer that adds no BOS turns an empty
+        explanation into no tokens at all: give such rows one special token (BOS, else EOS) so
+        they still get a (poor) prediction instead of a shape error."""
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        empty = mask.sum(1) == 0
+        if not empty.any():
+            return enc
+        tok = self.tokenizer
+        fill = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if ids.shape[1] == 0:
+            ids = torch.full((ids.shape[0], 1), tok.pad_token_id or 0, dtype=ids.dtype)
+            mask = torch.zeros_like(ids)
+        ids[empty, 0], mask[empty, 0] = fill, 1
+        return {**enc, "input_ids": ids, "attention_mask": mask}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[b, d] predictions from the block-K state at each row's last real token."""

@@ -33,8 +33,7 @@ differences, lower bound > 0).
 Controls, always on, each rescaled to the same norm: random directions (seeded Gaussian),
 the mean activation direction (the store's mean unit direction with `--acts`, else the mean
 block-K activation over the prompts' and paragraph's tokens), and ``AR("")`` (the AR's output
-for an empty explanation: what any text gives before it says anything; "." where the AR's
-prompt would otherwise have no tokens, see `empty_explanation`).
+for an empty explanation: what any text gives before it says anything).
 """
 
 from __future__ import annotations
@@ -590,10 +589,9 @@ def _compare(per: dict, scales, controls, config) -> tuple[list[dict], list[str]
 
 
 def empty_explanation(nla) -> str:
-    """The text the ar_empty control reads: "" when the AR's prompt around it still has
-    tokens; "." when the template is the bare ``{explanation}`` and the tokenizer adds no BOS
-    (an empty prompt cannot be run), the shortest explanation that says nothing."""
-    return "" if nla.ar.encode([""])["input_ids"].shape[1] > 0 else "."
+    """The text the ar_empty control reads. On a bare ``{explanation}`` template with no BOS
+    the AR reads it as one special token (`Reconstructor.encode`)."""
+    return ""
 
 
 def _directions(nla, config, steered, mean_direction) -> dict[str, torch.Tensor]:
