@@ -174,3 +174,18 @@ def test_audit_game_wiring_on_the_tiny_model(tiny, tiny_model_dir, tiny_store, t
     cfg.steps = 3
     with pytest.raises(ConfigMismatchError, match="finetune_organism"):
         audit_game.run(cfg)
+
+
+def test_the_nla_fingerprint_follows_the_files_behind_a_name(tmp_path):
+    """A diff step must rerun when the NLA behind a name or directory changes."""
+    from nlakit.audit_game import nla_fingerprint
+
+    for half in ("av", "ar"):
+        (tmp_path / "nla" / half).mkdir(parents=True)
+        (tmp_path / "nla" / half / "weights.bin").write_bytes(b"one")
+    before = nla_fingerprint(str(tmp_path / "nla"))
+    assert nla_fingerprint(str(tmp_path / "nla")) == before
+    (tmp_path / "nla" / "ar" / "weights.bin").write_bytes(b"two")
+    assert nla_fingerprint(str(tmp_path / "nla")) != before
+    with pytest.raises(NLAError, match="no NLA files"):
+        nla_fingerprint(str(tmp_path / "missing"))

@@ -145,6 +145,20 @@ STEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # step -> (fields
 }
 
 
+def nla_fingerprint(spec: str) -> str:
+    """A digest of every file of the NLA's two halves, so a diff step reruns when the NLA
+    behind a name or directory changes."""
+    from .fileio import file_sha256
+    from .shipped import resolve
+
+    root = resolve(spec) or Path(spec)
+    files = sorted(p for half in ("av", "ar") for p in (root / half).rglob("*") if p.is_file())
+    if not files:
+        raise NLAError(f"no NLA files under {root}/av and {root}/ar; pass an NLA directory or a "
+                       "shipped name (nlakit shipped)")
+    return stable_hash([(str(p.relative_to(root)), file_sha256(p)) for p in files])
+
+
 class Game:
     """One game in OUT: the steps' stamps, paths and functions."""
 
@@ -157,6 +171,8 @@ class Game:
         if step not in self.hashes:
             keys, upstream = STEPS[step]
             settings = {k: getattr(self.cfg, k) for k in keys}
+            if "nla" in keys:  # a name (e.g. a shipped NLA) can point at new weights
+                settings["nla_files"] = nla_fingerprint(self.cfg.nla)
             self.hashes[step] = stable_hash(step, settings, [self.step_hash(u) for u in upstream])
         return self.hashes[step]
 
