@@ -235,3 +235,9 @@ def test_decoding_settings_go_into_the_av_checkpoint(labels_dir, tmp_path):
     assert first["config_hash"] != again["config_hash"]
     with pytest.raises(NLAError, match="no_repeat_ngram_size"):
         SFTConfig(no_repeat_ngram_size=-1)
+    meta_path = tmp_path / "nla" / "av" / "nla_meta.yaml"
+    meta = yaml.safe_load(meta_path.read_text())
+    meta["decoding"] = {"top_k": 5}
+    meta_path.write_text(yaml.safe_dump(meta))
+    with pytest.raises(NLAError, match="unknown setting under `decoding:`"):
+        _load_av(tmp_path / "nla" / "av", torch.float32, torch.device("cpu"))

@@ -408,7 +408,7 @@ def cmd_audit_game(args) -> int:
     return 0
 
 
-def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
+def _add_other_commands(sub) -> None:
     from .serve.config import ServeInputs, ServeLimits
 
     p = sub.add_parser("info", help="summarise an activation store")
@@ -462,6 +462,25 @@ def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
     add_dataclass_flags(p, ServeLimits, "limits")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("plot", help="PNG of training curves from metrics.jsonl / log.jsonl")
+    p.add_argument("log", help="a metrics.jsonl / log.jsonl file or the directory holding it")
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=cmd_plot)
+
+
+def _lazy_flags(p, wanted, name: str, module: str, *groups: tuple[str, str]) -> None:
+    """Add flags from `module`'s config dataclasses ((class name, group) pairs) only when
+    `name` is the command being run or all commands are wanted: the module imports torch."""
+    if wanted is None or wanted == (name,):
+        import importlib
+
+        mod = importlib.import_module(f"nlakit.{module}")
+        for cls_name, group in groups:
+            add_dataclass_flags(p, getattr(mod, cls_name), group)
+
+
+def _add_measurement_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
     p = sub.add_parser("sae", help="TopK SAEs on a store's training splits, scored like eval "
                                    "(fve_nrm, kl, ce_recovered): how many latents an NLA's "
                                    "explanation is worth", allow_abbrev=False,
@@ -470,11 +489,7 @@ def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
                                    "baselines, an NLA (--nla) or an eval.json's methods "
                                    "(--eval-json) on the ladder; writes ladder.json/.md/.png.")
     p.set_defaults(func=cmd_sae)
-    if wanted is None or wanted == ("sae",):  # builds its flags only when run (imports torch)
-        from .sae import LadderConfig, LadderInputs
-
-        add_dataclass_flags(p, LadderConfig, "config")
-        add_dataclass_flags(p, LadderInputs, "inputs")
+    _lazy_flags(p, wanted, "sae", "sae", ("LadderConfig", "config"), ("LadderInputs", "inputs"))
 
     p = sub.add_parser("steer", help="steer the target with AR(text) [- AR(contrast)] and "
                                      "measure the effect against controls (docs/steer.md)",
@@ -485,11 +500,8 @@ def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
                                    "continuations and the perplexity cost, next to random, "
                                    "mean-direction and empty-explanation controls.")
     p.set_defaults(func=cmd_steer)
-    if wanted is None or wanted == ("steer",):  # builds its flags only when run (imports torch)
-        from .steering import SteerConfig, SteerInputs
-
-        add_dataclass_flags(p, SteerConfig, "config")
-        add_dataclass_flags(p, SteerInputs, "inputs")
+    _lazy_flags(p, wanted, "steer", "steering", ("SteerConfig", "config"),
+                ("SteerInputs", "inputs"))
 
     p = sub.add_parser("diff", help="audit a fine-tune through the base model's NLA: round "
                                     "trip on both models, the rows and words that changed "
@@ -500,10 +512,7 @@ def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
                                    "changed most and the words over-used in the fine-tuned "
                                    "model's explanations (log-odds z-scores).")
     p.set_defaults(func=cmd_diff)
-    if wanted is None or wanted == ("diff",):  # builds its flags only when run (imports torch)
-        from .diff import DiffConfig
-
-        add_dataclass_flags(p, DiffConfig, "config")
+    _lazy_flags(p, wanted, "diff", "diff", ("DiffConfig", "config"))
 
     p = sub.add_parser("audit-game", help="the auditing game: fine-tune a model organism "
                                           "with a hidden quirk and a control, diff both through "
@@ -516,16 +525,8 @@ def _add_other_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="YAML with audit-game settings (configs/audit-game.yaml); flags override")
     p.set_defaults(func=cmd_audit_game)
-    if wanted is None or wanted == ("audit-game",):  # builds its flags only when run
-        from .audit_game import AuditGameConfig
+    _lazy_flags(p, wanted, "audit-game", "audit_game", ("AuditGameConfig", "config"))
 
-        add_dataclass_flags(p, AuditGameConfig, "config")
-
-    p = sub.add_parser("plot", help="PNG of training curves from metrics.jsonl / log.jsonl")
-    p.add_argument("log", help="a metrics.jsonl / log.jsonl file or the directory holding it")
-    p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--title", default=None)
-    p.set_defaults(func=cmd_plot)
 
 
 def _command_words(argv: list[str]) -> tuple[str, ...]:
@@ -557,7 +558,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             _add_stage_parser(train, stage, stage.command, full)
         else:
             _add_stage_parser(sub, stage, stage.command, full)
-    _add_other_commands(sub, wanted)
+    _add_other_commands(sub)
+    _add_measurement_commands(sub, wanted)
     return parser
 
 

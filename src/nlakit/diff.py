@@ -48,6 +48,7 @@ from .finetuned import (  # re-exported: the auditing game loads its model organ
     record_adapter_base,
 )
 from .models import load_model, resolve_model, weights_hash
+from .stages import hint, required
 from .wordstats import log_odds_ranking  # re-exported: the ranking diff.json's words come from
 
 log = logging.getLogger(__name__)
@@ -58,58 +59,50 @@ METRICS = ("fve_nrm", "mse_nrm", "cos", "fve_meannorm")
 CHANGE = ("act_mse_nrm", "act_rel_diff", "text_distance", "explanation_mse_nrm")
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
-def _required(text: str):
-    return field(metadata={"help": text, "required": True})
-
-
 @dataclass
 class DiffConfig:
     """`nlakit diff`: the models, the NLA, the corpus and how much of it to explain."""
 
-    nla: str = _required("the base model's NLA: a directory (av/, ar/) or a shipped name")
-    base: str = _required("the base model (the NLA's target): alias, .gguf, HF dir or id")
-    finetuned: str = _required("the fine-tuned model: alias, .gguf, HF dir or id, or a peft "
-                               "LoRA adapter directory (applied to --base and merged)")
-    corpus: str = _required("builtin[:docs|:chats], a text file/folder, .jsonl, .parquet, or a "
-                            "saved datasets folder")
-    out: str = _required("output directory (diff.json, diff.md, rows.jsonl, acts/)")
-    layer: int | None = field(default=None, metadata=_help(
+    nla: str = required("the base model's NLA: a directory (av/, ar/) or a shipped name")
+    base: str = required("the base model (the NLA's target): alias, .gguf, HF dir or id")
+    finetuned: str = required("the fine-tuned model: alias, .gguf, HF dir or id, or a peft "
+                              "LoRA adapter directory (applied to --base and merged)")
+    corpus: str = required("builtin[:docs|:chats], a text file/folder, .jsonl, .parquet, or a "
+                           "saved datasets folder")
+    out: str = required("output directory (diff.json, diff.md, rows.jsonl, acts/)")
+    layer: int | None = field(default=None, metadata=hint(
         "block K (None: the NLA's layer; another value is an error)"))
-    text_field: str = field(default="text", metadata=_help("text field/column of jsonl/parquet"))
-    blocks: bool = field(default=False, metadata=_help(
+    text_field: str = field(default="text", metadata=hint("text field/column of jsonl/parquet"))
+    blocks: bool = field(default=False, metadata=hint(
         "text files: one document per blank-line separated block"))
-    max_docs: int | None = field(default=100, metadata=_help("read at most this many documents"))
-    max_tokens_per_doc: int = field(default=512, metadata=_help(
+    max_docs: int | None = field(default=100, metadata=hint("read at most this many documents"))
+    max_tokens_per_doc: int = field(default=512, metadata=hint(
         "truncate documents to this many tokens"))
-    positions_per_doc: int = field(default=5, metadata=_help(
+    positions_per_doc: int = field(default=5, metadata=hint(
         "token positions sampled per document (the same for both models)"))
-    min_position: int = field(default=50, metadata=_help(
+    min_position: int = field(default=50, metadata=hint(
         "sample only tokens at index >= this (early positions have outlier norms)"))
-    seed: int = field(default=0, metadata=_help("seed of the positions and the bootstrap"))
-    max_new_tokens: int = field(default=150, metadata=_help("explanation length cap in tokens"))
-    batch_size: int = field(default=16, metadata=_help(
+    seed: int = field(default=0, metadata=hint("seed of the positions and the bootstrap"))
+    max_new_tokens: int = field(default=150, metadata=hint("explanation length cap in tokens"))
+    batch_size: int = field(default=16, metadata=hint(
         "rows per generation/AR batch (and documents per extraction forward)"))
-    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples"))
-    top_rows: int = field(default=20, metadata=_help("rows listed per 'changed most' ranking"))
-    top_terms: int = field(default=30, metadata=_help("terms listed per side of the word ranking"))
-    ngrams: tuple[int, ...] | str = field(default=(1, 2), metadata=_help(
+    n_boot: int = field(default=1000, metadata=hint("bootstrap resamples"))
+    top_rows: int = field(default=20, metadata=hint("rows listed per 'changed most' ranking"))
+    top_terms: int = field(default=30, metadata=hint("terms listed per side of the word ranking"))
+    ngrams: tuple[int, ...] | str = field(default=(1, 2), metadata=hint(
         "n-gram orders of the word ranking (comma-separated)"))
-    min_count: int = field(default=3, metadata=_help(
+    min_count: int = field(default=3, metadata=hint(
         "rank only terms seen at least this often in both models' explanations together"))
-    binary_counts: bool = field(default=True, metadata=_help(
+    binary_counts: bool = field(default=True, metadata=hint(
         "count a term once per explanation (robust to an explanation that repeats itself)"))
-    z_threshold: float = field(default=1.96, metadata=_help(
+    z_threshold: float = field(default=1.96, metadata=hint(
         "|z| above which a term is listed as significant (per term, uncorrected)"))
-    device: str | None = field(default=None, metadata=_help("cpu (default), cuda, cuda:N, auto"))
-    dtype: str | None = field(default=None, metadata=_help(
+    device: str | None = field(default=None, metadata=hint("cpu (default), cuda, cuda:N, auto"))
+    dtype: str | None = field(default=None, metadata=hint(
         "float32 (CPU default), bfloat16, float16 or auto"))
-    overwrite: bool = field(default=False, metadata=_help(
+    overwrite: bool = field(default=False, metadata=hint(
         "replace activation stores in OUT/acts made with another configuration"))
-    progress: bool = field(default=True, metadata=_help("show progress bars"))
+    progress: bool = field(default=True, metadata=hint("show progress bars"))
 
     def __post_init__(self):
         for name in ("nla", "base", "finetuned", "corpus", "out"):

@@ -62,8 +62,11 @@ def _load_av(av_dir: Path, dtype, device):
     marker = verify_av_tokenizer(tok, meta, str(av_dir))
     av = Verbalizer(model, tok, marker, float(meta["extraction"]["injection_scale"]),
                     meta["template"])
-    av.decoding_settings(**meta.get("decoding", {}))  # validates before it is used
-    av.decoding.update(meta.get("decoding", {}))
+    try:  # the checkpoint's decoding settings, validated, over the defaults
+        av.decoding = av.decoding_settings(**meta.get("decoding", {}))
+    except TypeError as e:
+        raise NLAError(f"{av_dir}/nla_meta.yaml: unknown setting under `decoding:` ({e}); "
+                       "the known ones are no_repeat_ngram_size and repetition_penalty") from e
     return av, meta
 
 

@@ -31,11 +31,13 @@ from .errors import NLAError
 log = logging.getLogger(__name__)
 
 
-def _help(text: str) -> dict:
+def hint(text: str) -> dict:
+    """A config field's metadata: its help string (the CLI shows it beside the default)."""
     return {"help": text}
 
 
-def _required(text: str):
+def required(text: str):
+    """A config field without a default: the CLI makes its flag required."""
     return field(metadata={"help": text, "required": True})
 
 
@@ -44,86 +46,86 @@ def _required(text: str):
 
 @dataclass
 class ExtractInputs:
-    out: str = _required("output store directory")
-    model: str = field(default="smollm2-135m", metadata=_help(
+    out: str = required("output store directory")
+    model: str = field(default="smollm2-135m", metadata=hint(
         "target model: alias smollm2-135m, a .gguf file, a model directory or a Hugging Face "
         "id"))
-    layer: int | None = field(default=None, metadata=_help("block K (None: floor(2L/3))"))
-    dtype: str | None = field(default=None, metadata=_help(
+    layer: int | None = field(default=None, metadata=hint("block K (None: floor(2L/3))"))
+    dtype: str | None = field(default=None, metadata=hint(
         "float32 (CPU default), bfloat16, float16 or auto"))
-    device: str | None = field(default=None, metadata=_help("cpu (default), cuda, cuda:N, auto"))
-    overwrite: bool = field(default=False, metadata=_help(
+    device: str | None = field(default=None, metadata=hint("cpu (default), cuda, cuda:N, auto"))
+    overwrite: bool = field(default=False, metadata=hint(
         "replace a store made with another configuration"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    progress: bool = field(default=True, metadata=hint("show a progress bar"))
 
 
 @dataclass
 class LabelInputs:
-    acts: str = _required("activation store directory")
-    out: str = _required("output label-set directory")
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    acts: str = required("activation store directory")
+    out: str = required("output label-set directory")
+    progress: bool = field(default=True, metadata=hint("show a progress bar"))
 
 
 @dataclass
 class SFTInputs:
-    data: str = _required("labelled set from `nlakit label`")
-    out: str = _required("NLA directory: writes OUT/av or OUT/ar (train both into one dir)")
-    acts: str | None = field(default=None, metadata=_help(
+    data: str = required("labelled set from `nlakit label`")
+    out: str = required("NLA directory: writes OUT/av or OUT/ar (train both into one dir)")
+    acts: str | None = field(default=None, metadata=hint(
         "activation store (None: the labels' store)"))
-    overwrite: bool = field(default=False, metadata=_help("discard an earlier checkpoint"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    overwrite: bool = field(default=False, metadata=hint("discard an earlier checkpoint"))
+    progress: bool = field(default=True, metadata=hint("show a progress bar"))
 
 
 @dataclass
 class RLInputs:
-    nla: str = _required("the starting NLA directory (the SFT warm start)")
-    acts: str = _required("activation store with rl and heldout splits")
-    out: str = _required("output NLA directory")
-    resume: bool = field(default=False, metadata=_help("continue the checkpoint in --out"))
-    overwrite: bool = field(default=False, metadata=_help("discard an earlier checkpoint"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    nla: str = required("the starting NLA directory (the SFT warm start)")
+    acts: str = required("activation store with rl and heldout splits")
+    out: str = required("output NLA directory")
+    resume: bool = field(default=False, metadata=hint("continue the checkpoint in --out"))
+    overwrite: bool = field(default=False, metadata=hint("discard an earlier checkpoint"))
+    progress: bool = field(default=True, metadata=hint("show a progress bar"))
 
 
 @dataclass
 class _ScoreInputs:
     """What eval and audit both read: the NLA, the store, where the results go."""
-    acts: str = _required("activation store of the NLA's layer")
-    nla: str | None = field(default=None, metadata=_help("NLA directory (holding av/ and ar/)"))
-    av: str | None = field(default=None, metadata=_help("AV directory (official layout)"))
-    ar: str | None = field(default=None, metadata=_help("AR directory (official layout)"))
-    device: str | None = field(default=None, metadata=_help("cpu, cuda, cuda:N or auto"))
-    json: str | None = field(default=None, metadata=_help(
+    acts: str = required("activation store of the NLA's layer")
+    nla: str | None = field(default=None, metadata=hint("NLA directory (holding av/ and ar/)"))
+    av: str | None = field(default=None, metadata=hint("AV directory (official layout)"))
+    ar: str | None = field(default=None, metadata=hint("AR directory (official layout)"))
+    device: str | None = field(default=None, metadata=hint("cpu, cuda, cuda:N or auto"))
+    json: str | None = field(default=None, metadata=hint(
         "result JSON (None: next to --report, else in the current directory)"))
-    report: str | None = field(default=None, metadata=_help(
+    report: str | None = field(default=None, metadata=hint(
         "also write a self-contained HTML report here (and a .md summary beside it)"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    progress: bool = field(default=True, metadata=hint("show a progress bar"))
 
 
 @dataclass
 class EvalInputs(_ScoreInputs):
-    label_set: str | None = field(default=None, metadata=_help(
+    label_set: str | None = field(default=None, metadata=hint(
         "label set of the `label` baseline (scored when the config's labels is true)"))
-    control: str | None = field(default=None, metadata=_help(
+    control: str | None = field(default=None, metadata=hint(
         "control AV directory (trained on shuffled activations)"))
-    baselines_only: bool = field(default=False, metadata=_help(
+    baselines_only: bool = field(default=False, metadata=hint(
         "load only the AR and score the baselines (no AV needed)"))
 
 
 @dataclass
 class AuditInputs(_ScoreInputs):
-    explanations: str | None = field(default=None, metadata=_help(
+    explanations: str | None = field(default=None, metadata=hint(
         "eval.json whose explanations to audit instead of generating them again (used when it "
         "holds every audited row)"))
-    eval_json: str | None = field(default=None, metadata=_help(
+    eval_json: str | None = field(default=None, metadata=hint(
         "include this eval.json in the --report"))
 
 
 @dataclass
 class ReportInputs:
-    out: str = _required("report.html (report.md is written beside it)")
-    eval: str | None = field(default=None, metadata=_help("eval.json"))
-    audit: str | None = field(default=None, metadata=_help("audit.json"))
-    ladder: str | None = field(default=None, metadata=_help(
+    out: str = required("report.html (report.md is written beside it)")
+    eval: str | None = field(default=None, metadata=hint("eval.json"))
+    audit: str | None = field(default=None, metadata=hint("audit.json"))
+    ladder: str | None = field(default=None, metadata=hint(
         "ladder.json of `nlakit sae` (its ladder.png beside it is embedded)"))
 
 
@@ -152,11 +154,11 @@ def run_label(config, inputs: LabelInputs) -> Path:
 
 @dataclass
 class ARLabelInputs:
-    acts: str = _required("activation store directory")
-    av: str = _required("the trained AV directory whose explanations label the rows")
-    out: str = _required("output label-set directory")
-    device: str | None = field(default=None, metadata=_help("cpu (default), cuda, auto"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    acts: str = required("activation store directory")
+    av: str = required("the trained AV directory whose explanations label the rows")
+    out: str = required("output label-set directory")
+    device: str | None = field(default=None, metadata=hint("cpu (default), cuda, auto"))
+    progress: bool = field(default=True, metadata=hint("show a progress bar"))
 
 
 def run_label_ar(config, inputs: ARLabelInputs) -> Path:
@@ -335,8 +337,8 @@ def run_report(config, inputs: ReportInputs) -> Path:
 
 @dataclass
 class NLAInputs:
-    source: str = _required("directory holding the final av/ and ar/ (rl/ or sft/)")
-    out: str = _required("the NLA directory to write")
+    source: str = required("directory holding the final av/ and ar/ (rl/ or sft/)")
+    out: str = required("the NLA directory to write")
 
 
 def run_nla(config, inputs: NLAInputs) -> Path:

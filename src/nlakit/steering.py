@@ -50,6 +50,7 @@ import torch
 
 from .errors import NLAError
 from .models import check_layer, d_model, decoder_layers, decoder_stack
+from .stages import hint
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,6 @@ what when where which while who whom why will with would you your yours yourself
 text texts talk talks talking mention mentions mentioning discuss discusses topic topics
 model thinking thing things something kind particular nothing anything
 """.split())
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 # ---- the hook ----------------------------------------------------------------------------------
@@ -316,38 +313,38 @@ class SteerConfig:
 
     text: str = field(metadata={"help": "the explanation to steer towards, e.g. 'The text is "
                                         "about the ocean.'", "required": True})
-    contrast: str | None = field(default=None, metadata=_help(
+    contrast: str | None = field(default=None, metadata=hint(
         "steer along AR(text) - AR(contrast) instead of AR(text), e.g. 'The text is about "
         "nothing in particular.'"))
-    scale: tuple[float, ...] = field(default=(0.5, 1.0, 2.0), metadata=_help(
+    scale: tuple[float, ...] = field(default=(0.5, 1.0, 2.0), metadata=hint(
         "norms of the added vector as multiples of the mean activation norm "
         "(comma-separated; one table row per value)"))
-    mode: str = field(default="prompt_end", metadata=_help(
+    mode: str = field(default="prompt_end", metadata=hint(
         "prompt_end (the prompt's last token and every generated token) or all (every "
         "position)"))
-    layer: int | None = field(default=None, metadata=_help(
+    layer: int | None = field(default=None, metadata=hint(
         "block K; must be the NLA's own layer (None: the NLA's)"))
-    norm: float | None = field(default=None, metadata=_help(
+    norm: float | None = field(default=None, metadata=hint(
         "the mean activation norm scale multiplies (None: from --acts, else the NLA's "
         "dataset_stats)"))
-    concept_words: tuple[str, ...] | None = field(default=None, metadata=_help(
+    concept_words: tuple[str, ...] | None = field(default=None, metadata=hint(
         "words whose probability and frequency are measured (comma-separated; None: the "
         "content words of text minus stopwords and the contrast's words)"))
-    prompts: str | None = field(default=None, metadata=_help(
+    prompts: str | None = field(default=None, metadata=hint(
         "file of neutral prompts, one per line (None: 20 built-in ones)"))
-    ppl_text: str | None = field(default=None, metadata=_help(
+    ppl_text: str | None = field(default=None, metadata=hint(
         "file of held-out text for the perplexity cost (None: a built-in paragraph)"))
-    random_controls: int = field(default=3, metadata=_help(
+    random_controls: int = field(default=3, metadata=hint(
         "random-direction controls (seeds 0..N-1)"))
-    samples: int = field(default=4, metadata=_help("sampled continuations per prompt"))
-    max_new_tokens: int = field(default=30, metadata=_help("tokens per sampled continuation"))
-    logprob_positions: int = field(default=8, metadata=_help(
+    samples: int = field(default=4, metadata=hint("sampled continuations per prompt"))
+    max_new_tokens: int = field(default=30, metadata=hint("tokens per sampled continuation"))
+    logprob_positions: int = field(default=8, metadata=hint(
         "T: positions of the unsteered greedy continuation delta_logp averages over"))
-    temperature: float = field(default=1.0, metadata=_help("sampling temperature"))
-    top_p: float = field(default=1.0, metadata=_help("nucleus sampling mass"))
-    batch_size: int = field(default=32, metadata=_help("prompts per forward / generate call"))
-    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples"))
-    seed: int = field(default=0, metadata=_help("seed of sampling, random controls, bootstrap"))
+    temperature: float = field(default=1.0, metadata=hint("sampling temperature"))
+    top_p: float = field(default=1.0, metadata=hint("nucleus sampling mass"))
+    batch_size: int = field(default=32, metadata=hint("prompts per forward / generate call"))
+    n_boot: int = field(default=1000, metadata=hint("bootstrap resamples"))
+    seed: int = field(default=0, metadata=hint("seed of sampling, random controls, bootstrap"))
 
     def __post_init__(self):
         _text(self.text, "text")
@@ -388,13 +385,13 @@ class SteerConfig:
 class SteerInputs:
     nla: str = field(metadata={"help": "NLA directory or shipped name (e.g. smollm2-135m)",
                                "required": True})
-    acts: str | None = field(default=None, metadata=_help(
+    acts: str | None = field(default=None, metadata=hint(
         "activation store of the NLA's layer: its mean norm and mean direction (None: the "
         "NLA's norm, the prompts' mean direction)"))
-    out: str | None = field(default=None, metadata=_help(
+    out: str | None = field(default=None, metadata=hint(
         "write steer.json and steer.md here"))
-    device: str | None = field(default=None, metadata=_help("cpu, cuda, cuda:N or auto"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    device: str | None = field(default=None, metadata=hint("cpu, cuda, cuda:N or auto"))
+    progress: bool = field(default=True, metadata=hint("show a progress bar"))
 
 
 # ---- the measurements ----------------------------------------------------------------------------
@@ -588,14 +585,13 @@ def _compare(per: dict, scales, controls, config) -> tuple[list[dict], list[str]
     return comparisons, verdicts
 
 
-def empty_explanation(nla) -> str:
-    """The text the ar_empty control reads. On a bare ``{explanation}`` template with no BOS
-    the AR reads it as one special token (`Reconstructor.encode`)."""
-    return ""
+# The text the ar_empty control reads. On a bare ``{explanation}`` template with no BOS the AR
+# reads it as one special token (`Reconstructor.encode`).
+EMPTY_EXPLANATION = ""
 
 
 def _directions(nla, config, steered, mean_direction) -> dict[str, torch.Tensor]:
-    empty = nla.reconstruct([empty_explanation(nla)])[0]
+    empty = nla.reconstruct([EMPTY_EXPLANATION])[0]
     return {"steered": unit(steered), **control_directions(
         nla.d_model, mean_direction, empty, config.random_controls, config.seed)}
 
@@ -656,7 +652,7 @@ def measure_steering(nla, config: SteerConfig, *, norm: float | None = None,
              "mode": config.mode, "mean_norm": norm,
              "concept_words": list(words), "concept_tokens": sorted(bench.token_ids.values()),
              "prompts": len(prompts), "unsteered_ppl": base_ppl,
-             "ar_empty_reads": empty_explanation(nla),
+             "ar_empty_reads": EMPTY_EXPLANATION,
              "mean_direction_from": "store" if given_mean else "prompts and paragraph",
              "steered_vector_norm_before_rescaling": float(steered.norm()),
              "config": asdict(config), "seconds": round(time.perf_counter() - t0, 1)}

@@ -102,6 +102,7 @@ class Checkpoint:
         self.path = self.dir / "state.pt"
         self.config_hash, self.what = config_hash, what
         self.accepted = {config_hash, *also_accept}  # e.g. the hash older versions wrote
+        self.loaded_hash: str | None = None  # the hash of the checkpoint `load` restored
 
     def exists(self) -> bool:
         return self.path.is_file()
