@@ -174,6 +174,30 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path, tiny_model_dir,
     assert rl_summary["resumed_from"] == 2
 
 
+def test_raising_max_steps_continues_the_checkpoint(tmp_path, tiny_model_dir):
+    """A training stage changed only by a larger max_steps (or its eval cadence) continues
+    from its checkpoint under --from; any other change, or fewer steps, still starts over."""
+    base = {"train_rl": {"enabled": False}, "audit": {"enabled": False}}
+    run_pipeline(tiny_config(tmp_path, tiny_model_dir, **base), stop="train_ar", progress=False)
+    longer = tiny_config(tmp_path, tiny_model_dir, train_av={"max_steps": 4, "eval_every": 4},
+                         **base)
+    status = dict(plan(longer))
+    assert status["train_av"] == "extends" and status["train_ar"] == "complete"
+    with pytest.raises(ConfigMismatchError, match=r"continues its training.*2 -> 4"):
+        run_pipeline(longer, stop="train_av", progress=False)
+    run_pipeline(longer, start="train_av", stop="train_av", progress=False)
+    summary = json.loads((tmp_path / "runs/tiny/sft/.train-av/summary.json").read_text())
+    assert (summary["resumed_from"], summary["steps"]) == (2, 4)
+    assert dict(plan(longer))["train_av"] == "complete"
+    for other in ({"max_steps": 3}, {"max_steps": 6, "lr": 1e-3}):
+        edited = tiny_config(tmp_path, tiny_model_dir, train_av=other, **base)
+        assert dict(plan(edited))["train_av"] == "changed"
+    run_pipeline(tiny_config(tmp_path, tiny_model_dir, train_av={"max_steps": 3}, **base),
+                 start="train_av", stop="train_av", progress=False)
+    summary = json.loads((tmp_path / "runs/tiny/sft/.train-av/summary.json").read_text())
+    assert (summary["resumed_from"], summary["steps"]) == (0, 3)
+
+
 def test_partial_output_of_other_settings_names_the_pipeline_fix(tmp_path, tiny_model_dir):
     run_pipeline(tiny_config(tmp_path, tiny_model_dir), stop="extract", progress=False)
     # a crash between the store and its stamp, then a config edit

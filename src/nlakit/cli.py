@@ -450,7 +450,8 @@ def _add_other_commands(sub) -> None:
     p.add_argument("--to", dest="stop", default=None, metavar="STAGE",
                    help="stop after this stage")
     p.add_argument("--plan", action="store_true",
-                   help="print each stage's status (complete/todo/changed) and exit")
+                   help="print each stage's status (complete, todo, changed, or extends: "
+                   "changed only by training longer) and exit")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_pipeline)
 

@@ -11,7 +11,7 @@ same stage config and the same upstream stages; a stage without a stamp is run, 
 own resume logic continues a partial output (extraction shards, label cache, SFT and RL
 checkpoints). A stamp with another hash means the config changed after the stage ran: the
 pipeline refuses rather than silently mixing outputs, and ``--from STAGE`` redoes that stage and
-every later one.
+every later one (an SFT stage changed only by training longer continues its checkpoint).
 """
 
 from __future__ import annotations
@@ -413,20 +413,52 @@ class Pipeline:
         stamp = json.loads(path.read_text())
         return "complete" if stamp.get("hash") == self.stage_hash(stage) else "changed"
 
-    def _changed_error(self, stage: str) -> ConfigMismatchError:
+    def _stamp_change(self, stage: str) -> tuple[dict, dict, list[str]]:
+        """(stamped config, current config, the keys that differ) of a stamped stage."""
         stamp = json.loads(self.stamp_path(stage).read_text())
         old, new = stamp.get("config", {}), json.loads(json.dumps(self.stage_config(stage),
                                                                   default=str))
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return old, new, sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+    def extends(self, stage: str) -> bool:
+        """Whether a stamped SFT stage changed only by training longer on the same trajectory
+        (a larger max_steps, or other evaluation, checkpoint or decoding settings) with its
+        upstream stages unchanged: its checkpoint can then continue instead of restarting."""
+        from .train.sft import EXTENSIBLE_SETTINGS
+
+        if BY_NAME[stage].config != SFT_CONFIG or not self.stamp_path(stage).is_file():
+            return False
+        old, new, diff = self._stamp_change(stage)
+        st = BY_NAME[stage]
+        ups = [self.stage_hash(u) for u in
+               st.upstream + tuple(u for u in st.optional_upstream if self.enabled(u))]
+        stamp_hash = json.loads(self.stamp_path(stage).read_text()).get("hash")
+        if not diff or not set(diff) <= set(EXTENSIBLE_SETTINGS) \
+                or stable_hash(stage, old, ups) != stamp_hash:
+            return False
+        before, after = old.get("max_steps"), new.get("max_steps")
+        return before == after or (isinstance(before, int) and isinstance(after, int)
+                                   and after > before)
+
+    def _changed_error(self, stage: str) -> ConfigMismatchError:
+        old, new, diff = self._stamp_change(stage)
         why = (f"its settings changed ({', '.join(diff)})" if diff
                else "a stage before it was redone or changed")
+        how = (f"`nlakit pipeline CONFIG --from {stage}` continues its training from its "
+               f"checkpoint (max_steps {old.get('max_steps')} -> {new.get('max_steps')}) and "
+               "redoes every later stage" if self.extends(stage) else
+               f"Run `nlakit pipeline CONFIG --from {stage}` to redo it and every later stage")
         return ConfigMismatchError(
             f"stage {stage!r} of run {self.cfg.name!r} was completed with another configuration: "
-            f"{why}. Run `nlakit pipeline CONFIG --from {stage}` to redo it and every later "
-            f"stage, or give the config another name")
+            f"{why}. {how}, or give the config another name")
 
     def clear_from(self, stage: str) -> None:
-        """Delete the outputs and stamps of `stage` and every later stage."""
+        """Delete the outputs and stamps of `stage` and every later stage; a stage that only
+        trains longer (`extends`) keeps its checkpoint and continues from it."""
+        if self.extends(stage):
+            log.info("stage %s: continuing its training from its checkpoint", stage)
+            self.stamp_path(stage).unlink()
+            stage = STAGES[STAGES.index(stage) + 1]
         for s in STAGES[STAGES.index(stage):]:
             for p in BY_NAME[s].outputs:
                 p = self.path(p)
@@ -544,7 +576,11 @@ def run_pipeline(config: str | Path | PipelineConfig, *, overrides: list[str] | 
 def plan(config: str | Path, overrides: list[str] | tuple = ()) -> list[tuple[str, str]]:
     """(stage, status) for every stage without running anything."""
     pipe = Pipeline(load_config(config, overrides))
-    return [(s, pipe.status(s) if pipe.enabled(s) else "disabled") for s in STAGES]
+    def status(s: str) -> str:
+        st = pipe.status(s)
+        return "extends" if st == "changed" and pipe.extends(s) else st
+
+    return [(s, status(s) if pipe.enabled(s) else "disabled") for s in STAGES]
 
 
 def format_summary(summary: dict) -> str:
