@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import APIRouter, Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -236,6 +236,24 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
                               "docs/serve.md.", docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.state.viewer = v
+    _add_security(app, v, allowed_hosts)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .html
+
+    def page(request: Request, name: str, status: int = 200, **ctx):
+        return templates.TemplateResponse(request, name, {"info": v.info(), **ctx},
+                                          status_code=status)
+
+    _add_error_handlers(app, page)
+    for routes in (_queue_routes(v), _text_routes(v), _reconstruct_routes(v), _run_routes(v),
+                   _page_routes(v, page)):
+        app.include_router(routes)
+    app.state.close = v.queue.close
+    return app
+
+
+def _add_security(app: FastAPI, v: Viewer, allowed_hosts: list[str] | None) -> None:
+    """Bounded bodies, loopback Host headers only (against DNS rebinding), strict headers."""
     app.add_middleware(BodyLimit, max_bytes=v.limits.max_body_bytes)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_NAMES)
 
@@ -248,14 +266,9 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
         response.headers["X-Frame-Options"] = "DENY"
         return response
 
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .html
 
-    def page(request: Request, name: str, status: int = 200, **ctx):
-        return templates.TemplateResponse(request, name, {"info": v.info(), **ctx},
-                                          status_code=status)
-
-    # ---- errors: JSON under /api, an escaped HTML page elsewhere -------------------------
+def _add_error_handlers(app: FastAPI, page) -> None:
+    """Errors: JSON under /api, an escaped HTML page elsewhere."""
 
     def error_response(request: Request, status: int, payload: dict):
         if request.url.path.startswith("/api"):
@@ -285,19 +298,21 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
     async def _http(request: Request, exc: StarletteHTTPException):
         return error_response(request, exc.status_code, {"error": str(exc.detail)})
 
-    # ---- JSON endpoints ----------------------------------------------------------------
 
-    @app.get("/api/info")
+def _queue_routes(v: Viewer) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/api/info")
     async def api_info():
         """The NLA (layer, d_model, target), what is loaded, and the request limits."""
         return v.info()
 
-    @app.get("/api/queue")
+    @router.get("/api/queue")
     async def api_queue():
         """The job queue: the running job, the waiting ones, and the most seen at once."""
         return v.queue.state()
 
-    @app.get("/api/jobs/{job_id}")
+    @router.get("/api/jobs/{job_id}")
     async def api_job(job_id: str, since: Annotated[int, Query(ge=0)] = 0):
         """A job's status, place in the queue, progress and (partial) results."""
         job = v.queue.get(job_id)
@@ -306,7 +321,14 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
                                "only)", status=404)
         return v.queue.describe(job, since=since)
 
-    @app.post("/api/tokenize")
+    return router
+
+
+def _text_routes(v: Viewer) -> APIRouter:
+    """Model work on a text: its tokens, and explanations of its positions."""
+    router = APIRouter()
+
+    @router.post("/api/tokenize")
     async def api_tokenize(req: Annotated[TokenizeRequest, Body()]):
         """Tokens of a text (or rendered chat) and the target's top next tokens at each."""
         text = v.text_of(req)
@@ -325,7 +347,7 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
         return {**result, "job_id": job.id, "queue_position_at_submit":
                 job.queue_position_at_submit}
 
-    @app.post("/api/explain")
+    @router.post("/api/explain")
     async def api_explain(req: Annotated[ExplainRequest, Body()]):
         """Queue an explain job (202 with its id and place in the queue), or with
         "wait": true answer with the finished job."""
@@ -353,7 +375,14 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
             return v.queue.describe(job)
         return JSONResponse(v.queue.describe(job), status_code=202)
 
-    @app.post("/api/reconstruct")
+    return router
+
+
+def _reconstruct_routes(v: Viewer) -> APIRouter:
+    """The AR's reading of an explanation, and of the audit's edits of a row's one."""
+    router = APIRouter()
+
+    @router.post("/api/reconstruct")
     async def api_reconstruct(req: Annotated[ReconstructRequest, Body()]):
         """The AR's reading of an explanation against a row's (or a text token's) true
         activation: cos, mse_nrm, fve_nrm."""
@@ -388,38 +417,7 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
         return {**(await v.wait(job)), "job_id": job.id,
                 "queue_position_at_submit": job.queue_position_at_submit}
 
-    @app.get("/api/run")
-    async def api_run():
-        """Summary of the loaded eval (each method's mean fve_nrm) and audit (each edit's
-        drop and verdict)."""
-        return v.run.summary()
-
-    @app.get("/api/rows")
-    async def api_rows(sort: str = "row_id", order: str = "asc",
-                       min_score: float | None = None, max_score: float | None = None,
-                       doc: str | None = None, kind: str | None = None, q: str | None = None,
-                       offset: Annotated[int, Query(ge=0)] = 0,
-                       limit: Annotated[int, Query(ge=1)] = 100):
-        """Eval rows, filtered, sorted and paged; each with its explanation, its score
-        (the NLA's fve_nrm) and every baseline's fve_nrm for that row."""
-        v.limits.check("max_rows_per_page", limit, "limit (rows per page)")
-        return v.run.query(sort=sort, order=order, min_score=min_score, max_score=max_score,
-                           doc=doc, kind=kind, q=q, offset=offset, limit=limit)
-
-    @app.get("/api/rows/{row_id}")
-    async def api_row(row_id: int):
-        """One row: its context, explanation, scores, and the audit's edits of it."""
-        return v.run.row(row_id)
-
-    @app.get("/api/audit/examples")
-    async def api_audit_examples():
-        """The audit's per-row examples: original vs edited explanation, with the drop."""
-        if v.run.audit is None:
-            raise RequestError("no audit results loaded: start the server with --eval DIR of a "
-                               "run that has audit/audit.json", status=409)
-        return {"examples": v.run.audit_examples()}
-
-    @app.post("/api/rows/{row_id}/edits")
+    @router.post("/api/rows/{row_id}/edits")
     async def api_row_edits(row_id: int, req: Annotated[EditsRequest | None, Body()] = None):
         """The audit's edits of this row's explanation, scored now against its activation."""
         req = req or EditsRequest()
@@ -434,17 +432,59 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
                                                                     seed=req.seed))
         return {"row_id": row_id, **(await v.wait(job)), "rawvar": rawvar}
 
-    # ---- pages -------------------------------------------------------------------------
+    return router
 
-    @app.get("/favicon.ico", include_in_schema=False)
+
+def _run_routes(v: Viewer) -> APIRouter:
+    """The loaded eval and audit results."""
+    router = APIRouter()
+
+    @router.get("/api/run")
+    async def api_run():
+        """Summary of the loaded eval (each method's mean fve_nrm) and audit (each edit's
+        drop and verdict)."""
+        return v.run.summary()
+
+    @router.get("/api/rows")
+    async def api_rows(sort: str = "row_id", order: str = "asc",
+                       min_score: float | None = None, max_score: float | None = None,
+                       doc: str | None = None, kind: str | None = None, q: str | None = None,
+                       offset: Annotated[int, Query(ge=0)] = 0,
+                       limit: Annotated[int, Query(ge=1)] = 100):
+        """Eval rows, filtered, sorted and paged; each with its explanation, its score
+        (the NLA's fve_nrm) and every baseline's fve_nrm for that row."""
+        v.limits.check("max_rows_per_page", limit, "limit (rows per page)")
+        return v.run.query(sort=sort, order=order, min_score=min_score, max_score=max_score,
+                           doc=doc, kind=kind, q=q, offset=offset, limit=limit)
+
+    @router.get("/api/rows/{row_id}")
+    async def api_row(row_id: int):
+        """One row: its context, explanation, scores, and the audit's edits of it."""
+        return v.run.row(row_id)
+
+    @router.get("/api/audit/examples")
+    async def api_audit_examples():
+        """The audit's per-row examples: original vs edited explanation, with the drop."""
+        if v.run.audit is None:
+            raise RequestError("no audit results loaded: start the server with --eval DIR of a "
+                               "run that has audit/audit.json", status=409)
+        return {"examples": v.run.audit_examples()}
+
+    return router
+
+
+def _page_routes(v: Viewer, page) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/favicon.ico", include_in_schema=False)
     async def favicon():
         return Response(status_code=204)
 
-    @app.get("/", response_class=HTMLResponse)
+    @router.get("/", response_class=HTMLResponse)
     async def explain_page(request: Request):
         return page(request, "explain.html", active="explain")
 
-    @app.get("/browse", response_class=HTMLResponse)
+    @router.get("/browse", response_class=HTMLResponse)
     async def browse_page(request: Request, sort: str = "row_id", order: str = "asc",
                           min_score: float | None = None, max_score: float | None = None,
                           doc: str | None = None, kind: str | None = None,
@@ -461,11 +501,11 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
         return page(request, "browse.html", active="browse", data=data, params=params,
                     summary=v.run.summary(), examples=v.run.audit_examples())
 
-    @app.get("/browse/rows/{row_id}", response_class=HTMLResponse)
+    @router.get("/browse/rows/{row_id}", response_class=HTMLResponse)
     async def row_page(request: Request, row_id: int):
         return page(request, "row.html", active="browse", row=v.run.row(row_id))
 
-    @app.get("/reconstruct", response_class=HTMLResponse)
+    @router.get("/reconstruct", response_class=HTMLResponse)
     async def reconstruct_page(request: Request, row_id: int | None = None,
                                explanation: str = "", text: str = "",
                                position: int | None = None):
@@ -476,9 +516,7 @@ def create_app(nla, *, acts=None, eval_dir=None, audit=None, limits: ServeLimits
                     explanation=explanation, text=text, position=position,
                     row_ids=[r["row_id"] for r in v.run.rows[:2000]])
 
-    app.state.close = v.queue.close
-    return app
-
+    return router
 
 def _clean(errors: list[dict]) -> list[dict]:
     """Validation errors without the raw input (which may be large) or exception objects."""
