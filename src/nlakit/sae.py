@@ -487,14 +487,7 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
     when given, an NLA and an eval.json's methods; writes OUT/ladder.json, ladder.md,
     ladder.png. Returns OUT/ladder.json."""
     from . import splice
-    from .evaluate import (
-        bootstrap_summary,
-        denominators,
-        row_metrics,
-        select_rows,
-        training_mean_direction,
-    )
-    from .ladder import reread_predictions
+    from .evaluate import denominators, select_rows
     from .store import ActivationStore
 
     t_start = time.perf_counter()
@@ -503,52 +496,21 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     store = ActivationStore(inputs.acts)
     target = splice.load_target(store, device=inputs.device)
-    model, tok = target
     rows = select_rows(store, config.split, config.max_rows, config.seed)
     den = denominators(store, rows)
     eval_lines, nla_tokens = ({}, None)
     if inputs.eval_json:
         eval_lines, nla_tokens = _eval_lines(inputs.eval_json, rows)
 
-    t = time.perf_counter()
-    train, info = _cached_training_vectors(store, target, config, out, inputs.progress)
-    timings["training_vectors"] = time.perf_counter() - t
-    x = directions(train)
-    preds, logs = {}, {}
-    for k in config.ks:
-        t = time.perf_counter()
-        sae, logs[k] = _train_or_reuse(x, k, config, out, store, inputs.progress)
-        preds[f"sae_k{k}"] = sae.reconstruct(rows.vectors)
-        timings[f"sae_k{k}"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    tm = training_mean_direction(store, rows.split)
-    if tm is not None:
-        mu, _ = tm
-        preds["mean_direction_train"] = (mu / mu.norm()).expand(len(rows), -1).clone()
-    for n in config.reread_tokens:
-        preds[f"reread_{n}"] = reread_predictions(model, tok, store.layer, rows.prefixes, n)
-    timings["baselines"] = time.perf_counter() - t
+    preds, logs, info = _sae_predictions(config, inputs, store, target, rows, out, timings)
+    preds.update(_baseline_predictions(config, store, target, rows, timings))
     if inputs.nla:
         t = time.perf_counter()
         preds["nla"], nla_tokens = _nla_predictions(inputs, config, target, rows)
         eval_lines.pop("nla", None)  # this NLA's own line replaces an eval.json's
         timings["nla"] = time.perf_counter() - t
-
-    fve = {name: bootstrap_summary(row_metrics(p, rows.vectors, den), rows.doc_ids,
-                                   n_boot=config.n_boot, seed=config.seed)
-           for name, p in preds.items()}
-    t = time.perf_counter()
-    spliced, _ = splice.spliced_eval(store, rows, preds, target=target, n_boot=config.n_boot,
-                                     seed=config.seed, progress=inputs.progress)
-    timings["splice"] = time.perf_counter() - t
+    methods, spliced = _score_methods(config, inputs, store, target, rows, den, preds, timings)
     timings["total"] = time.perf_counter() - t_start
-
-    methods = {name: {"fve_nrm": fve[name]["fve_nrm"],
-                      **{m: spliced["methods"][name][m] for m in ("kl", "ce_recovered",
-                                                                  "delta_ce")
-                         if m in spliced["methods"].get(name, {})}}
-               for name in preds}
     for name, line in eval_lines.items():
         methods.setdefault(f"eval:{name}" if name in methods else name, line)
     ladder, lines, worth = _place_on_ladder(methods, config.ks, nla_tokens)
@@ -559,16 +521,74 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
               "config": asdict(config), "sae_logs": {str(k): v for k, v in logs.items()},
               "denominator": f"fve_nrm: rawvar = {den.rawvar:.6f} from {den.rawvar_source}",
               "ci": f"95% percentile bootstrap over documents ({config.n_boot} resamples)",
-              "spliced": {**{k: v for k, v in spliced.items() if k != "methods"},
-                          "reference": {**(spliced.get("reference") or {}),
-                                        **{m: spliced["methods"][m] for m in (
-                                            splice.TRUE_METHOD, splice.ABLATION_METHOD)
-                                           if m in spliced["methods"]}}},
+              "spliced": spliced,
               "methods": methods, "ladder": {m: {str(k): v for k, v in r.items()}
                                              for m, r in ladder.items()},
               "lines": lines, "worth": worth, "nla_mean_tokens": nla_tokens,
               "timings_s": {k: round(v, 2) for k, v in timings.items()}}
     return _write_ladder(result, ladder, lines, out, inputs)
+
+
+def _sae_predictions(config, inputs, store, target, rows, out: Path, timings: dict):
+    """({"sae_kK": reconstruction of the rows}, training logs by k, training-vector info);
+    SAEs already trained with these settings under OUT are reused."""
+    t = time.perf_counter()
+    train, info = _cached_training_vectors(store, target, config, out, inputs.progress)
+    timings["training_vectors"] = time.perf_counter() - t
+    x = directions(train)
+    preds, logs = {}, {}
+    for k in config.ks:
+        t = time.perf_counter()
+        sae, logs[k] = _train_or_reuse(x, k, config, out, store, inputs.progress)
+        preds[f"sae_k{k}"] = sae.reconstruct(rows.vectors)
+        timings[f"sae_k{k}"] = time.perf_counter() - t
+    return preds, logs, info
+
+
+def _baseline_predictions(config, store, target, rows, timings: dict) -> dict:
+    """The training splits' mean direction and the frozen target re-reading the last N
+    tokens."""
+    from .evaluate import training_mean_direction
+    from .ladder import reread_predictions
+
+    t = time.perf_counter()
+    model, tok = target
+    preds = {}
+    tm = training_mean_direction(store, rows.split)
+    if tm is not None:
+        mu, _ = tm
+        preds["mean_direction_train"] = (mu / mu.norm()).expand(len(rows), -1).clone()
+    for n in config.reread_tokens:
+        preds[f"reread_{n}"] = reread_predictions(model, tok, store.layer, rows.prefixes, n)
+    timings["baselines"] = time.perf_counter() - t
+    return preds
+
+
+def _score_methods(config, inputs, store, target, rows, den, preds: dict,
+                   timings: dict) -> tuple[dict, dict]:
+    """Each method's fve_nrm (document-bootstrap CI) with its spliced kl, ce_recovered and
+    delta_ce; and the splice's own record (its true and ablated references)."""
+    from . import splice
+    from .evaluate import bootstrap_summary, row_metrics
+
+    fve = {name: bootstrap_summary(row_metrics(p, rows.vectors, den), rows.doc_ids,
+                                   n_boot=config.n_boot, seed=config.seed)
+           for name, p in preds.items()}
+    t = time.perf_counter()
+    spliced, _ = splice.spliced_eval(store, rows, preds, target=target, n_boot=config.n_boot,
+                                     seed=config.seed, progress=inputs.progress)
+    timings["splice"] = time.perf_counter() - t
+    methods = {name: {"fve_nrm": fve[name]["fve_nrm"],
+                      **{m: spliced["methods"][name][m] for m in ("kl", "ce_recovered",
+                                                                  "delta_ce")
+                         if m in spliced["methods"].get(name, {})}}
+               for name in preds}
+    record = {**{k: v for k, v in spliced.items() if k != "methods"},
+              "reference": {**(spliced.get("reference") or {}),
+                            **{m: spliced["methods"][m] for m in (
+                                splice.TRUE_METHOD, splice.ABLATION_METHOD)
+                               if m in spliced["methods"]}}}
+    return methods, record
 
 
 def _write_ladder(result: dict, ladder: dict, lines: dict, out: Path, inputs) -> Path:
