@@ -7,6 +7,12 @@
 For each setting: greedy explanations of the same rows, read by the NLA's AR; prints nla
 fve_nrm (mean, document-bootstrap CI), the fraction that closed, mean tokens, current-token
 accuracy and true-quote rate. Choose on `val`; never on heldout.
+
+    python scripts/decoding_probe.py --nla OTHER_AR_NLA --acts STORE --split val \
+        --texts-from earlier.jsonl --setting other-ar
+
+reads the explanations an earlier run wrote (same rows) with another NLA's AR, without
+generating: one AR compared with another on identical text.
 """
 
 from __future__ import annotations
@@ -32,6 +38,22 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name, opts
 
 
+def earlier_explanations(path: str, nla, n_rows: int) -> list:
+    """The explanations of an earlier run's first line, as Explanation-like records."""
+    from types import SimpleNamespace
+
+    with open(path) as f:
+        earlier = json.loads(f.readline())
+    if "complete" not in earlier:
+        raise SystemExit(f"{path} was written before the probe recorded which explanations "
+                         "closed; generate again")
+    if earlier["rows"] != n_rows:
+        raise SystemExit(f"{path} explained {earlier['rows']} rows, these are {n_rows}")
+    tok = nla.av.tokenizer
+    return [SimpleNamespace(text=t, complete=c, n_tokens=len(tok(t)["input_ids"]))
+            for t, c in zip(earlier["texts"], earlier["complete"])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nla", required=True)
@@ -41,6 +63,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=80)
     ap.add_argument("--setting", action="append", required=True, help="NAME:key=value,...")
     ap.add_argument("--out", default=None, help="JSON lines file for the per-setting results")
+    ap.add_argument("--texts-from", default=None, metavar="JSONL",
+                    help="score the explanations of this earlier run's first line instead of "
+                         "generating (its rows must be these rows)")
     args = ap.parse_args()
     if args.split == "heldout":
         raise SystemExit("choose decoding on val, not heldout")
@@ -50,7 +75,8 @@ def main() -> None:
     nla = NLA.load(args.nla)
     for name, opts in map(parse_setting, args.setting):
         t0 = time.time()
-        exps = nla.explain(rows.vectors, max_new_tokens=args.max_new_tokens, **opts)
+        exps = (earlier_explanations(args.texts_from, nla, len(rows)) if args.texts_from
+                else nla.explain(rows.vectors, max_new_tokens=args.max_new_tokens, **opts))
         texts = [e.text for e in exps]
         pred = nla.reconstruct(texts)
         per_row = row_metrics(pred, rows.vectors, den)
@@ -69,6 +95,7 @@ def main() -> None:
             "seconds": round(time.time() - t0, 1),
             "examples": texts[:3],
             "texts": texts,
+            "complete": closed.tolist(),
         }
         print(json.dumps({k: v for k, v in result.items() if k != "texts"}), flush=True)
         if args.out:
