@@ -189,6 +189,23 @@ def test_raising_max_steps_extends_a_finished_run_exactly(labels_dir, tmp_path):
         train_sft("ar", labels_dir, tmp_path / "extended", cfg(2), progress=False)
 
 
+def test_max_steps_runs_past_the_epochs(labels_dir, tmp_path):
+    """max_steps decides the length even beyond the epochs (the rows cycle), and a finished run
+    that stopped at its epochs' end under an older reading of max_steps is not taken as done."""
+    one = train_sft("ar", labels_dir, tmp_path / "one", SFTConfig(batch_size=4, epochs=1.0),
+                    progress=False)
+    longer = one["steps"] + 3
+    summary = train_sft("ar", labels_dir, tmp_path / "one",
+                        SFTConfig(batch_size=4, epochs=1.0, max_steps=longer), progress=False)
+    assert (summary["resumed_from"], summary["steps"]) == (one["steps"], longer)
+    summary_path = tmp_path / "one" / ".train-ar" / "summary.json"
+    old = {**json.loads(summary_path.read_text()), "steps": one["steps"]}
+    summary_path.write_text(json.dumps(old))  # as the capped run left it
+    again = train_sft("ar", labels_dir, tmp_path / "one",
+                      SFTConfig(batch_size=4, epochs=1.0, max_steps=longer), progress=False)
+    assert again["steps"] == longer
+
+
 def test_a_checkpoint_with_the_older_full_config_hash_can_be_extended(labels_dir, tmp_path,
                                                                        monkeypatch):
     """Checkpoints written before the trajectory hash carry the hash of the whole config."""

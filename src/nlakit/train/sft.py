@@ -57,8 +57,9 @@ class SFTConfig:
     lr: float = option(2e-4, "AdamW learning rate (constant)")
     batch_size: int = option(8, "rows per process per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step (gradient accumulation)")
-    epochs: float = option(1.0, "passes over the training rows (fractions allowed)")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (the rows cycle "
+    epochs: float = option(1.0, "passes over the training rows (fractions allowed); "
+                                "max_steps, when given, decides instead")
+    max_steps: int | None = option(None, "train this many optimizer steps (the rows cycle "
                                          "past the epochs if needed); default: the epochs decide")
     lora_rank: int = option(16, "LoRA rank; 0 = full fine-tuning")
     lora_alpha: int | None = option(None, "LoRA alpha; default 2 * rank")
@@ -250,6 +251,7 @@ class SFTTrainer:
         self.acc = make_accelerator(self.train_dir, cfg.grad_accum)
         torch.manual_seed(cfg.seed)
         self._load_rows(acts)
+        self._plan_steps()
         self.config_hash = self._run_hash(cfg)
         # The checkpoint ignores the settings that do not change the steps already taken (the
         # learning rate is constant and the row order a prefix-stable cycle), so a finished run
@@ -312,7 +314,6 @@ class SFTTrainer:
         self.module, self.optimizer = acc.prepare(self.task.module, self.optimizer)
         if start and self.checkpoint.loaded_hash != self.checkpoint.config_hash:
             self._save(start)  # re-key an older checkpoint now: config.json is rewritten below
-        self._plan_steps()
         if start > self.n_steps:
             raise NLAError(f"{self.train_dir} holds a checkpoint at step {start}, past this "
                            f"run's {self.n_steps} steps; raise --max-steps or pass --overwrite")
@@ -338,7 +339,10 @@ class SFTTrainer:
         done = self.train_dir / "summary.json"
         if done.is_file() and (self.role_dir / "nla_meta.yaml").is_file():
             previous = json.loads(done.read_text())
-            if previous.get("config_hash") == self.config_hash:
+            # the steps too: before max_steps could outrun the epochs, a run asking for more
+            # steps than its epochs held stopped at the epochs' end under the same hash
+            if previous.get("config_hash") == self.config_hash and \
+                    previous.get("steps") == self.n_steps:
                 return previous
         return None
 
@@ -358,15 +362,14 @@ class SFTTrainer:
                                            weight_decay=cfg.weight_decay)
 
     def _plan_steps(self) -> None:
-        """The fixed row order of the whole run and its number of optimizer steps."""
+        """The fixed row order of the whole run and its number of optimizer steps: max_steps
+        when given (past the epochs the rows cycle through further epochs of the same seeded,
+        prefix-stable sequence), else as many as the epochs fill."""
         cfg, n = self.cfg, len(self.train_rows)
-        self.order = epoch_order(n, cfg.epochs, cfg.seed)
         per_step = cfg.batch_size * self.acc.num_processes * cfg.grad_accum
-        self.n_steps = max(1, len(self.order) // per_step)
-        if cfg.max_steps:
-            self.n_steps = min(self.n_steps, cfg.max_steps)
-            while len(self.order) < self.n_steps * per_step:  # beyond the epochs: keep cycling
-                self.order += epoch_order(n, 1, cfg.seed + len(self.order))
+        epochs = max(cfg.epochs, cfg.max_steps * per_step / n) if cfg.max_steps else cfg.epochs
+        self.order = epoch_order(n, epochs, cfg.seed)
+        self.n_steps = cfg.max_steps or max(1, len(self.order) // per_step)
 
     def micro_batch(self, step: int, micro: int) -> Rows:
         """This process's rows of micro-batch `micro` of optimizer step `step`."""
