@@ -576,6 +576,7 @@ def run_pipeline(config: str | Path | PipelineConfig, *, overrides: list[str] | 
 def plan(config: str | Path, overrides: list[str] | tuple = ()) -> list[tuple[str, str]]:
     """(stage, status) for every stage without running anything."""
     pipe = Pipeline(load_config(config, overrides))
+
     def status(s: str) -> str:
         st = pipe.status(s)
         return "extends" if st == "changed" and pipe.extends(s) else st
