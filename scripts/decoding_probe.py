@@ -49,9 +49,11 @@ def earlier_explanations(path: str, nla, n_rows: int) -> list:
                          "closed; generate again")
     if earlier["rows"] != n_rows:
         raise SystemExit(f"{path} explained {earlier['rows']} rows, these are {n_rows}")
+    # generated token counts when recorded; else the text's tokens (no closing tag: fewer)
     tok = nla.av.tokenizer
-    return [SimpleNamespace(text=t, complete=c, n_tokens=len(tok(t)["input_ids"]))
-            for t, c in zip(earlier["texts"], earlier["complete"])]
+    counts = earlier.get("n_tokens") or [len(tok(t)["input_ids"]) for t in earlier["texts"]]
+    return [SimpleNamespace(text=t, complete=c, n_tokens=n)
+            for t, c, n in zip(earlier["texts"], earlier["complete"], counts)]
 
 
 def main() -> None:
@@ -96,6 +98,7 @@ def main() -> None:
             "examples": texts[:3],
             "texts": texts,
             "complete": closed.tolist(),
+            "n_tokens": [e.n_tokens for e in exps],
         }
         print(json.dumps({k: v for k, v in result.items() if k != "texts"}), flush=True)
         if args.out:
