@@ -166,13 +166,20 @@ class Game:
         self.cfg, self.out = cfg, Path(cfg.out)
         self.quirk = cfg.get_quirk()
         self.hashes: dict[str, str] = {}
+        self._nla_files: str | None = None
+
+    def nla_files(self) -> str:
+        """The NLA's fingerprint, hashed once per game (both diff steps read it)."""
+        if self._nla_files is None:
+            self._nla_files = nla_fingerprint(self.cfg.nla)
+        return self._nla_files
 
     def step_hash(self, step: str) -> str:
         if step not in self.hashes:
             keys, upstream = STEPS[step]
             settings = {k: getattr(self.cfg, k) for k in keys}
             if "nla" in keys:  # a name (e.g. a shipped NLA) can point at new weights
-                settings["nla_files"] = nla_fingerprint(self.cfg.nla)
+                settings["nla_files"] = self.nla_files()
             self.hashes[step] = stable_hash(step, settings, [self.step_hash(u) for u in upstream])
         return self.hashes[step]
 

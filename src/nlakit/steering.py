@@ -50,7 +50,7 @@ import torch
 
 from .errors import NLAError
 from .models import check_layer, d_model, decoder_layers, decoder_stack
-from .stages import hint
+from .stages import hint, required
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +311,8 @@ def _read_file(path: str, what: str) -> str:
 class SteerConfig:
     """``nlakit steer``: the vector (text, contrast), how it is added, how it is measured."""
 
-    text: str = field(metadata={"help": "the explanation to steer towards, e.g. 'The text is "
-                                        "about the ocean.'", "required": True})
+    text: str = required("the explanation to steer towards, e.g. 'The text is about the "
+                         "ocean.'")
     contrast: str | None = field(default=None, metadata=hint(
         "steer along AR(text) - AR(contrast) instead of AR(text), e.g. 'The text is about "
         "nothing in particular.'"))
@@ -383,8 +383,7 @@ class SteerConfig:
 
 @dataclass
 class SteerInputs:
-    nla: str = field(metadata={"help": "NLA directory or shipped name (e.g. smollm2-135m)",
-                               "required": True})
+    nla: str = required("NLA directory or shipped name (e.g. smollm2-135m)")
     acts: str | None = field(default=None, metadata=hint(
         "activation store of the NLA's layer: its mean norm and mean direction (None: the "
         "NLA's norm, the prompts' mean direction)"))
