@@ -103,7 +103,7 @@ def test_evaluate_all_methods_on_tiny(untrained, tiny_store, tmp_path):
     d = res.data
     n = tiny_store.num_rows("heldout")
     assert d["split"] == "heldout" and d["n_rows"] == n and d["layer"] == tiny_store.layer
-    assert set(d["methods"]) == {"nla", "nla_best_of_2", "mean_direction",
+    assert set(d["methods"]) == {"nla", "nla_best_of_2", "quote_rerank_2", "mean_direction",
                                  "mean_direction_train", "wrong_document", "quote_2", "quote_5",
                                  "label", "control", "reread_8", "reread_32"}
     assert d["claims"] == {}  # an untrained AV states no current token and quotes nothing
@@ -170,16 +170,40 @@ def test_eval_cli_writes_json_and_report(untrained, tiny_store, tmp_path, capsys
     assert "mean_direction" in out and "denominator" in out
 
 
-def test_best_of_n_keeps_the_sample_the_ar_reconstructs_best(untrained, tiny_store):
+def test_best_of_n_keeps_the_candidate_the_ar_reconstructs_best(untrained, tiny_store):
     from nlakit.evaluate import best_of_n
 
     v = select_rows(tiny_store, "heldout", max_rows=6).vectors
-    exps = untrained.explain(v, n=3, temperature=1.0, max_new_tokens=4, seed=7)
-    mse = metrics.mse_nrm(untrained.reconstruct([e.text for e in exps]),
+    greedy = untrained.explain(v, n=1, temperature=0.0, max_new_tokens=4)
+    samples = untrained.explain(v, n=2, temperature=1.0, max_new_tokens=4, seed=7)
+    cands = untrained.candidates(v, 3, max_new_tokens=4, seed=7)
+    # the greedy explanation first, then the samples the same seed draws
+    assert [e.text for e in cands[::3]] == [e.text for e in greedy]
+    assert [e.text for i, e in enumerate(cands) if i % 3] == [e.text for e in samples]
+    mse = metrics.mse_nrm(untrained.reconstruct([e.text for e in cands]),
                           v.repeat_interleave(3, 0)).view(-1, 3)
-    picked, pred = best_of_n(untrained, v, 3, max_new_tokens=4, batch_size=32, seed=7)
+    picked, pred = best_of_n(untrained, v, 3, max_new_tokens=4, batch_size=32, seed=7,
+                             greedy=greedy)
     assert len(picked) == v.shape[0]
     assert torch.allclose(metrics.mse_nrm(pred, v), mse.min(1).values, atol=1e-5)
+    # never worse than greedy by the AR it was chosen with
+    greedy_mse = metrics.mse_nrm(untrained.reconstruct([e.text for e in greedy]), v)
+    assert bool((metrics.mse_nrm(pred, v) <= greedy_mse + 1e-6).all())
+
+
+def test_quote_rerank_keeps_the_quote_the_ar_reconstructs_best(untrained, tiny_store):
+    from nlakit.evaluate import best_quote, quote_text, rerank_quote_lengths
+
+    assert rerank_quote_lengths(8, 32) == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert rerank_quote_lengths(4, 2) == [1, 2]
+    rows = select_rows(tiny_store, "heldout", max_rows=6)
+    tok = untrained.ar.tokenizer
+    per_length = torch.stack([
+        metrics.mse_nrm(untrained.reconstruct([quote_text(p, tok, k)[0] for p in rows.prefixes]),
+                        rows.vectors) for k in (2, 5)], 1)
+    pred = best_quote(untrained, rows.prefixes, rows.vectors, [2, 5], batch_size=8)
+    assert torch.allclose(metrics.mse_nrm(pred, rows.vectors), per_length.min(1).values,
+                          atol=1e-5)
 
 
 def test_baselines_only_needs_no_av(untrained, tiny_store, tmp_path):

@@ -265,6 +265,24 @@ class NLA:
                                 no_repeat_ngram_size=no_repeat_ngram_size,
                                 repetition_penalty=repetition_penalty)
 
+    def candidates(self, vectors, n: int, *, temperature: float = 1.0,
+                   max_new_tokens: int = 150, batch_size: int = 32, seed: int | None = None,
+                   greedy: list[Explanation] | None = None) -> list[Explanation]:
+        """n candidate explanations per vector for best-of-n, row-major: the greedy one first
+        (so the best of n is never worse, by the AR, than greedy decoding), then n-1 samples.
+        `greedy`: the vectors' greedy explanations when the caller already has them."""
+        if greedy is None:
+            greedy = self.explain(vectors, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)
+        if n == 1:
+            return list(greedy)
+        k = n - 1
+        samples = self.explain(vectors, n=k, temperature=temperature, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, seed=seed)
+        if len(greedy) * k != len(samples):
+            raise NLAError(f"{len(greedy)} greedy explanations for {len(samples) // k} vectors")
+        return [e for i, g in enumerate(greedy) for e in (g, *samples[i * k:(i + 1) * k])]
+
     def reconstruct(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
         """[n, d] AR reconstructions of explanation texts."""
         return self.ar.reconstruct(texts, batch_size=batch_size)
@@ -307,8 +325,8 @@ class NLA:
         """Explain the target's block-K state at chosen tokens of `text`.
 
         positions: "last", "all", or a list of token indices (negative counts from the end).
-        best_of > 1 samples that many explanations (temperature 1) per token and keeps the one
-        the AR reconstructs best; otherwise greedy decoding."""
+        best_of > 1 keeps, of the greedy explanation and best_of - 1 samples (temperature 1),
+        the one the AR reconstructs best; otherwise greedy decoding."""
         ids, acts = self.activations(text)
         if positions == "last":
             chosen = [len(ids) - 1]
@@ -321,8 +339,7 @@ class NLA:
                 raise NLAError(f"positions {bad} out of range for a text of {len(ids)} tokens")
         vecs = acts[chosen]
         n = max(1, int(best_of))
-        exps = self.explain(vecs, n=n, temperature=1.0 if n > 1 else 0.0,
-                            max_new_tokens=max_new_tokens, seed=seed)
+        exps = self.candidates(vecs, n, max_new_tokens=max_new_tokens, seed=seed)
         scores = self.score([e.text for e in exps], vecs.repeat_interleave(n, 0))
         tok = self.target()[1]
         out = []

@@ -78,19 +78,19 @@ def explain_positions(nla, ids: list[int], acts: torch.Tensor, positions: list[i
                       on_chunk: Callable[[int, list[dict]], None] | None = None) -> list[dict]:
     """Explain the block-K activations `acts` [t, d] of a tokenized text at `positions`.
 
-    Greedy for best_of=1; otherwise best_of samples at temperature 1 per token, keeping the
-    one the AR reconstructs best (as `NLA.explain_text`). Positions are processed `chunk` at a
-    time (each chunk one batched generation) and `on_chunk(done, results)` is called after
-    each, so a caller can show results as they arrive."""
+    Greedy for best_of=1; otherwise the greedy explanation and best_of - 1 samples at
+    temperature 1 per token, keeping the one the AR reconstructs best (as `NLA.explain_text`).
+    Positions are processed `chunk` at a time (each chunk one batched generation) and
+    `on_chunk(done, results)` is called after each, so a caller can show results as they
+    arrive."""
     _, tok = nla.target()
     n = max(1, int(best_of))
     out: list[dict] = []
     for c, start in enumerate(range(0, len(positions), chunk)):
         chosen = positions[start : start + chunk]
         vecs = acts[chosen]
-        exps = nla.explain(vecs, n=n, temperature=1.0 if n > 1 else 0.0,
-                           max_new_tokens=max_new_tokens, batch_size=max(1, len(chosen) * n),
-                           seed=seed + c)
+        exps = nla.candidates(vecs, n, max_new_tokens=max_new_tokens,
+                              batch_size=max(1, len(chosen) * n), seed=seed + c)
         scores = score_texts(nla, [e.text for e in exps], vecs.repeat_interleave(n, 0), rawvar)
         new = []
         for i, pos in enumerate(chosen):
