@@ -258,3 +258,22 @@ def test_decoding_settings_go_into_the_av_checkpoint(labels_dir, tmp_path):
     meta_path.write_text(yaml.safe_dump(meta))
     with pytest.raises(NLAError, match="unknown setting under `decoding:`"):
         _load_av(tmp_path / "nla" / "av", torch.float32, torch.device("cpu"))
+
+
+def test_extra_splits_add_their_rows_and_never_the_scored_ones(labels_dir, tmp_path):
+    from nlakit.train.data import load_labelled
+
+    n_ar = len(load_labelled(labels_dir, "ar_sft")[1])
+    n_av = len(load_labelled(labels_dir, "av_sft")[1])
+    own = train_sft("ar", labels_dir, tmp_path / "own", SFTConfig(batch_size=4, max_steps=1),
+                    progress=False)
+    both = train_sft("ar", labels_dir, tmp_path / "both",
+                     SFTConfig(batch_size=4, max_steps=1, extra_splits="av_sft"), progress=False)
+    assert (own["train_rows"], both["train_rows"]) == (n_ar, n_ar + n_av)
+    assert SFTConfig(extra_splits=["rl"]).extra_splits == ("rl",)
+    for scored in ("val", "heldout"):
+        with pytest.raises(NLAError, match="scored on"):
+            SFTConfig(extra_splits=f"rl,{scored}")
+    with pytest.raises(NLAError, match="split 'rl' was not labelled"):
+        train_sft("ar", labels_dir, tmp_path / "rl", SFTConfig(batch_size=4, max_steps=1,
+                                                               extra_splits="rl"), progress=False)

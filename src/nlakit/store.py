@@ -32,6 +32,7 @@ STORE_VERSION = 1
 AV_SFT, AR_SFT, RL, HELDOUT = "av_sft", "ar_sft", "rl", "heldout"
 SPLITS = (AV_SFT, AR_SFT, RL, HELDOUT)
 TRAINING_SPLITS = (AV_SFT, AR_SFT, RL)
+VAL = "val"  # the validation split a config may carve: choices are made on it, never trained on
 STORE_META_FILE = "meta.yaml"
 STATS_FILE = "stats.safetensors"
 PARTS_DIR = "parts"

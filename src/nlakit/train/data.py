@@ -23,6 +23,10 @@ class Rows:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def concat(self, other: Rows) -> Rows:
+        return Rows(np.concatenate([self.vectors, other.vectors]), self.texts + other.texts,
+                    self.doc_ids + other.doc_ids, self.row_ids + other.row_ids)
+
     def subset(self, idx) -> Rows:
         idx = list(idx)
         return Rows(self.vectors[idx], [self.texts[i] for i in idx],

@@ -29,7 +29,7 @@ from ..errors import NLAError
 from ..fileio import stable_hash, write_json
 from ..models import load_model
 from ..reconstructor import DEFAULT_AR_TEMPLATE, Reconstructor
-from ..store import AR_SFT, AV_SFT, HELDOUT
+from ..store import AR_SFT, AV_SFT, HELDOUT, VAL
 from ..verbalizer import DEFAULT_AV_TEMPLATE, Verbalizer, choose_marker, nice_injection_scale
 from .common import (
     Checkpoint,
@@ -92,6 +92,9 @@ class SFTConfig:
                                         "of merged weights: small, packable NLAs")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, ...); default: the "
                                      "device's")
+    extra_splits: tuple[str, ...] | str = option((), "more labelled splits to train on besides "
+                                                     "the role's own (av_sft / ar_sft), e.g. rl "
+                                                     "when RL does not run (comma-separated)")
 
     def __post_init__(self):
         name = type(self).__name__
@@ -111,6 +114,13 @@ class SFTConfig:
         if not 0 < self.eval_fraction < 1:
             raise NLAError(f"{name}.eval_fraction must be in (0, 1), got {self.eval_fraction!r}; "
                            "set --eval-fraction to e.g. 0.1")
+        if isinstance(self.extra_splits, str):
+            self.extra_splits = [x.strip() for x in self.extra_splits.split(",") if x.strip()]
+        self.extra_splits = tuple(self.extra_splits)
+        scored = [x for x in self.extra_splits if x in (VAL, HELDOUT)]
+        if scored:
+            raise NLAError(f"{name}.extra_splits: {scored} are the splits choices and results "
+                           "are scored on; train on training splits only (e.g. rl)")
         if self.control not in (None, *CONTROLS):
             raise NLAError(f"unknown control {self.control!r}; the only control is 'shuffled' "
                            f"({name}.control; leave it unset for normal training)")
@@ -224,6 +234,8 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
 EXTENSIBLE_SETTINGS = ("max_steps", "eval_every", "save_every", "eval_rows",
                        "no_repeat_ngram_size", "repetition_penalty")
 DECODING_DEFAULTS = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+# settings added after runs existed, hashed only when set, so those runs' hashes stay the same
+LATER_DEFAULTS = {**DECODING_DEFAULTS, "extra_splits": ()}
 
 
 def _decoding(cfg: SFTConfig) -> dict:
@@ -232,10 +244,10 @@ def _decoding(cfg: SFTConfig) -> dict:
 
 
 def _identity(cfg: SFTConfig) -> dict:
-    """The config as hashed: decoding settings only when set, so the hashes of runs made before
+    """The config as hashed: later settings only when set, so the hashes of runs made before
     they existed stay the same."""
     return {k: v for k, v in asdict(cfg).items()
-            if k not in DECODING_DEFAULTS or v != DECODING_DEFAULTS[k]}
+            if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
 
 
 class SFTTrainer:
@@ -287,6 +299,9 @@ class SFTTrainer:
         cfg = self.cfg
         split = AV_SFT if self.role == "av" else AR_SFT
         self.store, rows = load_labelled(self.labels_dir, split, acts)
+        for extra in cfg.extra_splits:
+            rows = rows.concat(load_labelled(self.labels_dir, extra, acts)[1])
+        split = "+".join((split, *cfg.extra_splits))
         if has_split(self.labels_dir, HELDOUT):
             _, eval_rows = load_labelled(self.labels_dir, HELDOUT, acts)
             self.train_rows, self.eval_source = rows, "labelled heldout split"
