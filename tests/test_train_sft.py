@@ -274,6 +274,10 @@ def test_extra_splits_add_their_rows_and_never_the_scored_ones(labels_dir, tmp_p
     for scored in ("val", "heldout"):
         with pytest.raises(NLAError, match="scored on"):
             SFTConfig(extra_splits=f"rl,{scored}")
+    with pytest.raises(NLAError, match="trains on already"):
+        train_sft("ar", labels_dir, tmp_path / "twice", SFTConfig(batch_size=4, max_steps=1,
+                                                                  extra_splits="ar_sft"),
+                  progress=False)
     with pytest.raises(NLAError, match="split 'rl' was not labelled"):
         train_sft("ar", labels_dir, tmp_path / "rl", SFTConfig(batch_size=4, max_steps=1,
                                                                extra_splits="rl"), progress=False)

@@ -300,6 +300,9 @@ class SFTTrainer:
         split = AV_SFT if self.role == "av" else AR_SFT
         self.store, rows = load_labelled(self.labels_dir, split, acts)
         for extra in cfg.extra_splits:
+            if extra == split:
+                raise NLAError(f"extra_splits names {split!r}, which the {self.role} trains on "
+                               "already; list only other splits")
             rows = rows.concat(load_labelled(self.labels_dir, extra, acts)[1])
         split = "+".join((split, *cfg.extra_splits))
         if has_split(self.labels_dir, HELDOUT):
