@@ -274,13 +274,13 @@ class NLA:
         if greedy is None:
             greedy = self.explain(vectors, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size)
+        elif len(greedy) != len(vectors):
+            raise NLAError(f"{len(greedy)} greedy explanations for {len(vectors)} vectors")
         if n == 1:
             return list(greedy)
         k = n - 1
         samples = self.explain(vectors, n=k, temperature=temperature, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, seed=seed)
-        if len(greedy) * k != len(samples):
-            raise NLAError(f"{len(greedy)} greedy explanations for {len(samples) // k} vectors")
         return [e for i, g in enumerate(greedy) for e in (g, *samples[i * k:(i + 1) * k])]
 
     def reconstruct(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
