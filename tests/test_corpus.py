@@ -258,6 +258,65 @@ def test_builtin_docs_full_has_both_kinds():
     assert any(d.doc_id.startswith("stdlib:") for d in docs)
 
 
+def test_builtin_code_is_code_without_the_docstrings_held_elsewhere():
+    code = list(load_corpus("builtin:code"))
+    assert len(code) > 100 and all(d.kind == "code" for d in code)
+    assert all(d.doc_id.startswith("code:") and len(d.text) >= 600 for d in code)
+    assert all(d.text.startswith(("def ", "class ", "async def ")) for d in code)
+    assert sum("\n    " in d.text for d in code) > 0.9 * len(code)  # indentation kept
+    docstrings = {d.doc_id.partition(":")[2]: d.text for d in load_corpus("builtin:docs")
+                  if d.kind == "docstring"}
+    checked = 0
+    for doc in code:
+        module = doc.doc_id.partition(":")[2]
+        code_lines = {line.strip() for line in doc.text.splitlines()}
+        for line in docstrings.get(module, "").splitlines():
+            if len(line.strip()) > 40:  # docstring text must not reach another split via code
+                assert line.strip() not in code_lines, (doc.doc_id, line)
+                checked += 1
+    assert checked > 1000
+
+
+def test_builtin_wide_is_builtin_then_writing_and_code_alternating(monkeypatch):
+    from nlakit import builtin_corpus as bc
+
+    monkeypatch.setattr(bc, "_chat_documents", lambda tok, model: iter(
+        [Document(f"chat:{i:03d}", "chat text " * 80, "chat") for i in range(2)]))
+    monkeypatch.setattr(bc, "_writing_documents", lambda model: iter(
+        [Document(f"writing:{i:03d}", "written text " * 80, "writing") for i in range(3)]))
+    wide = [d.doc_id for d in load_corpus("builtin:wide")]
+    n_all = len(list(load_corpus("builtin")))
+    assert wide[:n_all] == [d.doc_id for d in load_corpus("builtin")]
+    rest = wide[n_all:]
+    code_ids = [d.doc_id for d in load_corpus("builtin:code")]
+    assert rest[:6] == ["writing:000", code_ids[0], "writing:001", code_ids[1], "writing:002",
+                        code_ids[2]]
+    assert rest[6:] == code_ids[3:]
+    assert len(set(wide)) == len(wide)
+    assert "writing" in load_corpus("builtin:wide").description["contents"]
+
+
+@pytest.mark.slow
+def test_builtin_writing_is_plain_text_the_model_writes_once(smollm, monkeypatch, tmp_path):
+    from nlakit import builtin_corpus as bc
+
+    monkeypatch.setenv("NLAKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bc, "WRITING_GENRES", ["a news article about {}", "a poem about {}"])
+    monkeypatch.setattr(bc, "WRITING_TOPICS", ["a volcano eruption"])
+    monkeypatch.setattr(bc, "WRITING_SETTINGS", {**bc.WRITING_SETTINGS, "max_new_tokens": 200})
+    assert bc.writing_requests() == ["Write a news article about a volcano eruption.",
+                                     "Write a poem about a volcano eruption."]
+    docs = list(load_corpus("builtin:writing", chat_model=smollm))
+    assert 1 <= len(docs) <= 2 and all(d.kind == "writing" for d in docs)
+    for doc in docs:
+        assert doc.doc_id.startswith("writing:") and len(doc.text) >= 600
+        assert "<|im_start|>" not in doc.text and "Write a" not in doc.text[:40]  # no transcript
+    cached = list((tmp_path / "cache" / "corpus").glob("builtin-writing-*.jsonl"))
+    assert len(cached) == 1
+    again = list(load_corpus("builtin:writing"))  # from the cache: no model needed
+    assert [(d.doc_id, d.text) for d in again] == [(d.doc_id, d.text) for d in docs]
+
+
 def test_builtin_unknown_part():
     with pytest.raises(NLAError, match="unknown built-in corpus"):
         load_corpus("builtin:poems")

@@ -1,17 +1,27 @@
 """The built-in corpus: real text that needs no download.
 
-Two parts, interleaved two documentation documents to one chat until the chats run out:
+``builtin`` has two parts, interleaved two documentation documents to one chat until the chats
+run out:
   * ``docs``: the Python language reference shipped with CPython (``pydoc_data.topics``), split
     into sections of about 2,500 characters, plus the module docstrings of the standard library
     (one document per module whose docstrings add up to at least 600 characters);
   * ``chats``: transcripts that the embedded SmolLM2-135M-Instruct writes in answer to
     `CHAT_REQUESTS` (48 varied user requests), generated once (sampled, seed 0) and cached under
     the nlakit cache; rendered with the *target* model's chat template.
+
+``builtin:wide`` is ``builtin`` followed by two more parts, alternating, for an NLA that must read
+more than Python documentation (the shipped one was weakest on text unlike its training text):
+  * ``writing``: plain documents (no chat template) that the embedded model writes in
+    `WRITING_GENRES` x `WRITING_TOPICS` (news, letters, recipes, poems, markdown, HTML, ...),
+    generated once and cached like the chats;
+  * ``code``: the first ~2,500 characters of code of each standard-library module, from its first
+    top-level ``def`` or ``class`` (licence headers and imports skipped).
 """
 
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import sysconfig
 from collections.abc import Iterator
@@ -74,6 +84,24 @@ CHAT_REQUESTS = [
 
 CHAT_SETTINGS = {"max_new_tokens": 200, "temperature": 0.7, "top_p": 0.9, "seed": 0,
                  "batch_size": 16, "version": 1}
+WRITING_GENRES = [
+    "a news article about {}", "a short story about {}", "an encyclopedia entry about {}",
+    "a step-by-step how-to guide about {}", "a formal letter about {}",
+    "a customer review related to {}", "a blog post about {}", "a poem about {}",
+    "a speech about {}", "meeting notes from a discussion of {}",
+    "a FAQ with questions and answers about {}",
+    "a markdown document with headings and bullet lists about {}",
+    "a diary entry about {}", "an advertisement for {}",
+    "a dialogue between two people about {}", "a short HTML web page about {}",
+]
+WRITING_TOPICS = [
+    "a new bridge in a small town", "growing tomatoes at home", "the history of the bicycle",
+    "a local football match", "saving money for a holiday", "learning to play the guitar",
+    "a volcano eruption", "a new smartphone", "the opening of a science museum",
+    "a healthy breakfast",
+]
+WRITING_SETTINGS = {"max_new_tokens": 300, "temperature": 0.7, "top_p": 0.9, "seed": 0,
+                    "batch_size": 16, "version": 1}
 SECTION_CHARS = 2500
 MIN_DOC_CHARS = 600
 
@@ -127,14 +155,70 @@ def doc_documents() -> Iterator[Document]:
     yield from stdlib_docstrings()
 
 
-def chat_cache_path(weights_id: str) -> Path:
+def _text_block_lines(tree: ast.Module) -> set[int]:
+    """Lines of docstrings and of other long strings (docstring templates, help texts):
+    `stdlib_docstrings` may hold that text, in another split."""
+    def is_text(n) -> bool:
+        return isinstance(n, ast.Constant) and isinstance(n.value, str)
+
+    blocks = []
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and is_text(
+                body[0].value):
+            blocks.append(body[0])  # a docstring, however short
+        if is_text(node) and (node.end_lineno > node.lineno or len(node.value) > 60):
+            blocks.append(node)
+    return {line for n in blocks for line in range(n.lineno, n.end_lineno + 1)}
+
+
+def stdlib_code() -> Iterator[Document]:
+    """One ~2,500-character code excerpt per stdlib module, from its first top-level def/class,
+    without docstrings or long strings: `stdlib_docstrings` holds them, and a text must live in
+    one split."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.glob("*.py")):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        first = next((n.lineno for n in tree.body if isinstance(n, defs)), None)
+        if first is None:
+            continue
+        skip = _text_block_lines(tree)
+        lines, size = [], 0
+        for number, line in enumerate(source.splitlines(), start=1):
+            if number < first or number in skip:
+                continue
+            if size + len(line) + 1 > SECTION_CHARS and size >= MIN_DOC_CHARS:
+                break
+            lines.append(line)  # whole lines keep the indentation intact
+            size += len(line) + 1
+        text = "\n".join(lines).rstrip()
+        if len(text) >= MIN_DOC_CHARS:
+            yield Document(f"code:{path.stem}", text, "code")
+
+
+def writing_requests() -> list[str]:
+    """Every genre with every topic: "Write a news article about a volcano eruption." ..."""
+    return [f"Write {genre.format(topic)}." for genre in WRITING_GENRES for topic in WRITING_TOPICS]
+
+
+def generated_cache_path(part: str, weights_id: str, requests: list[str], settings: dict) -> Path:
     from .models import cache_dir
 
-    key = stable_hash(weights_id, CHAT_REQUESTS, CHAT_SETTINGS)[:16]
-    return cache_dir() / "corpus" / f"builtin-chats-{key}.jsonl"
+    key = stable_hash(weights_id, requests, settings)[:16]
+    return cache_dir() / "corpus" / f"builtin-{part}-{key}.jsonl"
 
 
-def generate_chats(model, tokenizer, requests=CHAT_REQUESTS, settings=CHAT_SETTINGS) -> list[dict]:
+def chat_cache_path(weights_id: str) -> Path:
+    return generated_cache_path("chats", weights_id, CHAT_REQUESTS, CHAT_SETTINGS)
+
+
+def generate_chats(model, tokenizer, requests=CHAT_REQUESTS, settings=CHAT_SETTINGS,
+                   desc: str = "writing built-in chats") -> list[dict]:
     """Sample one assistant answer per request with `model`; return message lists."""
     import torch
     from tqdm.auto import tqdm
@@ -145,7 +229,7 @@ def generate_chats(model, tokenizer, requests=CHAT_REQUESTS, settings=CHAT_SETTI
     tokenizer.padding_side = "left"  # generation continues from the real last token
     try:
         bs = settings["batch_size"]
-        for start in tqdm(range(0, len(requests), bs), desc="writing built-in chats", unit="batch"):
+        for start in tqdm(range(0, len(requests), bs), desc=desc, unit="batch"):
             batch = requests[start : start + bs]
             prompts = [
                 tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False,
@@ -170,12 +254,12 @@ def generate_chats(model, tokenizer, requests=CHAT_REQUESTS, settings=CHAT_SETTI
     return out
 
 
-def builtin_chats(chat_model=None) -> list[list[dict]]:
-    """The cached chat transcripts, generating them with the embedded model on first use."""
+def _generated(part: str, requests: list[str], settings: dict, chat_model) -> list[list[dict]]:
+    """Cached answers of the embedded model to `requests`, generated on first use."""
     from .models import load_model, resolve_model, weights_hash
 
     weights_id = weights_hash(resolve_model("smollm2-135m"))
-    path = chat_cache_path(weights_id)
+    path = generated_cache_path(part, weights_id, requests, settings)
     if path.is_file():
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
@@ -184,11 +268,16 @@ def builtin_chats(chat_model=None) -> list[list[dict]]:
         model, tok = chat_model
     else:
         model, tok = load_model("smollm2-135m")
-    chats = generate_chats(model, tok)
+    chats = generate_chats(model, tok, requests, settings, desc=f"writing built-in {part}")
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats),
                        encoding="utf-8")
     return chats
+
+
+def builtin_chats(chat_model=None) -> list[list[dict]]:
+    """The cached chat transcripts, generating them with the embedded model on first use."""
+    return _generated("chats", CHAT_REQUESTS, CHAT_SETTINGS, chat_model)
 
 
 def _chat_documents(tokenizer, chat_model) -> Iterator[Document]:
@@ -198,6 +287,15 @@ def _chat_documents(tokenizer, chat_model) -> Iterator[Document]:
         else:  # a target without a chat template still gets readable transcripts
             text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
         yield Document(f"chat:{i:03d}", text, "chat")
+
+
+def _writing_documents(chat_model) -> Iterator[Document]:
+    """The answers alone, as plain text: documents, not transcripts."""
+    for i, messages in enumerate(_generated("writing", writing_requests(), WRITING_SETTINGS,
+                                            chat_model)):
+        text = messages[-1]["content"]
+        if len(text) >= MIN_DOC_CHARS:  # a short answer has too few positions past min_position
+            yield Document(f"writing:{i:03d}", text, "writing")
 
 
 def _interleave(docs: Iterator[Document], chats: Iterator[Document]) -> Iterator[Document]:
@@ -212,28 +310,48 @@ def _interleave(docs: Iterator[Document], chats: Iterator[Document]) -> Iterator
     yield from docs
 
 
+def _alternate(*parts: Iterator[Document]) -> Iterator[Document]:
+    """One document of each part in turn; a part that runs out drops out."""
+    iters = [iter(p) for p in parts]
+    while iters:
+        for it in list(iters):
+            doc = next(it, None)
+            if doc is None:
+                iters.remove(it)
+            else:
+                yield doc
+
+
+PARTS = {
+    "docs": "Python language reference sections (pydoc_data.topics) and stdlib module docstrings",
+    "chats": f"{len(CHAT_REQUESTS)} SmolLM2-135M-Instruct answers to built-in requests, "
+             f"settings {CHAT_SETTINGS}",
+    "all": "docs and chats interleaved 2:1 (see nlakit.builtin_corpus)",
+    "writing": f"{len(WRITING_GENRES) * len(WRITING_TOPICS)} plain documents SmolLM2-135M-Instruct "
+               f"writes in {len(WRITING_GENRES)} genres x {len(WRITING_TOPICS)} topics, settings "
+               f"{WRITING_SETTINGS}",
+    "code": "code excerpts of the stdlib modules (from the first top-level def/class)",
+    "wide": "all, then writing and code alternating (see nlakit.builtin_corpus)",
+}
+
+
 def builtin_corpus(spec: str, *, tokenizer=None, max_docs=None, chat_model=None) -> Corpus:
     part = spec.partition(":")[2] or "all"
-    if part not in ("all", "docs", "chats"):
-        raise NLAError(f"unknown built-in corpus {spec!r}: use builtin, builtin:docs or "
-                       "builtin:chats")
-    if part == "docs":
-        factory = doc_documents
-    elif part == "chats":
-        factory = lambda: _chat_documents(tokenizer, chat_model)  # noqa: E731
-    else:
-        factory = lambda: _interleave(  # noqa: E731
-            doc_documents(), _chat_documents(tokenizer, chat_model)
-        )
-    desc = {
-        "source": spec,
-        "format": "builtin",
-        "contents": {
-            "docs": "Python language reference sections (pydoc_data.topics) and stdlib "
-                    "module docstrings",
-            "chats": f"{len(CHAT_REQUESTS)} SmolLM2-135M-Instruct answers to built-in "
-                     f"requests, settings {CHAT_SETTINGS}",
-        }[part] if part != "all" else "docs and chats interleaved 2:1 (see nlakit.builtin_corpus)",
-        "max_docs": max_docs,
-    }
+    if part not in PARTS:
+        raise NLAError(f"unknown built-in corpus {spec!r}: use builtin or builtin:PART with PART "
+                       f"one of {', '.join(p for p in PARTS if p != 'all')}")
+
+    def all_():
+        return _interleave(doc_documents(), _chat_documents(tokenizer, chat_model))
+
+    factory = {
+        "docs": doc_documents,
+        "chats": lambda: _chat_documents(tokenizer, chat_model),
+        "all": all_,
+        "writing": lambda: _writing_documents(chat_model),
+        "code": stdlib_code,
+        "wide": lambda: itertools.chain(all_(), _alternate(_writing_documents(chat_model),
+                                                           stdlib_code())),
+    }[part]
+    desc = {"source": spec, "format": "builtin", "contents": PARTS[part], "max_docs": max_docs}
     return Corpus(desc, factory, max_docs)

@@ -1,7 +1,8 @@
 """Corpus readers: every source becomes a stream of `Document`s with stable ids.
 
 Supported ``--corpus`` values:
-  * ``builtin`` (also ``builtin:docs``, ``builtin:chats``): see `nlakit.builtin_corpus`;
+  * ``builtin`` (also ``builtin:docs``, ``:chats``, ``:writing``, ``:code``, ``:wide``): see
+    `nlakit.builtin_corpus`;
   * a ``.txt``/``.md`` file or a folder of them: one document per file, or per blank-line
     separated block with ``blocks=True``;
   * ``.jsonl``: one document per line, the text in ``text_field``; lines holding ``messages``
