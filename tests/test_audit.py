@@ -206,3 +206,34 @@ def test_audit_cli_reuses_eval_explanations_and_writes_combined_report(untrained
     assert main(["report", "--eval", str(tmp_path / "eval.json"), "--audit",
                  str(tmp_path / "rep" / "audit.json"), "--out", str(tmp_path / "r2.html")]) == 0
     assert (tmp_path / "r2.md").is_file()
+
+
+def test_audit_reads_the_evals_best_of_explanations(untrained, tiny_store, tmp_path, capsys):
+    from nlakit.cli import main
+
+    root = untrained.save(tmp_path / "nla")
+    common = ["--nla", str(root), "--acts", str(tiny_store.path), "--max-rows", "12",
+              "--max-new-tokens", "3", "--n-boot", "50"]
+    assert main(["eval", *common, "--quote-tokens", "4", "--best-of", "3", "--no-spliced",
+                 "--json", str(tmp_path / "bo.json")]) == 0
+    ev = json.loads((tmp_path / "bo.json").read_text())
+    assert all(isinstance(r["best_of_explanation"], str) for r in ev["rows"])
+    audit_json = tmp_path / "audit" / "audit.json"
+    assert main(["audit", *common, "--paraphraser", "none", "--explanations",
+                 str(tmp_path / "bo.json"), "--explanations-kind", "best_of",
+                 "--json", str(audit_json)]) == 0
+    data = json.loads(audit_json.read_text())
+    assert "best_of" in data["explanations_source"]
+    # the audit scored exactly the texts the eval chose: the same fve_nrm as nla_best_of_3
+    assert data["fve_original"]["mean"] == pytest.approx(
+        ev["methods"]["nla_best_of_3"]["fve_nrm"]["mean"], abs=1e-4)
+
+    assert main(["eval", *common, "--quote-tokens", "4", "--no-spliced",
+                 "--json", str(tmp_path / "greedy.json")]) == 0
+    capsys.readouterr()
+    assert main(["audit", *common, "--paraphraser", "none", "--explanations",
+                 str(tmp_path / "greedy.json"), "--explanations-kind", "best_of"]) != 0
+    assert "best-of-N explanations of every audited row" in capsys.readouterr().err
+    assert main(["audit", *common, "--paraphraser", "none", "--explanations-kind",
+                 "best_of"]) != 0
+    assert "needs --explanations" in capsys.readouterr().err

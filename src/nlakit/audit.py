@@ -405,15 +405,15 @@ def verdict(name: str, orig: dict, edited: dict, drop: dict, n_changed: int,
             "on what this edit changes.")
 
 
-def _audited_texts(nla, rows: EvalRows, cfg: AuditConfig,
-                   explanations: dict[int, str] | None) -> tuple[list[str], str]:
+def _audited_texts(nla, rows: EvalRows, cfg: AuditConfig, explanations: dict[int, str] | None,
+                   source: str) -> tuple[list[str], str]:
     """The explanations to edit and where they come from."""
     if explanations is not None:
         missing = [int(r) for r in rows.row_ids if int(r) not in explanations]
         if missing:
             raise NLAError(f"{len(missing)} audited rows (e.g. row {missing[0]}) have no given "
                            "explanation; use the same --split/--max-rows/--seed as the eval")
-        return [explanations[int(r)] for r in rows.row_ids], "given (from an eval result)"
+        return [explanations[int(r)] for r in rows.row_ids], source
     exps = nla.explain(rows.vectors, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
                        batch_size=cfg.batch_size)
     return [e.text for e in exps], "generated (greedy)"
@@ -478,9 +478,11 @@ class _PairedEdits:
 
 
 def audit(nla, store, config: AuditConfig | None = None, *, paraphraser: Paraphraser | None =
-          None, explanations: dict[int, str] | None = None) -> dict:
+          None, explanations: dict[int, str] | None = None,
+          explanations_source: str = "given (from an eval result)") -> dict:
     """Run the edits on the explanations of the chosen rows (generated greedily, or taken from
-    `explanations` {row_id: text}, e.g. an eval.json) and return the JSON-ready result."""
+    `explanations` {row_id: text}, e.g. an eval.json's, described by `explanations_source`) and
+    return the JSON-ready result."""
     cfg = config or AuditConfig()
     if store.layer != nla.layer or store.d_model != nla.d_model:
         raise NLAError(f"store layer {store.layer}/d {store.d_model} does not match the NLA "
@@ -490,7 +492,7 @@ def audit(nla, store, config: AuditConfig | None = None, *, paraphraser: Paraphr
     rows: EvalRows = select_rows(store, cfg.split, cfg.max_rows, cfg.seed)
     den: Denominators = denominators(store, rows)
     t = time.perf_counter()
-    texts, source = _audited_texts(nla, rows, cfg, explanations)
+    texts, source = _audited_texts(nla, rows, cfg, explanations, explanations_source)
     timings["explanations"] = time.perf_counter() - t
     t = time.perf_counter()
     ed = _PairedEdits(nla, rows, den, cfg, texts)

@@ -375,6 +375,7 @@ class _Scores:
         self.notes: dict[str, str] = {}
         self.timings: dict[str, float] = {}
         self.preds: dict[str, torch.Tensor] = {}  # [n, d] per method, NaN rows where it has none
+        self.best_of_texts: list[str] | None = None  # the chosen best-of-N explanation per row
 
     def record(self, name: str, pred: torch.Tensor, idx: np.ndarray | None = None,
                note: str = "") -> None:
@@ -429,9 +430,10 @@ def _score_nla(nla, sc: _Scores):
 def _score_best_of(nla, sc: _Scores, greedy) -> None:
     """nla_best_of_N and the quotes given the same rerank (quote_rerank_N)."""
     cfg, rows, n = sc.cfg, sc.rows, sc.cfg.best_of
-    _, pred_best = sc.timed(f"nla_best_of_{n}", lambda: best_of_n(
+    best, pred_best = sc.timed(f"nla_best_of_{n}", lambda: best_of_n(
         nla, rows.vectors, n, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
         seed=cfg.seed, greedy=greedy))
+    sc.best_of_texts = [e.text for e in best]  # kept per row: `nlakit audit` can read them
     sc.record(f"nla_best_of_{n}", pred_best,
               note=f"of the greedy explanation and {n - 1} samples (temperature 1), the one the "
                    "AR reconstructs best against the true vector (which the AV is given anyway)")
@@ -673,6 +675,7 @@ def _row_records(sc: _Scores, exps) -> list[dict]:
          "position": int(rows.positions[i]),
          "prefix_tail": rows.prefixes[i][-PREFIX_CHARS_KEPT:],
          "explanation": exps[i].text if exps else None,
+         **({"best_of_explanation": sc.best_of_texts[i]} if sc.best_of_texts else {}),
          "complete": bool(exps[i].complete) if exps else None,
          "n_tokens": int(exps[i].n_tokens) if exps else None,
          "fve_nrm": {k: _num(per_row[k]["fve_nrm"][i]) for k in per_row},

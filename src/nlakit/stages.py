@@ -116,6 +116,9 @@ class AuditInputs(_ScoreInputs):
     explanations: str | None = field(default=None, metadata=hint(
         "eval.json whose explanations to audit instead of generating them again (used when it "
         "holds every audited row)"))
+    explanations_kind: str = field(default="greedy", metadata=hint(
+        "which of the eval.json's explanations: greedy (the NLA's own; generated again when the "
+        "eval lacks a row) or best_of (the eval's best-of-N choices; required)"))
     eval_json: str | None = field(default=None, metadata=hint(
         "include this eval.json in the --report"))
 
@@ -268,17 +271,28 @@ def run_eval(config, inputs: EvalInputs) -> Path:
     return path
 
 
-def reusable_explanations(eval_json: str | Path, store, config) -> dict[int, str] | None:
+EXPLANATION_KINDS = {"greedy": "explanation", "best_of": "best_of_explanation"}
+
+
+def reusable_explanations(eval_json: str | Path, store, config,
+                          kind: str = "greedy") -> dict[int, str] | None:
     """The explanations an eval.json holds for exactly the rows this audit chooses, or None
-    (other rows: the audit generates its own) -- the same rule for the CLI and the pipeline."""
+    (other rows: the audit generates its own greedy ones) -- the same rule for the CLI and the
+    pipeline. Best-of-N texts cannot be generated again the same way: missing ones are an error."""
     from .evaluate import select_rows
 
+    if kind not in EXPLANATION_KINDS:
+        raise NLAError(f"unknown explanations kind {kind!r}: use "
+                       f"{' or '.join(EXPLANATION_KINDS)}")
+    key = EXPLANATION_KINDS[kind]
     data = json.loads(Path(eval_json).read_text())
-    given = {int(r["row_id"]): r["explanation"] for r in data.get("rows", [])
-             if r.get("explanation") is not None}
+    given = {int(r["row_id"]): r[key] for r in data.get("rows", []) if r.get(key) is not None}
     wanted = select_rows(store, config.split, config.max_rows, config.seed).row_ids
     if all(int(r) in given for r in wanted):
         return given
+    if kind == "best_of":
+        raise NLAError(f"{eval_json} does not hold best-of-N explanations of every audited row: "
+                       "run the eval with --best-of N on the same --split/--max-rows/--seed")
     log.warning("%s does not hold explanations of every audited row; the audit generates its "
                 "own", eval_json)
     return None
@@ -307,9 +321,14 @@ def run_audit(config, inputs: AuditInputs) -> Path:
     store = ActivationStore(inputs.acts)
     given = None
     if inputs.explanations and Path(inputs.explanations).is_file():
-        given = reusable_explanations(inputs.explanations, store, config)
+        given = reusable_explanations(inputs.explanations, store, config,
+                                      inputs.explanations_kind)
+    elif inputs.explanations_kind != "greedy":
+        raise NLAError(f"--explanations-kind {inputs.explanations_kind} needs --explanations "
+                       "EVAL_JSON (an eval run with --best-of N)")
     data = audit(nla, store, config, paraphraser=make_stage_paraphraser(config, inputs.device),
-                 explanations=given)
+                 explanations=given, explanations_source=f"given (the {inputs.explanations_kind}"
+                 f" explanations of {inputs.explanations})")
     data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
     path = _json_path(inputs, "audit.json")
     write_json(path, data)
