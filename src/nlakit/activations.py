@@ -113,8 +113,8 @@ class ExtractConfig:
     pipeline's top-level ``model``/``layer``), not part of this section."""
 
     corpus: str = field(default="builtin", metadata=_help(
-        "builtin[:docs|:chats], a text file/folder, .jsonl, .parquet, or a saved datasets "
-        "folder"))
+        "builtin[:docs|chats|writing|code|wide], a text file/folder, .jsonl, .parquet, or a "
+        "saved datasets folder"))
     text_field: str = field(default="text", metadata=_help("text field/column of jsonl/parquet"))
     blocks: bool = field(default=False, metadata=_help(
         "text files: one document per blank-line separated block"))

@@ -67,8 +67,8 @@ class DiffConfig:
     base: str = required("the base model (the NLA's target): alias, .gguf, HF dir or id")
     finetuned: str = required("the fine-tuned model: alias, .gguf, HF dir or id, or a peft "
                               "LoRA adapter directory (applied to --base and merged)")
-    corpus: str = required("builtin[:docs|:chats], a text file/folder, .jsonl, .parquet, or a "
-                           "saved datasets folder")
+    corpus: str = required("builtin[:docs|chats|writing|code|wide], a text file/folder, "
+                           ".jsonl, .parquet, or a saved datasets folder")
     out: str = required("output directory (diff.json, diff.md, rows.jsonl, acts/)")
     layer: int | None = field(default=None, metadata=hint(
         "block K (None: the NLA's layer; another value is an error)"))
