@@ -419,3 +419,55 @@ def test_rollouts_sample_the_distribution_the_policy_loss_assumes(sft_nla, tiny)
     assert len({tuple(e.token_ids) for e in ours[:4]}) > 1
     assert [e.token_ids for e in ours] == \
         [e.token_ids for e in sample_rollouts(av, vecs, 4, 1.0, 1.0, 8, 64, seed=0)]
+
+
+@pytest.fixture(scope="module")
+def sft_adapter_nla(tiny, tiny_store, tmp_path_factory):
+    """A tiny SFT NLA kept as LoRA adapters (2 steps of each half on context labels)."""
+    from nlakit.labels import label_store
+    from nlakit.labels.context import ContextLabeller
+    from nlakit.train.sft import SFTConfig, train_sft
+
+    labels = tmp_path_factory.mktemp("labels") / "labels"
+    label_store(tiny_store, ContextLabeller(tiny[0].nlakit_source["spec"], loaded=tiny), labels,
+                splits=["av_sft", "ar_sft", "heldout"],
+                cache=tmp_path_factory.mktemp("cache") / "labels.sqlite", progress=False)
+    out = tmp_path_factory.mktemp("sft-adapters") / "nla"
+    cfg = SFTConfig(lr=1e-2, batch_size=4, max_steps=2, lora_rank=8, keep_adapters=True)
+    for role in ("av", "ar"):
+        train_sft(role, labels, out, cfg, progress=False)
+    return out
+
+
+def test_keep_adapters_stacks_sft_and_rl_adapters_exactly(sft_adapter_nla, tiny_store, tiny,
+                                                          tmp_path):
+    merged, kept = tmp_path / "merged", tmp_path / "kept"
+    train_rl(sft_adapter_nla, tiny_store.path, merged, _cfg(), progress=False)
+    train_rl(sft_adapter_nla, tiny_store.path, kept, _cfg(keep_adapters=True), progress=False)
+    for half in ("av", "ar"):
+        config = json.loads((kept / half / "adapter_config.json").read_text())
+        assert config["r"] == 8 + 4 and config["lora_alpha"] == 12  # SFT rank + RL rank
+        assert not (kept / half / "model.safetensors").exists()
+    a, b = NLA.load(merged, target=tiny), NLA.load(kept, target=tiny)
+    assert b.av_meta["nlakit"]["weights"] == "adapter" == b.ar_meta["nlakit"]["weights"]
+    assert b.av_meta["nlakit"]["provenance"]["rl"]["summary"]["steps"] == 3
+    w_a = a.av.model.model.layers[0].self_attn.q_proj.weight
+    w_b = b.av.model.model.layers[0].self_attn.q_proj.weight
+    assert torch.allclose(w_a, w_b, atol=1e-5)
+    sft = NLA.load(sft_adapter_nla, target=tiny).av.model.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(sft, w_b, atol=1e-5)  # the RL part is in the stacked adapter
+    v = torch.randn(3, 64)
+    assert [e.raw for e in a.explain(v, max_new_tokens=12)] == \
+        [e.raw for e in b.explain(v, max_new_tokens=12)]
+    texts = ["Kind of text: prose.", "the end of a line"]
+    assert torch.allclose(a.reconstruct(texts), b.reconstruct(texts), atol=1e-5)
+
+
+def test_keep_adapters_is_refused_before_training_when_it_cannot_be_kept(
+        sft_nla, sft_adapter_nla, tiny_store, tmp_path):
+    with pytest.raises(NLAError, match="holds merged weights, not LoRA adapters"):
+        train_rl(sft_nla, tiny_store.path, tmp_path / "a", _cfg(keep_adapters=True))
+    with pytest.raises(NLAError, match="needs LoRA on both halves"):
+        train_rl(sft_adapter_nla, tiny_store.path, tmp_path / "b",
+                 _cfg(keep_adapters=True, lora_rank=0))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()

@@ -197,17 +197,24 @@ class NLA:
         return cls(av, ar, am, rm, target=target)
 
     def save(self, path: str | Path, layout: str = "nlakit") -> Path:
-        """Write ``path/av`` and ``path/ar`` with merged weights.
+        """Write ``path/av`` and ``path/ar``: merged weights, or LoRA adapters for a half whose
+        model is a peft model (RL's keep_adapters export).
 
         layout="official" writes exactly the two directories of the official release (plain
         HF AV model; truncated AR with value_head.safetensors); "nlakit" adds ``nla.yaml``.
         """
         if layout not in ("nlakit", "official"):
             raise NLAError(f"unknown layout {layout!r}: use 'nlakit' or 'official'")
+        adapters = [hasattr(m, "peft_config") for m in (self.av.model, self.ar.body)]
+        if layout == "official" and any(adapters):
+            raise NLAError("the official layout holds merged weights; load this NLA from disk "
+                           "(adapters are merged on load) and save that")
         root = Path(path)
         av_meta = {k: v for k, v in self.av_meta.items() if k != "template"}
         ar_meta = {k: v for k, v in self.ar_meta.items() if k != "template"}
-        av_meta.setdefault("nlakit", {})["weights"] = "merged"
+        for meta, adapter in zip((av_meta, ar_meta), adapters):
+            meta.setdefault("nlakit", {})
+            meta["nlakit"] = {**meta["nlakit"], "weights": "adapter" if adapter else "merged"}
         save_av_dir(root / "av", self.av.model, self.av.tokenizer, av_meta)
         save_ar_dir(root / "ar", self.ar.body, self.ar.head, self.ar.tokenizer, ar_meta)
         if layout == "nlakit":

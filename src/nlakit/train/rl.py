@@ -51,6 +51,7 @@ from ..reconstructor import Reconstructor
 from ..store import HELDOUT, RL, ActivationStore, vectors_from_arrow
 from ..verbalizer import Explanation, Verbalizer
 from . import rewards as R
+from .adapters import check_stackable, stack_onto
 from .common import (
     Checkpoint,
     MetricsLog,
@@ -117,6 +118,10 @@ class RLConfig:
     seed: int = option(0, "seed of the activation order, the sampling and the LoRA init")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, ...); default: the "
                                      "device's")
+    keep_adapters: bool = option(False, "export LoRA adapters (the SFT NLA's and RL's, stacked "
+                                        "exactly: rank lora_rank + the SFT rank) instead of "
+                                        "merged weights: a small, packable NLA; needs an SFT "
+                                        "NLA kept as adapters")
 
     def __post_init__(self):
         name = type(self).__name__
@@ -220,8 +225,11 @@ class RLTrainer:
         self.acc = make_accelerator(self.train_dir, kwargs_handlers=[ddp])
         self.store = ActivationStore(acts)
         self.metrics = MetricsLog(self.acc, self.out_dir / METRICS_FILE, "rl")
+        if cfg.keep_adapters:
+            check_stackable(self.nla_dir, cfg.lora_rank, cfg.ar_lora_rank)
+        trajectory = {k: v for k, v in asdict(cfg).items() if k != "keep_adapters"}  # export only
         self.checkpoint = Checkpoint(self.train_dir, stable_hash(
-            "rl", asdict(cfg), str(self.nla_dir.resolve()), str(self.store.path.resolve()),
+            "rl", trajectory, str(self.nla_dir.resolve()), str(self.store.path.resolve()),
             self.acc.num_processes), what="RL")
         self.per_step = cfg.batch_size * self.acc.num_processes
 
@@ -550,6 +558,7 @@ class RLTrainer:
             if export:
                 _export(self.nla, acc.unwrap_model(self.av_module),
                         acc.unwrap_model(self.ar_module), self.av, self.out_dir,
+                        self.nla_dir if cfg.keep_adapters else None,
                         {"rl": {"config": asdict(cfg), "from_nla": str(self.nla_dir.resolve()),
                                 "acts": str(self.store.path.resolve()), "summary": summary,
                                 "nlakit_version": __version__}})
@@ -569,19 +578,35 @@ def _timed(times: dict, phase: str):
 
 
 def _export(nla, policy, ar: Reconstructor, av: Verbalizer, out_dir: Path,
-            provenance: dict) -> None:
-    """Merge the RL adapters and write OUT/av, OUT/ar (+ nla.yaml): a normal NLA directory."""
+            adapters_from: Path | None, provenance: dict) -> None:
+    """Write OUT/av, OUT/ar (+ nla.yaml), a normal NLA directory: the RL adapters merged, or,
+    with `adapters_from` (the SFT NLA directory), stacked onto its adapters."""
     from ..nla import NLA
 
-    model = policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
-    body = ar.body.merge_and_unload() if hasattr(ar.body, "merge_and_unload") else ar.body
     av_meta, ar_meta = copy.deepcopy(nla.av_meta), copy.deepcopy(nla.ar_meta)
     for meta in (av_meta, ar_meta):
         nl = meta.setdefault("nlakit", {})
         nl.setdefault("provenance", {})
         nl["provenance"] = {**nl["provenance"], **provenance}
-        nl["weights"] = "merged"
+    if adapters_from is None:
+        model = policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
+        body = ar.body.merge_and_unload() if hasattr(ar.body, "merge_and_unload") else ar.body
+    else:
+        model, body = _stacked(nla, policy, ar, adapters_from)
     out_av = Verbalizer(model, av.tokenizer, av.marker, av.injection_scale, av.template)
     out_ar = Reconstructor(body, ar.head, ar.tokenizer, ar.template, ar.max_length)
     NLA(out_av, out_ar, av_meta, ar_meta).save(out_dir)
 
+
+def _stacked(nla, policy, ar: Reconstructor, sft_dir: Path):
+    """The AV and the AR body as peft models over a fresh copy of the target, their one
+    adapter the SFT adapters of `sft_dir` stacked with RL's (`adapters.stack_onto`)."""
+    from ..models import load_model
+    from ..reconstructor import truncate_model
+
+    spec = nla.target_info.get("spec")
+    dtype = next(policy.parameters()).dtype
+    base, _ = load_model(spec, dtype=dtype)
+    body = truncate_model(base, nla.layer)  # a copy: take it before peft wraps `base`
+    return (stack_onto(base, sft_dir / "av", policy),
+            stack_onto(body, sft_dir / "ar", ar.body))
