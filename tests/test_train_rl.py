@@ -471,3 +471,13 @@ def test_keep_adapters_is_refused_before_training_when_it_cannot_be_kept(
         train_rl(sft_adapter_nla, tiny_store.path, tmp_path / "b",
                  _cfg(keep_adapters=True, lora_rank=0))
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+def test_an_nla_loaded_from_adapters_saves_as_merged_weights_that_load(sft_adapter_nla, tiny,
+                                                                       tmp_path):
+    nla = NLA.load(sft_adapter_nla, target=tiny)
+    nla.save(tmp_path / "again")
+    again = NLA.load(tmp_path / "again", target=tiny)
+    assert again.ar_meta["nlakit"]["weights"] == "merged" == again.av_meta["nlakit"]["weights"]
+    texts = ["Kind of text: prose.", "the end of a line"]
+    assert torch.allclose(nla.reconstruct(texts), again.reconstruct(texts), atol=1e-5)
