@@ -14,8 +14,9 @@ more than Python documentation (the shipped one was weakest on text unlike its t
   * ``writing``: plain documents (no chat template) that the embedded model writes in
     `WRITING_GENRES` x `WRITING_TOPICS` (news, letters, recipes, poems, markdown, HTML, ...),
     generated once and cached like the chats;
-  * ``code``: the first ~2,500 characters of code of each standard-library module, from its first
-    top-level ``def`` or ``class`` (licence headers and imports skipped).
+  * ``code``: about 2,500 characters of code of each standard-library module, from its first
+    top-level ``def`` or ``class`` (licence headers and imports skipped), without docstrings and
+    long strings (``docs`` holds that text, and a text must live in one split).
 """
 
 from __future__ import annotations
