@@ -400,5 +400,14 @@ def test_context_labeller_tail_style_states_the_current_token_and_ends_verbatim(
         assert lines[0] == f"Current token: '{_visible(tok.decode(ids[-1:]))}'."
         assert lines[1].startswith("Kind of text: ") and "The model expects next: " in lines[1]
         assert lines[2] == f"Ending: {_visible(tok.decode(ids[-5:]))}"
+    back = ContextLabeller(spec, loaded=tiny, style="tail_back", tail_tokens=5)
+    assert back.identity()["prompt_version"] == "context-tail-back-5" != \
+        tail.identity()["prompt_version"]
+    for r, plain, raw in zip(rows, tail.label_batch(rows), back.label_batch(rows)):
+        lines = raw.removeprefix("<explanation>\n").removesuffix("\n</explanation>").split("\n")
+        ids = tok(r.prefix, add_special_tokens=False)["input_ids"]
+        before = [f"'{_visible(tok.decode([i]))}'" for i in (ids[-2], ids[-3], ids[-4])]
+        assert lines[1] == f"Before it: {', '.join(before)}."  # newest first
+        assert [lines[0], *lines[2:]] == plain.split("\n")[1:-1]  # otherwise tail's label
     with pytest.raises(NLAError, match="style"):
         ContextLabeller(spec, loaded=tiny, style="poem")

@@ -110,6 +110,9 @@ def top_next_tokens(model, batch_ids: Sequence[Sequence[int]], k: int = 3,
     return top.values.cpu(), top.indices.cpu()
 
 
+BACK_TOKENS = 3  # tokens before the current one that style tail_back names
+
+
 class ContextLabeller(ModelLabeller):
     """Deterministic labels grounded in the target model (no language model writes them).
 
@@ -122,6 +125,10 @@ class ContextLabeller(ModelLabeller):
       kind + predictions, then the last ``tail_tokens`` tokens verbatim *last*, so that an AR
       reading raw text (template ``{explanation}``) ends on the current token, where the target
       itself was. Newlines and tabs are written as \\n and \\t (one feature per line).
+    - ``tail_back``: ``tail`` with a second line naming the `BACK_TOKENS` tokens before the
+      current one, newest first (``Before it: ' the', ' of', ' end'.``): the previous token is
+      linearly readable from the vector about half the time at layer 10, where a ``tail`` AV
+      states it about a tenth of the time (docs/results.md), so the label asks for it first.
 
     The store keeps the decoded prefix, not token ids; the prefix is re-tokenised the way
     extraction tokenises documents (BOS unless the text starts with it). Re-tokenisation can
@@ -132,7 +139,7 @@ class ContextLabeller(ModelLabeller):
     kind = "context"
     OPTIONS = ("model", "dtype", "device", "batch_size", "top_k", "n_words", "style",
                "tail_tokens")
-    STYLES = ("v1", "tail")
+    STYLES = ("v1", "tail", "tail_back")
 
     def __init__(self, model: str, *, dtype: str | None = None, device: str | None = None,
                  batch_size: int = 32, top_k: int = 3, n_words: int = 6, style: str = "v1",
@@ -148,8 +155,9 @@ class ContextLabeller(ModelLabeller):
         if int(tail_tokens) < 1:
             raise NLAError(f"tail_tokens must be >= 1, got {tail_tokens}")
         self.style, self.tail_tokens = style, int(tail_tokens)
-        # v1 keeps its historical version (and cache keys); tail names its ending length
-        self.prompt_version = "context-v1" if style == "v1" else f"context-tail-{tail_tokens}"
+        # v1 keeps its historical version (and cache keys); the tail styles name their length
+        self.prompt_version = ("context-v1" if style == "v1" else
+                               f"context-{style.replace('_', '-')}-{tail_tokens}")
         self._weights = _weights_id(model)
         self._loaded = loaded  # an already loaded (model, tokenizer) of this spec
         self.stats = {"retokenized": 0, "retokenized_exact": 0}
@@ -188,14 +196,16 @@ class ContextLabeller(ModelLabeller):
 
     def explain(self, prefix: str, probs: Sequence[float], tokens: Sequence[str]) -> str:
         preds = ", ".join(f"'{_visible(t)}' ({p:.0%})" for t, p in zip(tokens, probs))
-        if self.style == "tail":
+        if self.style in ("tail", "tail_back"):
             ids = self.token_ids(prefix)
             bos = self._load()[1].bos_token_id
             ids = ids[1:] if ids[:1] == [bos] and bos is not None else ids
             decode = self._load()[1].decode
+            back = ", ".join(f"'{_visible(decode([i]))}'" for i in ids[-2::-1][:BACK_TOKENS])
             return ("<explanation>\n"
                     f"Current token: '{_visible(decode(ids[-1:]))}'.\n"
-                    f"Kind of text: {text_kind(prefix)}. The model expects next: {preds}.\n"
+                    + (f"Before it: {back}.\n" if self.style == "tail_back" and back else "")
+                    + f"Kind of text: {text_kind(prefix)}. The model expects next: {preds}.\n"
                     f"Ending: {_visible(decode(ids[-self.tail_tokens:]))}\n"
                     "</explanation>")
         return ("<explanation>\n"
