@@ -411,3 +411,28 @@ def test_context_labeller_tail_style_states_the_current_token_and_ends_verbatim(
         assert [lines[0], *lines[2:]] == plain.split("\n")[1:-1]  # otherwise tail's label
     with pytest.raises(NLAError, match="style"):
         ContextLabeller(spec, loaded=tiny, style="poem")
+
+
+def test_max_rows_labels_rows_spread_over_the_whole_split(tiny_store, tmp_path):
+    """A store keeps a split document by document: max_rows must not label the first
+    documents only."""
+    from nlakit.labels.labelset import spread_rows
+
+    class Echo(Labeller):
+        kind = "echo-spread"
+
+        def label_batch(self, rows):
+            return [f"<explanation>\nrow {r.row_id}\nlast char {r.prefix[-1]!r}\n</explanation>"
+                    for r in rows]
+
+    table = tiny_store.table("av_sft", columns=["row_id", "doc_id"]).to_pylist()
+    n_docs = len({r["doc_id"] for r in table})
+    assert n_docs >= 4 and len(table) > n_docs
+    labels = label_store(tiny_store, Echo(), tmp_path / "spread", splits=["av_sft"],
+                         max_rows=n_docs, progress=False)
+    got = labels.table().to_pylist()
+    assert len(got) == n_docs
+    assert {r["doc_id"] for r in got} > {table[0]["doc_id"], table[-1]["doc_id"]}  # both ends
+    assert len({r["doc_id"] for r in got}) > n_docs // 2  # not the first few documents
+    assert spread_rows(10, 3) == [0, 4, 9] and spread_rows(5, 5) is None
+    assert spread_rows(4140, 2400)[-1] == 4139 and len(spread_rows(4140, 2400)) == 2400

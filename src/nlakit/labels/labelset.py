@@ -110,13 +110,23 @@ class LabelSet:
                 .append_column("features", picked["features"]))
 
 
+def spread_rows(n: int, max_rows: int | None) -> list[int] | None:
+    """Indices of at most `max_rows` of `n` rows spread evenly over them (None: all rows). A
+    store keeps a split's rows document by document and corpus part by part, so the first rows
+    would be the first documents only (`builtin:wide`'s added parts would never be labelled)."""
+    if max_rows is None or max_rows >= n:
+        return None
+    return sorted({int(round(i * (n - 1) / max(max_rows - 1, 1))) for i in range(max_rows)})
+
+
 def _store_rows(store, splits: Sequence[str], max_rows: int | None) -> list[LabelRow]:
     rows: list[LabelRow] = []
     cols = ["row_id", "split", "doc_id", "prefix", "position", "token_id"]
     for split in splits:
         table = store.table(split, columns=cols)
-        if max_rows is not None:
-            table = table.slice(0, max_rows)
+        picked = spread_rows(table.num_rows, max_rows)
+        if picked is not None:
+            table = table.take(picked)
         for r in table.to_pylist():
             rows.append(LabelRow(int(r["row_id"]), r["split"], r["doc_id"], r["prefix"],
                                  int(r["position"]), int(r["token_id"])))
