@@ -328,7 +328,7 @@ def run_audit(config, inputs: AuditInputs) -> Path:
                        "EVAL_JSON (an eval run with --best-of N)")
     data = audit(nla, store, config, paraphraser=make_stage_paraphraser(config, inputs.device),
                  explanations=given, explanations_source=f"given (the {inputs.explanations_kind}"
-                 f" explanations of {inputs.explanations})")
+                 " explanations of an eval result)")
     data["timings_s"]["wall_including_load"] = round(time.perf_counter() - t0, 3)
     path = _json_path(inputs, "audit.json")
     write_json(path, data)

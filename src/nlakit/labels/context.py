@@ -52,9 +52,16 @@ def text_kind(text: str) -> str:
     return "prose"
 
 
+# every character str.splitlines() breaks a line at, besides \n: a label is one feature per line
+_LINE_BREAKS = {c: f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+                for c in "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def _visible(text: str) -> str:
-    """A token or quote on one line: newlines and tabs shown as \\n and \\t."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+    """A token or quote on one line: newlines and tabs shown as \\n and \\t, the other
+    characters that break a line as \\xNN / \\uNNNN."""
+    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+    return text.translate(str.maketrans(_LINE_BREAKS))
 
 
 def last_words(text: str, n: int = 6, max_chars: int = 60) -> str:

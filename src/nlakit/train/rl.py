@@ -156,6 +156,15 @@ class RLConfig:
                            f"process), got {name}.batch_size = {self.batch_size}")
 
 
+EXPORT_ONLY = ("keep_adapters",)  # settings that change how the result is written, not a step
+
+
+def trajectory(cfg: RLConfig) -> dict:
+    """The settings that decide the steps: a checkpoint's identity (so a run written before an
+    export-only setting existed still resumes)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in EXPORT_ONLY}
+
+
 def _default_group_size() -> int:
     return 8 if torch.cuda.is_available() else 4
 
@@ -227,9 +236,8 @@ class RLTrainer:
         self.metrics = MetricsLog(self.acc, self.out_dir / METRICS_FILE, "rl")
         if cfg.keep_adapters:
             check_stackable(self.nla_dir, cfg.lora_rank, cfg.ar_lora_rank)
-        trajectory = {k: v for k, v in asdict(cfg).items() if k != "keep_adapters"}  # export only
         self.checkpoint = Checkpoint(self.train_dir, stable_hash(
-            "rl", trajectory, str(self.nla_dir.resolve()), str(self.store.path.resolve()),
+            "rl", trajectory(cfg), str(self.nla_dir.resolve()), str(self.store.path.resolve()),
             self.acc.num_processes), what="RL")
         self.per_step = cfg.batch_size * self.acc.num_processes
 
