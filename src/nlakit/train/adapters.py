@@ -1,7 +1,7 @@
 """An RL'd NLA kept as LoRA adapters: the SFT adapters and RL's own, stacked exactly.
 
 RL trains a fresh LoRA over the SFT checkpoint, whose adapters were merged when it was loaded.
-The result W + s1·B1A1 + s2·B2A2 is one LoRA of rank r1 + r2, [A1; A2] and [s1·B1, s2·B2]
+The result W + s1·B1A1 + s2·B2A2 is one LoRA of rank r1 + r2, [s1·A1; s2·A2] and [B1, B2]
 (peft's ``add_weighted_adapter`` with ``combination_type="cat"``), so the RL'd NLA stays as
 small and packable as an SFT one, with no approximation.
 """
