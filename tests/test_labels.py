@@ -409,6 +409,7 @@ def test_context_labeller_tail_style_states_the_current_token_and_ends_verbatim(
         before = [f"'{_visible(tok.decode([i]))}'" for i in (ids[-2], ids[-3], ids[-4])]
         assert lines[1] == f"Before it: {', '.join(before)}."  # newest first
         assert [lines[0], *lines[2:]] == plain.split("\n")[1:-1]  # otherwise tail's label
+        assert back.parse(raw).features is not None, back.parse(raw)  # four lines are kept
     with pytest.raises(NLAError, match="style"):
         ContextLabeller(spec, loaded=tiny, style="poem")
 

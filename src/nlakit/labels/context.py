@@ -18,6 +18,7 @@ from ..errors import NLAError
 from ..models import decoder_stack
 from .cache import LabelRow
 from .core import ModelLabeller, _weights_id
+from .format import ParsedLabel, parse_label
 
 _CODE_LINE = re.compile(
     r"^\s*(def |class |import |from \S+ import|return\b|if .*:$|elif |else:|for .*:$|while "
@@ -220,6 +221,10 @@ class ContextLabeller(ModelLabeller):
                 f"The text ends with \"{_visible(last_words(prefix, self.n_words))}\".\n"
                 f"The model expects next: {preds}.\n"
                 "</explanation>")
+
+    def parse(self, raw: str) -> ParsedLabel:
+        # tail_back writes four lines; the generic parser's cap of three would drop every label
+        return parse_label(raw, max_features=4 if self.style == "tail_back" else 3)
 
     def batch_order(self, row: LabelRow):
         return (row.doc_id, row.position)  # a document's rows together: one forward serves all
