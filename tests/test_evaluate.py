@@ -295,3 +295,20 @@ def test_spliced_values_match_a_direct_splice_and_can_be_turned_off(untrained, t
     assert "kl" not in off["rows"][0] and off["spliced"] == {"skipped": "turned off "
                                                                         "(spliced: false)"}
     assert "ce_recovered" not in format_table(off)
+
+
+def test_eval_and_audit_load_the_nla_in_the_dtype_asked_for(untrained, tiny_store, tmp_path):
+    """`--dtype` reaches every half eval loads (the default on a GPU is bfloat16, so a float32
+    eval there needs it)."""
+    from nlakit.evaluate import ReconstructorOnly
+    from nlakit.stages import AuditInputs, EvalInputs, _load_nla
+
+    root = untrained.save(tmp_path / "nla")
+    for dtype, want in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        for inputs in (EvalInputs, AuditInputs):
+            nla = _load_nla(inputs(acts=str(tiny_store.path), nla=str(root), device="cpu",
+                                   dtype=dtype))
+            assert next(nla.av.model.parameters()).dtype == want
+            assert next(nla.ar.body.parameters()).dtype == want
+        ar_only = ReconstructorOnly.load(root / "ar", device="cpu", dtype=dtype)
+        assert next(ar_only.ar.body.parameters()).dtype == want

@@ -267,12 +267,13 @@ class ReconstructorOnly:
         return self.ar.reconstruct(texts, batch_size=batch_size)
 
     @classmethod
-    def load(cls, ar_dir: str | Path, device: str | None = None) -> ReconstructorOnly:
+    def load(cls, ar_dir: str | Path, device: str | None = None,
+             dtype: str | None = None) -> ReconstructorOnly:
         from .models import resolve_device, resolve_dtype
         from .nla import _load_ar
 
         dev = resolve_device(device)
-        ar, _ = _load_ar(Path(ar_dir), resolve_dtype(None, dev), dev)
+        ar, _ = _load_ar(Path(ar_dir), resolve_dtype(dtype, dev), dev)
         return cls(ar)
 
 

@@ -120,7 +120,8 @@ def _nla_inputs(p: Pipeline, progress: bool) -> S.NLAInputs:
 def _eval_inputs(p: Pipeline, progress: bool) -> S.EvalInputs:
     control = p.enabled("train_control")
     return S.EvalInputs(acts=str(p.path("acts")), nla=str(p.path("nla")), device=p.cfg.device,
-                        json=str(p.path("eval/eval.json")), label_set=str(p.path("labels")),
+                        dtype=p.cfg.dtype, json=str(p.path("eval/eval.json")),
+                        label_set=str(p.path("labels")),
                         control=str(p.path("control/av")) if control else None,
                         progress=progress)
 
@@ -128,7 +129,7 @@ def _eval_inputs(p: Pipeline, progress: bool) -> S.EvalInputs:
 def _audit_inputs(p: Pipeline, progress: bool) -> S.AuditInputs:
     # the explanations the eval already generated, when it evaluated the same rows
     return S.AuditInputs(acts=str(p.path("acts")), nla=str(p.path("nla")), device=p.cfg.device,
-                         json=str(p.path("audit/audit.json")),
+                         dtype=p.cfg.dtype, json=str(p.path("audit/audit.json")),
                          explanations=str(p.path("eval/eval.json")), progress=progress)
 
 

@@ -94,6 +94,9 @@ class _ScoreInputs:
     av: str | None = field(default=None, metadata=hint("AV directory (official layout)"))
     ar: str | None = field(default=None, metadata=hint("AR directory (official layout)"))
     device: str | None = field(default=None, metadata=hint("cpu, cuda, cuda:N or auto"))
+    dtype: str | None = field(default=None, metadata=hint(
+        "model dtype (float32, bfloat16, ...); default: the device's (bfloat16 on a GPU that "
+        "supports it)"))
     json: str | None = field(default=None, metadata=hint(
         "result JSON (None: next to --report, else in the current directory)"))
     report: str | None = field(default=None, metadata=hint(
@@ -221,9 +224,9 @@ def _load_nla(inputs: _ScoreInputs):
     from .nla import NLA
 
     if inputs.nla:
-        return NLA.load(inputs.nla, device=inputs.device)
+        return NLA.load(inputs.nla, device=inputs.device, dtype=inputs.dtype)
     if inputs.av and inputs.ar:
-        return NLA.load(av=inputs.av, ar=inputs.ar, device=inputs.device)
+        return NLA.load(av=inputs.av, ar=inputs.ar, device=inputs.device, dtype=inputs.dtype)
     raise NLAError("give --nla DIR, or --av AV_DIR and --ar AR_DIR")
 
 
@@ -253,12 +256,13 @@ def run_eval(config, inputs: EvalInputs) -> Path:
 
     t0 = time.perf_counter()
     if inputs.baselines_only:
-        nla = ReconstructorOnly.load(_ar_dir(inputs), device=inputs.device)
+        nla = ReconstructorOnly.load(_ar_dir(inputs), device=inputs.device, dtype=inputs.dtype)
     else:
         nla = _load_nla(inputs)
     control = None
     if inputs.control:
-        control = NLA.load(av=inputs.control, ar=_ar_dir(inputs), device=inputs.device)
+        control = NLA.load(av=inputs.control, ar=_ar_dir(inputs), device=inputs.device,
+                           dtype=inputs.dtype)
     labels = inputs.label_set if config.labels else None
     result = evaluate(nla, ActivationStore(inputs.acts), config, labels=labels,
                       control_av=control, progress=inputs.progress)
