@@ -290,3 +290,34 @@ def test_a_model_diffed_against_itself_changes_nothing(tiny_model_dir, tiny_nla,
     assert data["change"]["explanations_changed"] == 0
     assert data["round_trip"]["finetuned_minus_base"]["fve_nrm"]["mean"] == pytest.approx(0)
     assert data["words"]["n_significant_finetuned"] == 0
+
+
+def test_a_rerun_reads_its_explanations_and_new_settings_explain_again(
+        tiny_model_dir, adapter_dir, tiny_nla, tmp_path, monkeypatch):
+    """OUT/explanations/ serves a rerun with other reporting settings (no generation, the same
+    rows); another cap, or a damaged file, explains again."""
+    import nlakit.diff as diff
+
+    calls, explain = [], diff._explain
+
+    def counted(nla, rows, config):
+        calls.append(config.max_new_tokens)
+        return explain(nla, rows, config)
+
+    monkeypatch.setattr(diff, "_explain", counted)
+    cfg = dict(nla=str(tiny_nla), base=str(tiny_model_dir), finetuned=str(adapter_dir),
+               out=str(tmp_path / "d"), **SMALL)
+    first = run(DiffConfig(**cfg))
+    assert calls == [4, 4]
+    rows1 = (tmp_path / "d" / "rows.jsonl").read_text()
+    again = run(DiffConfig(**{**cfg, "top_rows": 2, "n_boot": 60}))
+    assert calls == [4, 4]  # both sides read from OUT/explanations
+    assert (tmp_path / "d" / "rows.jsonl").read_text() == rows1
+    assert again["round_trip"]["base"]["fve_nrm"]["mean"] == first["round_trip"]["base"][
+        "fve_nrm"]["mean"]
+    assert len(again["top_rows"]["by_activation"]) == 2
+    run(DiffConfig(**{**cfg, "max_new_tokens": 5}))
+    assert calls == [4, 4, 5, 5]
+    (tmp_path / "d" / "explanations" / "base.json").write_text("{not json")
+    run(DiffConfig(**{**cfg, "max_new_tokens": 5}))
+    assert calls == [4, 4, 5, 5, 5]  # only the damaged side again

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import NLAError
-from .fileio import make_temp_dir, read_yaml, write_yaml
+from .fileio import file_sha256, make_temp_dir, read_yaml, stable_hash, write_yaml
 from .verbalizer import MarkerTokens, locate_marker, render_av_prompt
 
 NLA_META_FILE = "nla_meta.yaml"
@@ -174,3 +174,14 @@ def save_ar_dir(directory: Path, body, head, tokenizer, meta: dict) -> None:
         write_yaml(tmp / NLA_META_FILE, meta)
 
     write_dir_atomic(directory, write)
+
+
+def av_digest(directory: str | Path) -> str:
+    """sha256 over an AV directory's weights and sidecars: what determines its explanations
+    (the key of every cache of them)."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir()
+                   if p.suffix in (".safetensors", ".yaml", ".json") and p.is_file())
+    if not files:
+        raise NLAError(f"{directory} holds no AV weights; pass the AV directory of a trained NLA")
+    return "sha256:" + stable_hash([(p.name, file_sha256(p)) for p in files])

@@ -19,6 +19,10 @@ OUT/acts/base and OUT/acts/finetuned) and explained by the *base* model's NLA (g
   words        unigrams/bigrams over-used in the fine-tuned model's explanations relative to the
                base's: log-odds with an informative Dirichlet prior (`nlakit.wordstats`).
 
+Each side's explanations are kept in OUT/explanations/{base,finetuned}.json under a key of the
+AV's files, the exact vectors explained and the decoding settings: a rerun (other reporting
+settings, or after a crash) reads them instead of generating them again.
+
 Rows are paired by (document id, token position) and the pairing is checked (same prefix text);
 everything that can be checked without running a model is checked first (`preflight`).
 A fine-tuned model is a model spec (`nlakit.models.load_model`) or a directory of peft LoRA
@@ -39,7 +43,7 @@ import torch
 
 from . import __version__, metrics
 from .errors import NLAError
-from .fileio import write_json, write_text_atomic
+from .fileio import stable_hash, write_json, write_text_atomic
 from .finetuned import (  # re-exported: the auditing game loads its model organism with these
     ModelFacts,
     check_models,
@@ -69,7 +73,8 @@ class DiffConfig:
                               "LoRA adapter directory (applied to --base and merged)")
     corpus: str = required("builtin[:docs|chats|writing|code|wide], a text file/folder, "
                            ".jsonl, .parquet, or a saved datasets folder")
-    out: str = required("output directory (diff.json, diff.md, rows.jsonl, acts/)")
+    out: str = required("output directory (diff.json, diff.md, rows.jsonl, acts/, "
+                        "explanations/)")
     layer: int | None = field(default=None, metadata=hint(
         "block K (None: the NLA's layer; another value is an error)"))
     text_field: str = field(default="text", metadata=hint("text field/column of jsonl/parquet"))
@@ -286,6 +291,41 @@ def _explain(nla, rows, config: DiffConfig):
     return exps, nla.reconstruct([e.text for e in exps], batch_size=config.batch_size)
 
 
+def explanation_key(av: str, rows, config: DiffConfig) -> str:
+    """What a side's greedy explanations depend on: the AV (its files' digest), the vectors
+    (bytes), their row ids, the cap, the device and the dtype."""
+    import hashlib
+
+    vectors = np.ascontiguousarray(rows.vectors.numpy())
+    return stable_hash(av, hashlib.sha256(vectors.tobytes()).hexdigest(), vectors.shape,
+                       [int(i) for i in rows.row_ids], config.max_new_tokens, config.device,
+                       config.dtype)
+
+
+def _cached_explanations(path: Path, key: str) -> list | None:
+    """The explanations stored at `path` under `key`, else None (missing, stale or unreadable:
+    they are generated again)."""
+    from .verbalizer import Explanation
+
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") != key:
+            log.info("%s was made for other vectors or settings: explaining again", path)
+            return None
+        return [Explanation(**e) for e in data["explanations"]]
+    except (ValueError, TypeError, KeyError) as err:
+        log.warning("%s is unreadable (%s): explaining again", path, err)
+        return None
+
+
+def _store_explanations(path: Path, key: str, exps: list) -> None:
+    write_json(path, {"key": key, "explanations": [
+        {"text": e.text, "complete": e.complete, "raw": e.raw, "n_tokens": e.n_tokens,
+         "hit_cap": e.hit_cap} for e in exps]})
+
+
 def _change(rows_b, rows_f, exps_b, exps_f, pred_b, pred_f) -> dict:
     """Per-row float64 arrays of how the two models' rows and explanations differ."""
     from .wordstats import word_distance
@@ -383,13 +423,24 @@ def _extract_both(plan: Plan, config: DiffConfig, timings: dict) -> dict[str, _S
 
 
 def _explain_both(sides: dict[str, _Side], config: DiffConfig, timings: dict) -> None:
+    from .checkpoint import av_digest
     from .evaluate import row_metrics
     from .nla import NLA
+    from .shipped import resolve
 
     t = time.perf_counter()
     nla = NLA.load(config.nla, device=config.device, dtype=config.dtype)
-    for side in sides.values():
-        side.exps, side.pred = _explain(nla, side.rows, config)
+    av = av_digest((resolve(config.nla) or Path(config.nla)) / "av")
+    for name, side in sides.items():
+        path = Path(config.out) / "explanations" / f"{name}.json"
+        key = explanation_key(av, side.rows, config)
+        side.exps = _cached_explanations(path, key)
+        if side.exps is None:
+            side.exps, side.pred = _explain(nla, side.rows, config)
+            _store_explanations(path, key, side.exps)
+        else:
+            log.info("%s: %d explanations read from %s", name, len(side.exps), path)
+            side.pred = nla.reconstruct([e.text for e in side.exps], batch_size=config.batch_size)
         side.per_row = row_metrics(side.pred, side.rows.vectors, side.den)
     timings["explain"] = time.perf_counter() - t
 

@@ -14,18 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NLAError
-from ..fileio import file_sha256, stable_hash
 from ..store import AR_SFT
 from .core import Labeller, split_list
-
-
-def _dir_digest(directory: Path) -> str:
-    """sha256 over an AV directory's weights and sidecar (what determines its explanations)."""
-    files = sorted(p for p in directory.iterdir()
-                   if p.suffix in (".safetensors", ".yaml", ".json") and p.is_file())
-    if not files:
-        raise NLAError(f"{directory} holds no AV weights; pass the AV directory of a trained NLA")
-    return "sha256:" + stable_hash([(p.name, file_sha256(p)) for p in files])
 
 
 class VerbalizerLabeller(Labeller):
@@ -45,7 +35,9 @@ class VerbalizerLabeller(Labeller):
         self.device, self.batch_size = device, int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.keep_unfinished = bool(keep_unfinished)
-        self._digest = _dir_digest(self.av_dir)
+        from ..checkpoint import av_digest
+
+        self._digest = av_digest(self.av_dir)
         self._av = None
 
     @classmethod
