@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 
 import numpy as np
 import pyarrow as pa
@@ -233,6 +234,7 @@ def test_meta_provenance(store, tiny, corpus_file):
     meta = read_yaml(store.path / "meta.yaml")
     assert meta["kind"] == "nlakit_activations"
     assert meta["nlakit_version"] == __version__
+    assert meta["python_version"] == platform.python_version()  # builtin text depends on it
     assert meta["model"]["spec"] == tiny[0].nlakit_source["spec"]
     assert meta["model"]["weights_hash"] == tiny[0].nlakit_source["weights_hash"]
     assert meta["model"]["weights_hash"].startswith("sha256:")

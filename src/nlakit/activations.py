@@ -9,6 +9,7 @@ uninterrupted run. Positions and splits depend only on (seed, doc_id), never on 
 from __future__ import annotations
 
 import logging
+import platform
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -406,6 +407,8 @@ def _finalize(out, parts, config, d, layer, model, fractions) -> ActivationStore
     meta = {
         "kind": "nlakit_activations",
         "nlakit_version": __version__,
+        # `builtin` documents are read from this Python's stdlib: another version, other text
+        "python_version": platform.python_version(),
         "model": config["model"],
         "layer": layer,
         "num_layers": num_layers(model),
