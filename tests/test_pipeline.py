@@ -198,6 +198,19 @@ def test_raising_max_steps_continues_the_checkpoint(tmp_path, tiny_model_dir):
     assert (summary["resumed_from"], summary["steps"]) == (0, 3)
 
 
+def test_raising_rl_max_steps_continues_the_rl_checkpoint(tmp_path, tiny_model_dir):
+    base = {"audit": {"enabled": False}}
+    run_pipeline(tiny_config(tmp_path, tiny_model_dir, **base), stop="train_rl", progress=False)
+    longer = tiny_config(tmp_path, tiny_model_dir, train_rl={"max_steps": 4}, **base)
+    assert dict(plan(longer))["train_rl"] == "extends"
+    run_pipeline(longer, start="train_rl", stop="train_rl", progress=False)
+    summary = json.loads((tmp_path / "runs/tiny/rl/.train-rl/summary.json").read_text())
+    assert (summary["resumed_from"], summary["steps"]) == (2, 4)
+    other = tiny_config(tmp_path, tiny_model_dir, train_rl={"max_steps": 6, "av_lr": 1e-3},
+                        **base)
+    assert dict(plan(other))["train_rl"] == "changed"
+
+
 def test_partial_output_of_other_settings_names_the_pipeline_fix(tmp_path, tiny_model_dir):
     run_pipeline(tiny_config(tmp_path, tiny_model_dir), stop="extract", progress=False)
     # a crash between the store and its stamp, then a config edit

@@ -5,14 +5,16 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from nlakit import NLAError
+from nlakit.fileio import stable_hash
 from nlakit.nla import NLA
 from nlakit.train import rewards as R
-from nlakit.train.rl import RLConfig, train_rl
+from nlakit.train.rl import RLConfig, train_rl, trajectory
 from nlakit.train.rollout import pad_responses, response_logprobs, token_prefixes
 
 # ---- pure reward functions -----------------------------------------------------------------
@@ -239,7 +241,37 @@ def test_kill_and_resume_reaches_the_same_state(sft_nla, tiny_store, tmp_path, m
     b = load_file(str(tmp_path / "resumed" / "ar" / "value_head.safetensors"))["weight"]
     assert torch.equal(a, b)
     with pytest.raises(NLAError, match="different RL configuration"):
-        train_rl(sft_nla, tiny_store.path, tmp_path / "resumed", _cfg(max_steps=5),
+        train_rl(sft_nla, tiny_store.path, tmp_path / "resumed", _cfg(max_steps=4, av_lr=2e-3),
+                 resume=True, progress=False)
+
+
+def test_a_finished_run_extended_by_max_steps_matches_a_longer_straight_run(
+        sft_nla, tiny_store, tmp_path):
+    """Raising max_steps continues a finished run: the same steps as one run of that length."""
+    cfg = _cfg(max_steps=5, eval_rows=0)
+    train_rl(sft_nla, tiny_store.path, tmp_path / "straight", cfg, progress=False)
+    short = _cfg(max_steps=3, eval_rows=0)
+    train_rl(sft_nla, tiny_store.path, tmp_path / "extended", short, progress=False)
+    # as written before runs could be extended: max_steps in the checkpoint's hash
+    state_path = tmp_path / "extended" / ".train-rl" / "checkpoint" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    state["config_hash"] = stable_hash("rl", trajectory(short, extensible=False),
+                                       str(Path(sft_nla).resolve()),
+                                       str(Path(tiny_store.path).resolve()), 1)
+    torch.save(state, state_path)
+    summary = train_rl(sft_nla, tiny_store.path, tmp_path / "extended", cfg, resume=True,
+                       progress=False)
+    assert summary["resumed_from"] == 3
+    straight, extended = _rows(tmp_path / "straight"), _rows(tmp_path / "extended")
+    assert [r["step"] for r in extended] == [1, 2, 3, 4, 5]
+    assert [_stable(r) for r in extended] == [_stable(r) for r in straight]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight" / "ar" / "value_head.safetensors"))["weight"]
+    b = load_file(str(tmp_path / "extended" / "ar" / "value_head.safetensors"))["weight"]
+    assert torch.equal(a, b)
+    with pytest.raises(NLAError, match="beyond --max-steps 4"):
+        train_rl(sft_nla, tiny_store.path, tmp_path / "extended", _cfg(max_steps=4, eval_rows=0),
                  resume=True, progress=False)
 
 

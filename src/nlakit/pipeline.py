@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 STAMP_DIR = ".pipeline"
 SFT_CONFIG = "nlakit.train.sft:SFTConfig"
+RL_CONFIG = "nlakit.train.rl:RLConfig"
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,18 @@ def _report_inputs(p: Pipeline, progress: bool) -> S.ReportInputs:
                           audit=str(audit) if p.enabled("audit") and audit.is_file() else None)
 
 
+def _extensible_settings(config_path: str | None) -> tuple[str, ...] | None:
+    """The settings a training stage's checkpoint survives; None for a stage that cannot
+    continue a finished run (imported lazily: the training modules load torch)."""
+    if config_path == SFT_CONFIG:
+        from .train.sft import EXTENSIBLE_SETTINGS
+    elif config_path == RL_CONFIG:
+        from .train.rl import EXTENSIBLE_SETTINGS
+    else:
+        return None
+    return EXTENSIBLE_SETTINGS
+
+
 # ---- the stage table: the only place the data flow is written -------------------------------
 
 STAGE_TABLE: tuple[Stage, ...] = (
@@ -158,7 +171,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("train_control", ("label",), SFT_CONFIG, S.run_train_control, _sft_inputs("control"),
           ("control",), enabled=False, exclude=("dtype", "control"), inherits="train_av",
           command=("train", "control"), inputs_class=S.SFTInputs, training=True),
-    Stage("train_rl", ("train_av", "train_ar", "extract"), "nlakit.train.rl:RLConfig",
+    Stage("train_rl", ("train_av", "train_ar", "extract"), RL_CONFIG,
           S.run_train_rl, _rl_inputs, ("rl",), enabled=True, exclude=("dtype",),
           command=("train", "rl"), inputs_class=S.RLInputs, training=True),
     Stage("nla", ("train_av", "train_ar", "train_rl"), None, S.run_nla, _nla_inputs, ("nla",)),
@@ -422,19 +435,19 @@ class Pipeline:
         return old, new, sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
     def extends(self, stage: str) -> bool:
-        """Whether a stamped SFT stage changed only by training longer on the same trajectory
-        (a larger max_steps, or other evaluation, checkpoint or decoding settings) with its
-        upstream stages unchanged: its checkpoint can then continue instead of restarting."""
-        from .train.sft import EXTENSIBLE_SETTINGS
-
-        if BY_NAME[stage].config != SFT_CONFIG or not self.stamp_path(stage).is_file():
+        """Whether a stamped training stage changed only by training longer on the same
+        trajectory (a larger max_steps, or settings its checkpoint survives: for SFT also
+        evaluation, checkpoint or decoding ones) with its upstream stages unchanged: its
+        checkpoint can then continue instead of restarting."""
+        extensible = _extensible_settings(BY_NAME[stage].config)
+        if extensible is None or not self.stamp_path(stage).is_file():
             return False
         old, new, diff = self._stamp_change(stage)
         st = BY_NAME[stage]
         ups = [self.stage_hash(u) for u in
                st.upstream + tuple(u for u in st.optional_upstream if self.enabled(u))]
         stamp_hash = json.loads(self.stamp_path(stage).read_text()).get("hash")
-        if not diff or not set(diff) <= set(EXTENSIBLE_SETTINGS) \
+        if not diff or not set(diff) <= set(extensible) \
                 or stable_hash(stage, old, ups) != stamp_hash:
             return False
         before, after = old.get("max_steps"), new.get("max_steps")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import shutil
 import time
@@ -157,12 +158,16 @@ class RLConfig:
 
 
 EXPORT_ONLY = ("keep_adapters",)  # settings that change how the result is written, not a step
+# Settings a checkpoint survives: steps before max_steps do not depend on it (constant learning
+# rates, a row order whose prefix is fixed, per-step seeds), so raising it extends a run.
+EXTENSIBLE_SETTINGS = ("max_steps", *EXPORT_ONLY)
 
 
-def trajectory(cfg: RLConfig) -> dict:
-    """The settings that decide the steps: a checkpoint's identity (so a run written before an
-    export-only setting existed still resumes)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in EXPORT_ONLY}
+def trajectory(cfg: RLConfig, *, extensible: bool = True) -> dict:
+    """The settings that decide the steps: a checkpoint's identity. extensible=False keeps
+    max_steps in, as checkpoints written before a run could be extended did."""
+    skip = EXTENSIBLE_SETTINGS if extensible else EXPORT_ONLY
+    return {k: v for k, v in asdict(cfg).items() if k not in skip}
 
 
 def _default_group_size() -> int:
@@ -236,10 +241,24 @@ class RLTrainer:
         self.metrics = MetricsLog(self.acc, self.out_dir / METRICS_FILE, "rl")
         if cfg.keep_adapters:
             check_stackable(self.nla_dir, cfg.lora_rank, cfg.ar_lora_rank)
-        self.checkpoint = Checkpoint(self.train_dir, stable_hash(
-            "rl", trajectory(cfg), str(self.nla_dir.resolve()), str(self.store.path.resolve()),
-            self.acc.num_processes), what="RL")
+        identity = (str(self.nla_dir.resolve()), str(self.store.path.resolve()),
+                    self.acc.num_processes)
+        self.checkpoint = Checkpoint(self.train_dir, stable_hash(trajectory(cfg), "rl", *identity),
+                                     what="RL", also_accept=self._legacy_hashes(identity))
         self.per_step = cfg.batch_size * self.acc.num_processes
+
+    def _legacy_hashes(self, identity: tuple) -> tuple[str, ...]:
+        """Checkpoints written before a run could be extended carry a hash with max_steps in:
+        accept the one of the recorded config (train_dir/config.json) when it differs from
+        this one only in the extensible settings."""
+        try:
+            recorded = json.loads((self.train_dir / "config.json").read_text())["config"]
+            old = RLConfig(**recorded)
+        except (OSError, TypeError, KeyError, ValueError, NLAError):
+            return ()
+        if trajectory(old) != trajectory(self.cfg):
+            return ()
+        return (stable_hash("rl", trajectory(old, extensible=False), *identity),)
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -260,6 +279,10 @@ class RLTrainer:
         start = self.checkpoint.load(
             {"av_params": self.policy, "ar_params": self.ar},
             {"av_optimizer": self.av_opt, "ar_optimizer": self.ar_opt})
+        if start > self.cfg.max_steps:
+            raise NLAError(f"{self.out_dir} holds an RL checkpoint at step {start}, beyond "
+                           f"--max-steps {self.cfg.max_steps}: raise --max-steps to extend the "
+                           "run, or pass --overwrite to start over")
         self.av_module, self.ar_module, self.av_opt, self.ar_opt = acc.prepare(
             self.policy, self.ar, self.av_opt, self.ar_opt)
         if acc.is_main_process:
