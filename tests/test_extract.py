@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +19,7 @@ from nlakit.activations import ExtractConfig, assign_split, extract, sample_posi
 from nlakit.cli import main
 from nlakit.corpus import load_corpus
 from nlakit.errors import ConfigMismatchError
-from nlakit.fileio import read_yaml
+from nlakit.fileio import read_yaml, write_yaml
 from nlakit.models import forward_to_layer, special_token_ids
 from nlakit.store import ActivationStore, store_schema
 
@@ -473,3 +474,21 @@ def test_cli_extract_smollm(tmp_path, capsys, smollm):
     t = torch.tensor([ids])
     h = forward_to_layer(model, t, torch.ones_like(t), 20)[0, -1]
     torch.testing.assert_close(vectors[0], h, atol=1e-3, rtol=1e-3)
+
+
+def test_a_builtin_store_resumes_only_under_the_python_that_began_it(tmp_path):
+    """The builtin corpus is the running stdlib's text: another Python would mix documents."""
+    builtin = SimpleNamespace(description={"source": "builtin", "format": "builtin"})
+    config = acts._store_config(SimpleNamespace(), builtin, 1, ExtractConfig())
+    assert config["stdlib_python"] == platform.python_version()
+    out = tmp_path / "store"
+    out.mkdir()
+    write_yaml(out / "progress.yaml", {"config": {**config, "stdlib_python": "3.10.0"}})
+    with pytest.raises(ConfigMismatchError, match="Python 3.10.0.*run that Python"):
+        acts._prepare_out_dir(out, config, overwrite=False)
+    legacy = {k: v for k, v in config.items() if k != "stdlib_python"}  # before it was recorded
+    write_yaml(out / "progress.yaml", {"config": legacy})
+    assert acts._prepare_out_dir(out, config, overwrite=False) is False
+    jsonl = SimpleNamespace(description={"source": "/x.jsonl", "text_field": "text"})
+    assert "stdlib_python" not in acts._store_config(SimpleNamespace(), jsonl, 1, ExtractConfig())
+

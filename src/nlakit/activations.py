@@ -218,7 +218,11 @@ def _shards(corpus: Corpus, shard_docs: int) -> Iterator[list[tuple[int, Documen
 
 def _store_config(model, corpus: Corpus, layer: int, cfg: ExtractConfig) -> dict:
     """What the store's meta.yaml records as its configuration (a resume must match it)."""
+    stdlib = {}
+    if corpus.description.get("format") == "builtin":  # this Python's stdlib: a resume on
+        stdlib = {"stdlib_python": platform.python_version()}  # another would mix documents
     return {
+        **stdlib,
         "model": dict(getattr(model, "nlakit_source", {"spec": type(model).__name__})),
         "layer": layer,
         "corpus": corpus.description,
@@ -243,13 +247,20 @@ def _prepare_out_dir(out: Path, config: dict, overwrite: bool) -> bool:
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigMismatchError(f"output directory {out} is not empty and holds no nlakit "
                                   "store; choose another --out or pass --overwrite")
+    if existing is not None and "stdlib_python" not in existing:  # a store made before it was
+        config = {k: v for k, v in config.items() if k != "stdlib_python"}  # recorded
     if existing is not None and existing != config:
         if not overwrite:
             diff = sorted(k for k in set(existing) | set(config)
                           if existing.get(k) != config.get(k))
+            python = (f" (the builtin corpus is this Python's stdlib text: the store's is "
+                      f"Python {existing.get('stdlib_python')}, this one "
+                      f"{config.get('stdlib_python')}, so its documents differ; run that "
+                      "Python to resume)" if "stdlib_python" in diff else "")
             raise ConfigMismatchError(
                 f"{out} holds a store made with a different configuration (differs in: "
-                f"{', '.join(diff)}); pass --overwrite to replace it or choose another --out")
+                f"{', '.join(diff)}){python}; pass --overwrite to replace it or choose "
+                "another --out")
         existing = None
     if overwrite and existing is None and out.exists():
         names = (STORE_META_FILE, PROGRESS_FILE, PARTS_DIR)
