@@ -132,6 +132,15 @@ class Checkpoint:
         return int(state["step"])
 
 
+def recorded_config(train_dir: Path, config_cls):
+    """The config a run recorded in ``train_dir/config.json``, as `config_cls`; None when there
+    is none or it no longer fits the class (how older checkpoints' hashes are rebuilt)."""
+    try:
+        return config_cls(**json.loads((Path(train_dir) / "config.json").read_text())["config"])
+    except (OSError, TypeError, KeyError, ValueError, NLAError):
+        return None
+
+
 def all_finite(acc, params, losses=()) -> bool:
     """True when every gradient in `params` and every loss is finite on every process (all
     processes must agree, or only some would step and the replicas would drift apart)."""

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import shutil
 import time
@@ -62,6 +61,7 @@ from .common import (
     make_accelerator,
     make_trainable,
     option,
+    recorded_config,
     trainable_params,
 )
 from .data import epoch_order
@@ -251,12 +251,8 @@ class RLTrainer:
         """Checkpoints written before a run could be extended carry a hash with max_steps in:
         accept the one of the recorded config (train_dir/config.json) when it differs from
         this one only in the extensible settings."""
-        try:
-            recorded = json.loads((self.train_dir / "config.json").read_text())["config"]
-            old = RLConfig(**recorded)
-        except (OSError, TypeError, KeyError, ValueError, NLAError):
-            return ()
-        if trajectory(old) != trajectory(self.cfg):
+        old = recorded_config(self.train_dir, RLConfig)
+        if old is None or trajectory(old) != trajectory(self.cfg):
             return ()
         return (stable_hash("rl", trajectory(old, extensible=False), *identity),)
 

@@ -40,6 +40,7 @@ from .common import (
     make_accelerator,
     make_trainable,
     option,
+    recorded_config,
     trainable_params,
 )
 from .data import Rows, epoch_order, has_split, load_labelled, split_by_document
@@ -283,12 +284,8 @@ class SFTTrainer:
         """Checkpoints written before the trajectory hash carry the full config's hash: accept
         one whose recorded config (train_dir/config.json) differs from this one only in the
         extensible settings."""
-        recorded = self.train_dir / "config.json"
-        if not recorded.is_file():
-            return ()
-        try:
-            old = SFTConfig(**json.loads(recorded.read_text())["config"])
-        except (TypeError, KeyError, ValueError, NLAError):
+        old = recorded_config(self.train_dir, SFTConfig)
+        if old is None:
             return ()
         same = {k: v for k, v in _identity(old).items() if k not in EXTENSIBLE_SETTINGS} == \
             {k: v for k, v in _identity(self.cfg).items() if k not in EXTENSIBLE_SETTINGS}
