@@ -73,6 +73,53 @@ def test_pack_writes_half_precision_and_loads_by_name(adapter_nla, tmp_path, tin
     assert torch.allclose(nla.reconstruct(texts), full.reconstruct(texts), atol=5e-2)
 
 
+def _absolute_paths(node) -> list[str]:
+    if isinstance(node, dict):
+        return [p for v in node.values() for p in _absolute_paths(v)]
+    if isinstance(node, list):
+        return [p for v in node for p in _absolute_paths(v)]
+    return [node] if isinstance(node, str) and node.startswith("/") else []
+
+
+def test_pack_replaces_the_training_machines_paths_by_names_and_digests(adapter_nla, tmp_path):
+    import shutil
+
+    from nlakit.fileio import file_sha256, read_yaml, write_yaml
+
+    root, _ = adapter_nla
+    nla_dir = tmp_path / "nla"
+    shutil.copytree(root, nla_dir)
+    store = tmp_path / "machine" / "acts"
+    store.mkdir(parents=True)
+    (store / "meta.yaml").write_text("kind: store\n")
+    meta = read_yaml(nla_dir / "av" / "nla_meta.yaml")
+    meta["nlakit"]["provenance"] = {
+        "acts": str(store), "labels": "/gone/away/labels", "config": {"lr": 0.1},
+        "rl": {"from_nla": str(root), "acts": str(store), "summary": {"steps": 3}}}
+    write_yaml(nla_dir / "av" / "nla_meta.yaml", meta)
+    out = pack_nla(nla_dir, tmp_path / "nlas" / "tiny-nla")
+    prov = read_yaml(out / "av" / "nla_meta.yaml")["nlakit"]["provenance"]
+    assert _absolute_paths(prov) == []
+    assert prov["acts"] == "machine/acts"
+    assert prov["acts_sha256"] == f"meta.yaml:sha256:{file_sha256(store / 'meta.yaml')}"
+    assert prov["labels"] == "away/labels" and "labels_sha256" not in prov  # gone: name only
+    rl = prov["rl"]
+    assert rl["from_nla"] == "/".join(root.parts[-2:])
+    assert rl["from_nla_sha256"] == f"av/nla_meta.yaml:sha256:{file_sha256(root / 'av' / 'nla_meta.yaml')}"
+    assert rl["summary"] == {"steps": 3} and prov["config"] == {"lr": 0.1}
+    verify(out)
+
+
+def test_the_shipped_nlas_carry_no_absolute_paths():
+    from nlakit.fileio import read_yaml
+    from nlakit.shipped import SHIPPED_ROOT
+
+    for name in shipped_names():
+        for role in ("av", "ar"):
+            meta = read_yaml(SHIPPED_ROOT / name / role / "nla_meta.yaml")
+            assert _absolute_paths(meta["nlakit"].get("provenance", {})) == [], (name, role)
+
+
 def test_a_modified_or_added_file_is_refused(adapter_nla, tmp_path):
     root, _ = adapter_nla
     out = pack_nla(root, tmp_path / "nlas" / "tiny-nla")

@@ -20,11 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import NLAError
-from .fileio import file_sha256, write_json
+from .fileio import file_sha256, read_yaml, write_json, write_yaml
 
 SHIPPED_ROOT = Path(__file__).parent / "data" / "nlas"
 MANIFEST_FILE = "MANIFEST.json"
 SKIPPED_FILES = ("README.md",)  # peft's model card: not needed to load
+# Provenance keys the trainers fill with absolute paths of the machine that trained, and the
+# file that identifies what such a path held (a store, a label set, an NLA).
+PATH_KEYS = ("labels", "acts", "from_nla")
+IDENTITY_FILES = ("meta.yaml", "av/nla_meta.yaml")
 
 
 def shipped_names(root: Path = SHIPPED_ROOT) -> list[str]:
@@ -79,12 +83,50 @@ def _half_precision_copy(src: Path, dst: Path) -> None:
                for k, v in tensors.items()}, str(dst))
 
 
+def _portable_reference(path: str) -> tuple[str, str | None]:
+    """An absolute path as a portable name (its last two parts) and the sha256 of the file that
+    identifies what it held, or None when that is no longer on disk."""
+    p = Path(path)
+    name = "/".join(p.parts[-2:])
+    for rel in IDENTITY_FILES:
+        if (p / rel).is_file():
+            return name, f"{rel}:sha256:{file_sha256(p / rel)}"
+    return name, None
+
+
+def portable_provenance(node):
+    """A copy of an nla_meta.yaml's provenance with every absolute path of PATH_KEYS replaced by
+    a portable name and a `<key>_sha256` of what it held: a shipped NLA must not carry the
+    training machine's paths, which mean nothing elsewhere."""
+    if isinstance(node, list):
+        return [portable_provenance(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in PATH_KEYS and isinstance(value, str) and Path(value).is_absolute():
+            out[key], digest = _portable_reference(value)
+            if digest:
+                out[f"{key}_sha256"] = digest
+        else:
+            out[key] = portable_provenance(value)
+    return out
+
+
+def _copy_meta(src: Path, dst: Path) -> None:
+    meta = read_yaml(src)
+    nl = meta.get("nlakit", {})
+    if "provenance" in nl:
+        nl["provenance"] = portable_provenance(nl["provenance"])
+    write_yaml(dst, meta)
+
+
 def pack_nla(nla_dir: str | Path, out: str | Path, *, provenance: dict[str, Path] | None = None,
              overwrite: bool = False) -> Path:
     """Write a shipped-NLA directory from a trained NLA whose AV and AR are both kept as LoRA
     adapters (train the AV with keep_adapters; the AR dir with ``nlakit.weights: adapter``).
     provenance: {file name: source path} copied under provenance/ (config, eval table...)."""
-    from .checkpoint import read_meta
+    from .checkpoint import NLA_META_FILE, read_meta
 
     nla_dir, out = Path(nla_dir), Path(out)
     for role in ("av", "ar"):
@@ -103,6 +145,8 @@ def pack_nla(nla_dir: str | Path, out: str | Path, *, provenance: dict[str, Path
                 continue
             if src.suffix == ".safetensors":
                 _half_precision_copy(src, out / role / src.name)
+            elif src.name == NLA_META_FILE:
+                _copy_meta(src, out / role / src.name)
             else:
                 shutil.copy2(src, out / role / src.name)
     (out / "provenance").mkdir()
