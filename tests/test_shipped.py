@@ -105,7 +105,8 @@ def test_pack_replaces_the_training_machines_paths_by_names_and_digests(adapter_
     assert prov["labels"] == "away/labels" and "labels_sha256" not in prov  # gone: name only
     rl = prov["rl"]
     assert rl["from_nla"] == "/".join(root.parts[-2:])
-    assert rl["from_nla_sha256"] == f"av/nla_meta.yaml:sha256:{file_sha256(root / 'av' / 'nla_meta.yaml')}"
+    start_meta = root / "av" / "nla_meta.yaml"
+    assert rl["from_nla_sha256"] == f"av/nla_meta.yaml:sha256:{file_sha256(start_meta)}"
     assert rl["summary"] == {"steps": 3} and prov["config"] == {"lr": 0.1}
     verify(out)
 
