@@ -346,7 +346,7 @@ def test_fast_sampler_and_shared_prefix_match_the_plain_paths(sft_nla, tiny):
     av = Verbalizer(model, base.tokenizer, base.marker, 10.0, base.template)
     assert shared_prefix_len(av) > 10  # the chat preamble before the marker is shared
     vecs = torch.randn(6, 64, generator=gen)
-    plain = av.generate(vecs, n=1, temperature=0.0, max_new_tokens=12)
+    plain = av.generate(vecs, n=1, temperature=0.0, max_new_tokens=12, sampler="hf")
     fast = fast_generate(av, vecs, n=1, temperature=0.0, max_new_tokens=12, batch_size=4)
     assert [e.token_ids for e in fast] == [e.token_ids for e in plain]
     assert [(e.text, e.hit_cap, e.n_tokens) for e in fast] == \
@@ -359,11 +359,15 @@ def test_fast_sampler_and_shared_prefix_match_the_plain_paths(sft_nla, tiny):
     # a stand-in EOS that rows reach at different times (or never): rows leave the batch
     av.eos_id = next(t for e in fast for t in e.token_ids
                      if len({first(x.token_ids, t) for x in fast}) > 2)
-    plain = av.generate(vecs, n=1, temperature=0.0, max_new_tokens=12)
+    plain = av.generate(vecs, n=1, temperature=0.0, max_new_tokens=12, sampler="hf")
     fast = fast_generate(av, vecs, n=1, temperature=0.0, max_new_tokens=12, batch_size=6)
     assert [e.token_ids for e in fast] == [e.token_ids for e in plain]
     assert [e.hit_cap for e in fast] == [e.hit_cap for e in plain]
     assert len({e.n_tokens for e in fast}) > 2
+    # greedy through Verbalizer.generate takes the fast loop and writes the same tokens
+    assert av.plain_greedy(av.decoding_settings())
+    auto = av.generate(vecs, n=1, temperature=0.0, max_new_tokens=12, batch_size=4)
+    assert [e.token_ids for e in auto] == [e.token_ids for e in plain]
     sampled = fast_generate(av, vecs, n=4, temperature=1.0, max_new_tokens=8, seed=1)
     again = fast_generate(av, vecs, n=4, temperature=1.0, max_new_tokens=8, seed=1)
     assert [e.token_ids for e in sampled] == [e.token_ids for e in again]

@@ -156,3 +156,42 @@ def test_decoding_settings_stop_repeats_and_default_to_the_checkpoint(tiny):
     assert tokens(no_repeat_ngram_size=0) == plain  # a call overrides the checkpoint's setting
     with pytest.raises(NLAError, match="repetition_penalty > 0"):
         av.generate(v, repetition_penalty=0.0)
+
+
+def test_repeated_ngram_bans_name_the_tokens_that_would_repeat_an_ngram():
+    from nlakit.train.rollout import repeated_ngram_bans
+
+    written = [1, 2, 3, 1, 2]
+    assert repeated_ngram_bans(written, 3) == [3]  # "1 2" was followed by 3
+    assert repeated_ngram_bans(written, 2) == [3]  # "2" was followed by 3
+    assert sorted(repeated_ngram_bans(written, 1)) == [1, 1, 2, 2, 3]  # every token written
+    assert repeated_ngram_bans(written, 0) == [] and repeated_ngram_bans([1], 3) == []
+    assert repeated_ngram_bans([5, 5, 5], 2) == [5, 5]
+
+
+def test_greedy_takes_the_fast_loop_and_writes_hfs_tokens(tiny, monkeypatch):
+    import nlakit.train.rollout as rollout
+
+    model, tok = tiny
+    av = Verbalizer(model, tok, choose_marker(tok), 10.0)
+    v = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = rollout.fast_generate
+    monkeypatch.setattr(rollout, "fast_generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+
+    def tokens(**kw):
+        return [e.token_ids for e in av.generate(v, temperature=0, max_new_tokens=24,
+                                                 batch_size=3, **kw)]
+
+    for n in (0, 1, 2, 3):
+        hf = tokens(no_repeat_ngram_size=n, sampler="hf")
+        assert tokens(no_repeat_ngram_size=n) == hf, n
+        assert calls[-1]["no_repeat_ngram_size"] == n
+    assert len(calls) == 4
+    # a repetition penalty, asked for or in the model's generation_config, keeps HF's path
+    tokens(repetition_penalty=1.3)
+    assert len(calls) == 4
+    monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.1)
+    assert not av.plain_greedy(av.decoding_settings())
+    with pytest.raises(NLAError, match="sampler"):
+        av.generate(v, sampler="fast")

@@ -259,24 +259,54 @@ class Verbalizer:
                            f"got {ngram}, {penalty}")
         return {"no_repeat_ngram_size": int(ngram), "repetition_penalty": float(penalty)}
 
+    def plain_greedy(self, decoding: dict) -> bool:
+        """Whether HF's greedy decoding here is argmax with at most the n-gram ban: then the
+        faster loop of `fast_generate` writes the same tokens. A model whose generation_config
+        adds other processors (a repetition penalty, beams, banned words...) keeps HF's path."""
+        if decoding["repetition_penalty"] != 1.0:
+            return False
+        gc = getattr(self.model, "generation_config", None)
+        if gc is None:
+            return True
+        neutral = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+                   "num_beams": (None, 1), "penalty_alpha": (None,), "bad_words_ids": (None,),
+                   "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+                   "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+                   "min_new_tokens": (None, 0), "min_length": (None, 0),
+                   "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0),
+                   "exponential_decay_length_penalty": (None,), "dola_layers": (None,)}
+        return all(getattr(gc, key, None) in ok for key, ok in neutral.items())
+
     @torch.no_grad()
     def generate(self, vectors, *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 150, batch_size: int = 32,
                  seed: int | None = None, no_repeat_ngram_size: int | None = None,
-                 repetition_penalty: float | None = None) -> list[Explanation]:
+                 repetition_penalty: float | None = None,
+                 sampler: str = "auto") -> list[Explanation]:
         """Explanations for each vector, n samples each (row-major: vector 0's n samples first).
 
         temperature 0 means greedy. All prompts have the same length (only the injected vector
         differs), so batches need no padding; generation uses the KV cache from inputs_embeds.
         no_repeat_ngram_size / repetition_penalty default to `self.decoding` (0 / 1.0 = off);
         both see only the response tokens (the prompt goes in as embeddings).
+        sampler "auto": greedy runs `fast_generate`'s loop (shared prompt prefix once, finished
+        rows leave the batch; the same tokens) where `plain_greedy` holds, else and for sampling
+        HF `generate`; "hf": always HF `generate`.
         """
         v = check_vectors(vectors, self.d_model)
         if n < 1 or max_new_tokens < 1 or batch_size < 1:
             raise NLAError("n, max_new_tokens and batch_size must be >= 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise NLAError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if sampler not in ("auto", "hf"):
+            raise NLAError(f"sampler must be 'auto' or 'hf', got {sampler!r}")
         decoding = self.decoding_settings(no_repeat_ngram_size, repetition_penalty)
+        if sampler == "auto" and temperature == 0 and self.plain_greedy(decoding):
+            from .train.rollout import fast_generate  # it builds on this module
+
+            return fast_generate(self, v, n=n, temperature=0.0, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size,
+                                 no_repeat_ngram_size=decoding["no_repeat_ngram_size"])
         v = v.repeat_interleave(n, dim=0)
         if seed is not None:
             torch.manual_seed(seed)

@@ -97,19 +97,38 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
 
 
+def repeated_ngram_bans(written: list[int], n: int) -> list[int]:
+    """The tokens that would complete an n-gram this row has already written (HF's
+    `no_repeat_ngram_size` over the generated tokens; the prompt goes in as embeddings)."""
+    if n <= 0 or len(written) + 1 < n:
+        return []
+    prefix = written[len(written) - n + 1:]
+    return [written[i + n - 1] for i in range(len(written) - n + 1)
+            if written[i : i + n - 1] == prefix]
+
+
+def _ban_repeats(logits: torch.Tensor, written: list[list[int]], alive: torch.Tensor,
+                 n: int) -> None:
+    for i, row in enumerate(alive.tolist()):
+        bans = repeated_ngram_bans(written[row], n)
+        if bans:
+            logits[i, bans] = float("-inf")
+
+
 @torch.no_grad()
 def fast_generate(av: Verbalizer, vectors, *, n: int = 1, temperature: float = 1.0,
                   top_p: float = 1.0, max_new_tokens: int = 150, batch_size: int = 64,
-                  seed: int = 0) -> list[Explanation]:
+                  seed: int = 0, no_repeat_ngram_size: int = 0) -> list[Explanation]:
     """`Verbalizer.generate` for rollouts, same output (with token ids), less work:
     the shared prompt prefix runs once per call; the prompt prefill computes logits for the
     last position only; decoding is a plain loop over the model with a KV cache and no
     attention mask (every live row has the same length); rows that wrote EOS leave the batch
     (their cache rows are dropped), so finished samples cost nothing. Sampling uses its own
-    seeded generator (a different random stream from `generate`'s)."""
+    seeded generator (a different random stream from `generate`'s). `no_repeat_ngram_size`
+    bans repeated n-grams of the response as HF's processor does."""
     v = check_vectors(vectors, av.d_model).repeat_interleave(n, 0)
-    if max_new_tokens < 1 or batch_size < 1:
-        raise NLAError("max_new_tokens and batch_size must be >= 1")
+    if max_new_tokens < 1 or batch_size < 1 or no_repeat_ngram_size < 0:
+        raise NLAError("max_new_tokens and batch_size must be >= 1, no_repeat_ngram_size >= 0")
     model, dev, eos = av.model, av.device, av.eos_id
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     k = shared_prefix_len(av)
@@ -127,9 +146,15 @@ def fast_generate(av: Verbalizer, vectors, *, n: int = 1, temperature: float = 1
         tokens = torch.full((b, max_new_tokens), av.pad_id, dtype=torch.long)
         lengths = torch.full((b,), max_new_tokens, dtype=torch.long)
         alive = torch.arange(b)
+        written: list[list[int]] = [[] for _ in range(b)]
         for t in range(max_new_tokens):
+            if no_repeat_ngram_size:
+                _ban_repeats(logits, written, alive, no_repeat_ngram_size)
             nxt = sample_next(logits, temperature, top_p, gen)
             tokens[alive, t] = nxt.cpu()
+            if no_repeat_ngram_size:
+                for row, tok in zip(alive.tolist(), nxt.tolist()):
+                    written[row].append(tok)
             if t == max_new_tokens - 1:
                 break
             done = (nxt == eos).cpu()
