@@ -119,7 +119,8 @@ def _ban_repeats(logits: torch.Tensor, written: list[list[int]], alive: torch.Te
 def fast_generate(av: Verbalizer, vectors, *, n: int = 1, temperature: float = 1.0,
                   top_p: float = 1.0, max_new_tokens: int = 150, batch_size: int = 64,
                   seed: int = 0, no_repeat_ngram_size: int = 0) -> list[Explanation]:
-    """`Verbalizer.generate` for rollouts, same output (with token ids), less work:
+    """`Verbalizer.generate`'s output (with token ids) with less work; RL's rollouts and every
+    plain greedy `Verbalizer.generate` call run it:
     the shared prompt prefix runs once per call; the prompt prefill computes logits for the
     last position only; decoding is a plain loop over the model with a KV cache and no
     attention mask (every live row has the same length); rows that wrote EOS leave the batch
