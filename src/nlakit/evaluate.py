@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from . import metrics
@@ -543,16 +544,30 @@ def _score_references(nla, store, sc: _Scores) -> None:
         _score_quote_fit(nla, store, sc, (model, tok), n)
 
 
-def _fit_rows(store, split: str):
-    """(split name, table) of the rows a fitted baseline trains on: the AR's own training
-    split (ar_sft) when it is not the evaluated one, else another training split."""
-    candidates = [AR_SFT] + [s for s in TRAINING_SPLITS if s != AR_SFT]
-    for name in candidates:
-        if name != split and name in store.splits:
-            table = store.table(name, columns=["prefix", "vector"])
-            if table.num_rows:
-                return name, table
+def _fit_rows(store, split: str, wanted: tuple[str, ...] = (AR_SFT,)):
+    """(split names, table) of the rows a fitted baseline trains on: the splits the NLA's AR
+    trained on (`wanted`: ar_sft and its extra splits) that the store holds, never the evaluated
+    one; else one other training split."""
+    def table_of(names):
+        tables = [store.table(n, columns=["prefix", "vector"]) for n in names]
+        return pa.concat_tables(tables) if tables else None
+
+    names = [n for n in dict.fromkeys(wanted) if n != split and n in store.splits]
+    table = table_of(names)
+    if table is not None and table.num_rows:
+        return "+".join(names), table
+    for name in [s for s in TRAINING_SPLITS if s != split and s in store.splits]:
+        table = table_of([name])
+        if table.num_rows:
+            return name, table
     return None, None
+
+
+def ar_training_splits(nla) -> tuple[str, ...]:
+    """The splits the NLA's (SFT) AR trained on, from its provenance: ar_sft plus extra_splits."""
+    prov = (getattr(nla, "ar_meta", None) or {}).get("nlakit", {}).get("provenance", {})
+    extra = prov.get("config", {}).get("extra_splits") or ()
+    return (AR_SFT, *[str(x) for x in extra])
 
 
 def ar_budget(nla, steps: int | None = None):
@@ -580,7 +595,7 @@ def _score_quote_fit(nla, store, sc: _Scores, target, n: int) -> None:
 
     model, tok = target
     cfg, rows, name = sc.cfg, sc.rows, f"quote_{n}_fit"
-    split, table = _fit_rows(store, rows.split)
+    split, table = _fit_rows(store, rows.split, ar_training_splits(nla))
     if table is None:
         sc.notes[name] = "skipped: the store has no training split apart from the evaluated one"
         return
