@@ -304,3 +304,29 @@ def test_smollm_cache_matches_gguf(smollm):
         a = model(input_ids=ids).logits
         b = g_model(input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_special_tokens_follow_the_file_not_the_loader(smollm):
+    """Whatever special tokens the transformers version's GGUF loader picked, pinning sets the
+    ones the GGUF metadata states (SmolLM2: bos <|im_start|>, eos and pad <|im_end|>)."""
+    import copy
+
+    from nlakit.models import builtin_gguf_path, gguf_special_token_ids, pin_gguf_special_tokens
+
+    gguf = builtin_gguf_path("smollm2-135m")
+    ids = gguf_special_token_ids(gguf)
+    assert ids == {"bos": 1, "eos": 2, "unk": 0, "pad": 2}
+    model, tok = smollm
+    tok = copy.deepcopy(tok)
+    tok.eos_token = tok.pad_token = "<|im_start|>"  # what transformers 5.17 produced
+
+    class Stub:  # a model's config and generation config, without copying the model
+        config = type("C", (), {})()
+        generation_config = type("G", (), {})()
+
+    stub = Stub()
+    pin_gguf_special_tokens(tok, stub, gguf)
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|im_end|>",
+                                                             "<|im_start|>")
+    assert tok.eos_token_id == 2 and stub.generation_config.eos_token_id == 2
+    assert stub.config.pad_token_id == 2 and stub.config.bos_token_id == 1

@@ -144,6 +144,36 @@ def _dequantized_dir(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
 
 
+GGUF_SPECIAL_TOKENS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
+                       "pad": "padding_token_id"}
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """{bos/eos/unk/pad: id} as the GGUF file's own metadata states them."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    out = {}
+    for role, key in GGUF_SPECIAL_TOKENS.items():
+        f = fields.get(f"tokenizer.ggml.{key}")
+        if f is not None and f.data:
+            out[role] = int(f.parts[f.data[0]][0])
+    return out
+
+
+def pin_gguf_special_tokens(tok, model, gguf: Path) -> None:
+    """Set the tokenizer's and model's special tokens to the GGUF metadata's. Which tokens
+    transformers' GGUF loader picks depends on its version (5.17 made <|im_start|> the end of
+    sequence of SmolLM2, 5.23 <|im_end|>, as the file says): an NLA's stop token must not."""
+    for role, tid in gguf_special_token_ids(gguf).items():
+        if not 0 <= tid < len(tok):
+            continue
+        setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(tid))
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            if cfg is not None and role != "unk":
+                setattr(cfg, f"{role}_token_id", tid)
+
+
 def _materialize_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors model directory in the cache; return it."""
     target = _dequantized_dir(gguf)
@@ -156,6 +186,7 @@ def _materialize_gguf(gguf: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
+    pin_gguf_special_tokens(tok, model, gguf)
     # The weights are plain float32 now; drop the GGUF quantizer marker so transformers agrees
     # to serialize them (it refuses while the model still claims to be GGUF-quantized).
     model.hf_quantizer = None
