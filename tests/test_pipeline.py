@@ -143,7 +143,8 @@ def test_numbers_without_a_dot_are_numbers(tmp_path, tiny_model_dir):
         load_config(path, ["train_rl.max_steps=1e3"])
 
 
-@pytest.mark.parametrize("name", ["cpu-demo", "cpu-reference", "cpu-quality", "gpu-qwen2.5-0.5b"])
+@pytest.mark.parametrize("name", ["cpu-demo", "cpu-reference", "cpu-quality", "gpu-smollm2-quality",
+                                  "gpu-qwen2.5-0.5b"])
 def test_shipped_configs_validate(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.name == name
