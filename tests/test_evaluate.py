@@ -247,7 +247,6 @@ def test_quote_fit_trains_only_on_training_rows(untrained, tiny_store, monkeypat
     assert not any(torch.equal(v, h) for v in seen["vectors"] for h in held)
 
 
-
 def test_quote_fit_trains_on_the_ar_s_own_splits(untrained, tiny_store, monkeypatch):
     """An AR that also trained on the rl split's explanations gets a baseline fitted on the
     quotes of ar_sft + rl rows: the same splits, never the evaluated one."""
@@ -269,6 +268,7 @@ def test_quote_fit_trains_on_the_ar_s_own_splits(untrained, tiny_store, monkeypa
     assert "ar_sft+rl rows" in d["methods"]["quote_4_fit"]["note"]
     expected = torch.cat([select_rows(tiny_store, s).vectors for s in ("ar_sft", "rl")])
     assert torch.equal(seen["vectors"], expected)
+
 
 def test_reread_reference_is_the_frozen_target(untrained, tiny_store):
     from nlakit.ladder import reread_predictions
