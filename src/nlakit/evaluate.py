@@ -563,10 +563,14 @@ def _fit_rows(store, split: str, wanted: tuple[str, ...] = (AR_SFT,)):
     return None, None
 
 
+def _ar_provenance(nla) -> dict:
+    """The provenance its (SFT) AR recorded when it was trained; {} when it recorded none."""
+    return (getattr(nla, "ar_meta", None) or {}).get("nlakit", {}).get("provenance", {})
+
+
 def ar_training_splits(nla) -> tuple[str, ...]:
     """The splits the NLA's (SFT) AR trained on, from its provenance: ar_sft plus extra_splits."""
-    prov = (getattr(nla, "ar_meta", None) or {}).get("nlakit", {}).get("provenance", {})
-    extra = prov.get("config", {}).get("extra_splits") or ()
+    extra = _ar_provenance(nla).get("config", {}).get("extra_splits") or ()
     return (AR_SFT, *[str(x) for x in extra])
 
 
@@ -575,7 +579,7 @@ def ar_budget(nla, steps: int | None = None):
     defaults where the AR records none. `steps` overrides the step count."""
     from .ladder import FitBudget
 
-    prov = (getattr(nla, "ar_meta", None) or {}).get("nlakit", {}).get("provenance", {})
+    prov = _ar_provenance(nla)
     conf, summary = prov.get("config", {}), prov.get("summary", {})
     budget = FitBudget()
     for key in ("batch_size", "lr", "lora_rank", "seed"):
