@@ -286,3 +286,67 @@ def test_extra_splits_add_their_rows_and_never_the_scored_ones(labels_dir, tmp_p
     with pytest.raises(NLAError, match="split 'rl' was not labelled"):
         train_sft("ar", labels_dir, tmp_path / "rl", SFTConfig(batch_size=4, max_steps=1,
                                                                extra_splits="rl"), progress=False)
+
+
+def test_an_ar_continued_from_another_starts_from_it_and_stacks_its_adapters(labels_dir,
+                                                                            tmp_path):
+    """init_from: the run starts from the given AR (not the target), its export with
+    keep_adapters stacks both adapters exactly, and its provenance chains the two trainings,
+    whose steps the fitted quote baseline's budget then adds up."""
+    from types import SimpleNamespace
+
+    from nlakit.evaluate import ar_budget, ar_training_splits
+    from nlakit.nla import _load_ar
+
+    def load(d):
+        return _load_ar(d, torch.float32, torch.device("cpu"))
+
+    texts = ["Kind of text: prose.", "the end of a line", "x = 1"]
+    kept = dict(batch_size=4, keep_adapters=True, lora_rank=8)
+    train_sft("ar", labels_dir, tmp_path / "start", SFTConfig(
+        lr=1e-2, max_steps=3, extra_splits=("av_sft",), **kept), progress=False)
+    start = load(tmp_path / "start" / "ar")[0].reconstruct(texts)
+    # a negligible learning rate: the continued AR is still the start, far from a fresh one
+    train_sft("ar", labels_dir, tmp_path / "same", SFTConfig(
+        lr=1e-12, max_steps=1, init_from=str(tmp_path / "start"), **kept), progress=False)
+    assert torch.allclose(load(tmp_path / "same" / "ar")[0].reconstruct(texts), start, atol=1e-4)
+    train_sft("ar", labels_dir, tmp_path / "fresh", SFTConfig(lr=1e-12, max_steps=1, **kept),
+              progress=False)
+    fresh = load(tmp_path / "fresh" / "ar")[0].reconstruct(texts)
+    assert not torch.allclose(fresh, start, atol=1e-2)
+
+    # trained for real: the stacked adapters reconstruct like the merged export
+    go = dict(lr=1e-2, max_steps=2, init_from=str(tmp_path / "start" / "ar"), batch_size=4,
+              lora_rank=8)
+    train_sft("ar", labels_dir, tmp_path / "stacked", SFTConfig(**go, keep_adapters=True),
+              progress=False)
+    train_sft("ar", labels_dir, tmp_path / "merged", SFTConfig(**go), progress=False)
+    stacked, meta = load(tmp_path / "stacked" / "ar")
+    merged = load(tmp_path / "merged" / "ar")[0]
+    assert json.loads((tmp_path / "stacked" / "ar" / "adapter_config.json").read_text())["r"] == 16
+    assert torch.allclose(stacked.reconstruct(texts), merged.reconstruct(texts), atol=1e-5)
+    assert not torch.allclose(stacked.reconstruct(texts), start, atol=1e-3)
+
+    prov = meta["nlakit"]["provenance"]
+    assert prov["init"]["from"] == str((tmp_path / "start" / "ar").resolve())
+    assert prov["init"]["provenance"]["summary"]["steps"] == 3
+    nla = SimpleNamespace(ar_meta=meta)
+    assert ar_budget(nla).steps == 3 + 2 and ar_budget(nla).lr == pytest.approx(1e-2)
+    assert ar_training_splits(nla) == ("ar_sft", "av_sft")  # the start's extra split too
+
+
+def test_init_from_refuses_what_it_cannot_continue(labels_dir, tmp_path):
+    train_sft("ar", labels_dir, tmp_path / "merged", SFTConfig(lr=1e-2, batch_size=4,
+                                                               max_steps=1), progress=False)
+    start = str(tmp_path / "merged")
+    with pytest.raises(NLAError, match="continues an AR only"):
+        train_sft("av", labels_dir, tmp_path / "x", SFTConfig(max_steps=1, init_from=start))
+    with pytest.raises(NLAError, match="neither a shipped NLA"):
+        train_sft("ar", labels_dir, tmp_path / "x",
+                  SFTConfig(max_steps=1, init_from=str(tmp_path / "nowhere")))
+    with pytest.raises(NLAError, match="no adapter to stack onto"):
+        train_sft("ar", labels_dir, tmp_path / "x",
+                  SFTConfig(max_steps=1, init_from=start, keep_adapters=True), progress=False)
+    with pytest.raises(NLAError, match="set --ar-template"):
+        train_sft("ar", labels_dir, tmp_path / "x", SFTConfig(
+            max_steps=1, init_from=start, ar_template="{explanation}"), progress=False)

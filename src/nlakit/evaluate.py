@@ -563,30 +563,42 @@ def _fit_rows(store, split: str, wanted: tuple[str, ...] = (AR_SFT,)):
     return None, None
 
 
-def _ar_provenance(nla) -> dict:
-    """The provenance its (SFT) AR recorded when it was trained; {} when it recorded none."""
-    return (getattr(nla, "ar_meta", None) or {}).get("nlakit", {}).get("provenance", {})
+def _ar_trainings(nla) -> list[dict]:
+    """The provenance of each supervised training the NLA's AR holds, first to last: an AR
+    continued from another (`train_ar.init_from`) records its start's; [] when none recorded."""
+    chain = []
+    prov = (getattr(nla, "ar_meta", None) or {}).get("nlakit", {}).get("provenance", {})
+    while prov:
+        chain.insert(0, prov)
+        prov = prov.get("init", {}).get("provenance", {})
+    return chain
 
 
 def ar_training_splits(nla) -> tuple[str, ...]:
-    """The splits the NLA's (SFT) AR trained on, from its provenance: ar_sft plus extra_splits."""
-    extra = _ar_provenance(nla).get("config", {}).get("extra_splits") or ()
-    return (AR_SFT, *[str(x) for x in extra])
+    """The splits the NLA's AR trained on, from its provenance: ar_sft plus extra_splits (of
+    every training it holds)."""
+    splits = [AR_SFT]
+    for prov in _ar_trainings(nla):
+        extra = prov.get("config", {}).get("extra_splits") or ()
+        splits += [str(x) for x in extra if str(x) not in splits]
+    return tuple(splits)
 
 
 def ar_budget(nla, steps: int | None = None):
-    """The NLA's AR's training budget from its provenance (SFT AR), for fair fitted baselines;
+    """The NLA's AR's training budget from its provenance, for fair fitted baselines: the first
+    training's settings and the steps of all of them (RL's AR updates are not counted);
     defaults where the AR records none. `steps` overrides the step count."""
     from .ladder import FitBudget
 
-    prov = _ar_provenance(nla)
-    conf, summary = prov.get("config", {}), prov.get("summary", {})
+    chain = _ar_trainings(nla)
     budget = FitBudget()
+    conf = chain[0].get("config", {}) if chain else {}
     for key in ("batch_size", "lr", "lora_rank", "seed"):
         if conf.get(key) is not None:
             setattr(budget, key, type(getattr(budget, key))(conf[key]))
-    if summary.get("steps"):
-        budget.steps = int(summary["steps"])
+    total = sum(int(p.get("summary", {}).get("steps") or 0) for p in chain)
+    if total:
+        budget.steps = total
     if steps is not None:
         budget.steps = int(steps)
     return budget

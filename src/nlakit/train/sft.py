@@ -44,6 +44,7 @@ from .common import (
     trainable_params,
 )
 from .data import Rows, epoch_order, has_split, load_labelled, split_by_document
+from .init_ar import fingerprint, load_start, resolve_ar_dir, stacked_body
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,10 @@ class SFTConfig:
     extra_splits: tuple[str, ...] | str = option((), "more labelled splits to train on besides "
                                                      "the role's own (av_sft / ar_sft), e.g. rl "
                                                      "when RL does not run (comma-separated)")
+    init_from: str | None = option(None, "AR: continue a trained AR (an NLA directory, its ar/, "
+                                         "or a shipped NLA's name) instead of starting from the "
+                                         "target: a fresh LoRA over its merged weights, stacked "
+                                         "onto its adapters when keep_adapters is set")
 
     def __post_init__(self):
         name = type(self).__name__
@@ -130,8 +135,10 @@ class SFTConfig:
 class _Task:
     """What differs between AV and AR training: the module, its loss and its evaluation."""
 
-    def __init__(self, role, cfg, store, model, tok):
-        self.role, self.cfg, self.store = role, cfg, store
+    def __init__(self, role, cfg, store, model, tok, start=None):
+        """`start`: (ar_dir, Reconstructor, its meta) of a continued AR (`init_ar`); None
+        starts from the target (`model`, `tok`)."""
+        self.role, self.cfg, self.store, self.start = role, cfg, store, start
         if role == "av":
             self.marker = choose_marker(tok, cfg.av_template, cfg.marker)
             self.scale = cfg.injection_scale or nice_injection_scale(
@@ -139,7 +146,8 @@ class _Task:
             self.module = make_trainable(model, cfg.lora_rank, cfg.lora_alpha)
             self.av = Verbalizer(self.module, tok, self.marker, self.scale, cfg.av_template)
         else:
-            ar = Reconstructor.from_target(model, tok, store.layer, cfg.ar_template)
+            ar = start[1] if start else Reconstructor.from_target(model, tok, store.layer,
+                                                                  cfg.ar_template)
             ar.body = make_trainable(ar.body, cfg.lora_rank, cfg.lora_alpha)
             ar.head.requires_grad_(True)
             self.module = self.ar = ar
@@ -207,7 +215,10 @@ class _Task:
         else:
             body = self.ar.body
             keep = cfg.keep_adapters and hasattr(body, "peft_config")
-            if hasattr(body, "merge_and_unload") and not keep:
+            if keep and self.start:
+                body = stacked_body(self.start[0], self.start[2], body,
+                                    next(body.parameters()).dtype)
+            elif hasattr(body, "merge_and_unload") and not keep:
                 body = body.merge_and_unload()
             nlakit["weights"] = "adapter" if keep else "merged"
             meta = ar_meta(d_model=d, layer=store.layer, ar_template=cfg.ar_template,
@@ -227,6 +238,8 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
     cfg.__post_init__()  # again: fields may have been set after construction
     if cfg.control and role != "av":
         raise NLAError("the shuffled-activation control applies to the AV only")
+    if cfg.init_from and role != "ar":
+        raise NLAError("init_from continues an AR only; an AV is continued by `nlakit train rl`")
     return SFTTrainer(role, labels_dir, out_dir, cfg, acts=acts, progress=progress).run(
         overwrite=overwrite)
 
@@ -236,7 +249,7 @@ EXTENSIBLE_SETTINGS = ("max_steps", "eval_every", "save_every", "eval_rows",
                        "no_repeat_ngram_size", "repetition_penalty")
 DECODING_DEFAULTS = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
 # settings added after runs existed, hashed only when set, so those runs' hashes stay the same
-LATER_DEFAULTS = {**DECODING_DEFAULTS, "extra_splits": ()}
+LATER_DEFAULTS = {**DECODING_DEFAULTS, "extra_splits": (), "init_from": None}
 
 
 def _decoding(cfg: SFTConfig) -> dict:
@@ -260,6 +273,8 @@ class SFTTrainer:
                  *, acts: str | Path | None = None, progress: bool = True):
         self.role, self.cfg, self.progress = role, cfg, progress
         self.labels_dir, out_dir = Path(labels_dir), Path(out_dir)
+        self.init_dir = resolve_ar_dir(cfg.init_from) if cfg.init_from else None
+        self.init_fingerprint = fingerprint(self.init_dir) if self.init_dir else None
         self.train_dir, self.role_dir = out_dir / f".train-{role}", out_dir / role
         self.acc = make_accelerator(self.train_dir, cfg.grad_accum)
         torch.manual_seed(cfg.seed)
@@ -277,8 +292,11 @@ class SFTTrainer:
         settings = _identity(cfg)
         if trajectory_only:
             settings = {k: v for k, v in settings.items() if k not in EXTENSIBLE_SETTINGS}
-        return stable_hash(self.role, settings, str(self.labels_dir.resolve()),
-                           self.store.meta["model"], self.acc.num_processes)
+        parts = [self.role, settings, str(self.labels_dir.resolve()), self.store.meta["model"],
+                 self.acc.num_processes]
+        if self.init_fingerprint:  # only when set: earlier runs keep their hashes
+            parts.append(self.init_fingerprint)
+        return stable_hash(*parts)
 
     def _legacy_hashes(self) -> tuple[str, ...]:
         """Checkpoints written before the trajectory hash carry the full config's hash: accept
@@ -370,7 +388,12 @@ class SFTTrainer:
         if want and want != have:
             raise NLAError(f"the store was extracted from weights {want}, but "
                            f"{store.meta['model']['spec']!r} now has {have}")
-        self.task = _Task(self.role, cfg, store, model, tok)
+        start = None
+        if self.init_dir:
+            ar, meta = load_start(self.init_dir, store, cfg.ar_template, cfg.keep_adapters,
+                                  model.dtype, str(self.acc.device))
+            start = (self.init_dir, ar, meta)
+        self.task = _Task(self.role, cfg, store, model, tok, start)
         self.task.module.train()
         self.params = trainable_params(self.task.module)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr,
@@ -447,6 +470,10 @@ class SFTTrainer:
                 "summary": {k: v for k, v in summary.items() if k != "final"},
                 "final_eval": {k: v for k, v in last.items() if k.startswith("eval_")},
                 "nlakit_version": __version__}
+            if self.task.start:  # the chain of trainings this AR holds (evaluate.ar_budget)
+                provenance["init"] = {
+                    "from": str(self.init_dir.resolve()), "fingerprint": self.init_fingerprint,
+                    "provenance": self.task.start[2].get("nlakit", {}).get("provenance", {})}
             self.task.module = acc.unwrap_model(self.module)
             self.task.export(self.role_dir, provenance)
             write_json(self.train_dir / "summary.json", summary)
