@@ -335,12 +335,40 @@ def test_an_ar_continued_from_another_starts_from_it_and_stacks_its_adapters(lab
     assert ar_training_splits(nla) == ("ar_sft", "av_sft")  # the start's extra split too
 
 
+def test_an_av_continued_from_another_keeps_its_marker_scale_and_decoding(labels_dir, tmp_path,
+                                                                         tiny):
+    """init_from on the AV: it starts from the given AV (same explanations after a negligible
+    step), keeps its injection settings and stored decoding, and stacks its adapters."""
+    kept = dict(batch_size=4, keep_adapters=True, lora_rank=8)
+    train_sft("av", labels_dir, tmp_path / "start", SFTConfig(
+        lr=1e-2, max_steps=2, injection_scale=7.0, no_repeat_ngram_size=3, **kept),
+        progress=False)
+    train_sft("ar", labels_dir, tmp_path / "start", SFTConfig(lr=1e-2, max_steps=1, **kept),
+              progress=False)
+    for name, lr in (("same", 1e-12), ("moved", 1e-2)):
+        train_sft("av", labels_dir, tmp_path / name, SFTConfig(
+            lr=lr, max_steps=2, init_from=str(tmp_path / "start"), **kept), progress=False)
+        (tmp_path / name / "ar").symlink_to(tmp_path / "start" / "ar")
+    v = torch.randn(3, 64)
+
+    def explain(d):
+        return [e.raw for e in NLA.load(tmp_path / d, target=tiny).explain(v, max_new_tokens=12)]
+
+    assert explain("same") == explain("start")
+    meta = yaml.safe_load((tmp_path / "moved" / "av" / "nla_meta.yaml").read_text())
+    start = yaml.safe_load((tmp_path / "start" / "av" / "nla_meta.yaml").read_text())
+    assert meta["extraction"]["injection_scale"] == 7.0
+    assert meta["tokens"] == start["tokens"] and meta["decoding"] == {"no_repeat_ngram_size": 3}
+    assert json.loads((tmp_path / "moved" / "av" / "adapter_config.json").read_text())["r"] == 16
+    with pytest.raises(NLAError, match="injection_scale"):
+        train_sft("av", labels_dir, tmp_path / "x", SFTConfig(
+            max_steps=1, injection_scale=9.0, init_from=str(tmp_path / "start")), progress=False)
+
+
 def test_init_from_refuses_what_it_cannot_continue(labels_dir, tmp_path):
     train_sft("ar", labels_dir, tmp_path / "merged", SFTConfig(lr=1e-2, batch_size=4,
                                                                max_steps=1), progress=False)
     start = str(tmp_path / "merged")
-    with pytest.raises(NLAError, match="continues an AR only"):
-        train_sft("av", labels_dir, tmp_path / "x", SFTConfig(max_steps=1, init_from=start))
     with pytest.raises(NLAError, match="neither a shipped NLA"):
         train_sft("ar", labels_dir, tmp_path / "x",
                   SFTConfig(max_steps=1, init_from=str(tmp_path / "nowhere")))

@@ -44,7 +44,7 @@ from .common import (
     trainable_params,
 )
 from .data import Rows, epoch_order, has_split, load_labelled, split_by_document
-from .init_ar import fingerprint, load_start, resolve_ar_dir, stacked_body
+from .init_from import fingerprint, load_start, resolve_half, stacked
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,12 @@ class SFTConfig:
     extra_splits: tuple[str, ...] | str = option((), "more labelled splits to train on besides "
                                                      "the role's own (av_sft / ar_sft), e.g. rl "
                                                      "when RL does not run (comma-separated)")
-    init_from: str | None = option(None, "AR: continue a trained AR (an NLA directory, its ar/, "
-                                         "or a shipped NLA's name) instead of starting from the "
-                                         "target: a fresh LoRA over its merged weights, stacked "
-                                         "onto its adapters when keep_adapters is set")
+    init_from: str | None = option(None, "continue a trained half (an NLA directory, its av/ "
+                                         "or ar/, or a shipped NLA's name) instead of starting "
+                                         "from the target: a fresh LoRA over its merged "
+                                         "weights, stacked onto its adapters when "
+                                         "keep_adapters is set; an AV keeps its marker, scale "
+                                         "and decoding")
 
     def __post_init__(self):
         name = type(self).__name__
@@ -136,10 +138,16 @@ class _Task:
     """What differs between AV and AR training: the module, its loss and its evaluation."""
 
     def __init__(self, role, cfg, store, model, tok, start=None):
-        """`start`: (ar_dir, Reconstructor, its meta) of a continued AR (`init_ar`); None
-        starts from the target (`model`, `tok`)."""
+        """`start`: (its directory, the Verbalizer or Reconstructor, its meta) of a continued
+        half (`init_from`); None starts from the target (`model`, `tok`)."""
         self.role, self.cfg, self.store, self.start = role, cfg, store, start
-        if role == "av":
+        if role == "av" and start:  # the start's marker, scale and tokenizer (load_start checks)
+            av = start[1]
+            self.marker, self.scale = av.marker, av.injection_scale
+            self.module = make_trainable(av.model, cfg.lora_rank, cfg.lora_alpha)
+            self.av = Verbalizer(self.module, av.tokenizer, self.marker, self.scale, av.template)
+            self.av.decoding = dict(av.decoding)
+        elif role == "av":
             self.marker = choose_marker(tok, cfg.av_template, cfg.marker)
             self.scale = cfg.injection_scale or nice_injection_scale(
                 store.stats("all")["mean_norm"])
@@ -202,13 +210,17 @@ class _Task:
         if self.role == "av":
             model = self.module
             keep = cfg.keep_adapters and hasattr(model, "peft_config")
-            if hasattr(model, "merge_and_unload") and not keep:
+            if keep and self.start:
+                model = stacked("av", self.start[0], self.start[2], model,
+                                next(model.parameters()).dtype)
+            elif hasattr(model, "merge_and_unload") and not keep:
                 model = model.merge_and_unload()
             nlakit["weights"] = "adapter" if keep else "merged"
             meta = av_meta(d_model=d, layer=store.layer, injection_scale=self.scale,
                            marker=self.marker, av_template=cfg.av_template,
                            ar_template=cfg.ar_template, nlakit=nlakit)
-            decoding = _decoding(cfg)
+            # a continued AV keeps its start's decoding unless this run sets its own
+            decoding = _decoding(cfg) or (self.start[2].get("decoding") if self.start else None)
             if decoding:
                 meta["decoding"] = decoding
             save_av_dir(role_dir, model, self.av.tokenizer, meta)
@@ -216,8 +228,8 @@ class _Task:
             body = self.ar.body
             keep = cfg.keep_adapters and hasattr(body, "peft_config")
             if keep and self.start:
-                body = stacked_body(self.start[0], self.start[2], body,
-                                    next(body.parameters()).dtype)
+                body = stacked("ar", self.start[0], self.start[2], body,
+                               next(body.parameters()).dtype)
             elif hasattr(body, "merge_and_unload") and not keep:
                 body = body.merge_and_unload()
             nlakit["weights"] = "adapter" if keep else "merged"
@@ -238,8 +250,6 @@ def train_sft(role: str, labels_dir: str | Path, out_dir: str | Path,
     cfg.__post_init__()  # again: fields may have been set after construction
     if cfg.control and role != "av":
         raise NLAError("the shuffled-activation control applies to the AV only")
-    if cfg.init_from and role != "ar":
-        raise NLAError("init_from continues an AR only; an AV is continued by `nlakit train rl`")
     return SFTTrainer(role, labels_dir, out_dir, cfg, acts=acts, progress=progress).run(
         overwrite=overwrite)
 
@@ -273,7 +283,7 @@ class SFTTrainer:
                  *, acts: str | Path | None = None, progress: bool = True):
         self.role, self.cfg, self.progress = role, cfg, progress
         self.labels_dir, out_dir = Path(labels_dir), Path(out_dir)
-        self.init_dir = resolve_ar_dir(cfg.init_from) if cfg.init_from else None
+        self.init_dir = resolve_half(cfg.init_from, role) if cfg.init_from else None
         self.init_fingerprint = fingerprint(self.init_dir) if self.init_dir else None
         self.train_dir, self.role_dir = out_dir / f".train-{role}", out_dir / role
         self.acc = make_accelerator(self.train_dir, cfg.grad_accum)
@@ -390,9 +400,9 @@ class SFTTrainer:
                            f"{store.meta['model']['spec']!r} now has {have}")
         start = None
         if self.init_dir:
-            ar, meta = load_start(self.init_dir, store, cfg.ar_template, cfg.keep_adapters,
-                                  model.dtype, str(self.acc.device))
-            start = (self.init_dir, ar, meta)
+            half, meta = load_start(self.role, self.init_dir, store, cfg, model.dtype,
+                                    str(self.acc.device))
+            start = (self.init_dir, half, meta)
         self.task = _Task(self.role, cfg, store, model, tok, start)
         self.task.module.train()
         self.params = trainable_params(self.task.module)
@@ -470,7 +480,7 @@ class SFTTrainer:
                 "summary": {k: v for k, v in summary.items() if k != "final"},
                 "final_eval": {k: v for k, v in last.items() if k.startswith("eval_")},
                 "nlakit_version": __version__}
-            if self.task.start:  # the chain of trainings this AR holds (evaluate.ar_budget)
+            if self.task.start:  # the chain of trainings this half holds (evaluate.ar_budget)
                 provenance["init"] = {
                     "from": str(self.init_dir.resolve()), "fingerprint": self.init_fingerprint,
                     "provenance": self.task.start[2].get("nlakit", {}).get("provenance", {})}
