@@ -8,6 +8,7 @@ import torch
 from nlakit.ladder import (
     FitBudget,
     claim_checks,
+    ending_words_found,
     fit_reconstructor,
     quote_is_true,
     quoted_ending,
@@ -70,3 +71,7 @@ def test_claim_checks_tell_right_from_wrong_quotes(tiny):
     assert np.isnan(out["current_token_right"][2]) and np.isnan(out["current_token_right"][3])
     np.testing.assert_array_equal(out["quote_true"][:3], [1.0, 0.0, 1.0])
     assert np.isnan(out["quote_true"][3])
+    # partial credit: 3 of the wrong ending's 4 words are in the last 12 ("print" is not)
+    np.testing.assert_allclose(out["ending_words_found"][:3], [1.0, 0.75, 1.0])
+    assert np.isnan(out["ending_words_found"][3])
+    assert ending_words_found("list and", prefix, window_words=1) == 0.5  # "list" is too far back

@@ -32,7 +32,8 @@ mean-activation ablation), with document-level CIs, in each method's summary and
 
 Claim checks (``claims`` in the JSON) where the explanation format makes them checkable: the
 fraction of explanations whose stated current token is right and whose quoted ending really ends
-the context, with document-level CIs (rows that make no such claim are left out).
+the context, and the mean fraction of the quoted ending's words found among the context's last 12
+words, with document-level CIs (rows that make no such claim are left out).
 
 Denominators (stated in the output): fve_nrm = 1 − mse_nrm / rawvar with rawvar of the store's
 statistics for the evaluated split ("all" for all splits); fve_meannorm = 1 − mse_nrm / meannorm
@@ -823,6 +824,8 @@ def format_table(data: dict) -> str:
         lines.append(f"label is the AR's ceiling for this label format; what the verbalizer "
                      f"loses (label - nla): {gap:+.3f} fve_nrm")
     for name, c in (data.get("claims") or {}).items():
+        what = "mean over" if name == "ending_words_found" else "of"
         lines.append(f"claim check {name}: {c['mean']:.1%} [{c['ci'][0]:.1%}, {c['ci'][1]:.1%}]"
-                     f" of {c['n_claims']} explanations that make the claim ({c['n_rows']} rows)")
+                     f" {what} {c['n_claims']} explanations that make the claim "
+                     f"({c['n_rows']} rows)")
     return "\n".join(lines)

@@ -131,10 +131,20 @@ def quote_is_true(quote: str, prefix: str, window_chars: int = 300) -> bool:
     return bool(q) and tail.endswith(q)
 
 
+def ending_words_found(quote: str, prefix: str, window_words: int = 12) -> float:
+    """The fraction of the quoted ending's words that occur among the context's last
+    ``window_words`` words: partial credit where `quote_is_true` asks for the exact suffix, which
+    a small AV almost never writes (0% on every set measured), so only this one tells AVs
+    apart. NaN for an empty quote."""
+    words, tail = quote.split(), set(prefix.split()[-window_words:])
+    return float(np.mean([w in tail for w in words])) if words else np.nan
+
+
 def claim_checks(explanations: list[str], prefixes: list[str], tokenizer) -> dict:
     """Per-row claim outcomes (1.0 true, 0.0 false, NaN when the explanation makes no such
-    claim): ``current_token_right`` and ``quote_true``."""
-    cur, quote = [], []
+    claim): ``current_token_right`` and ``quote_true``; ``ending_words_found`` is a fraction
+    per row (`ending_words_found`)."""
+    cur, quote, found = [], [], []
     for text, prefix in zip(explanations, prefixes):
         said = stated_current_token(text)
         if said is None:
@@ -144,4 +154,6 @@ def claim_checks(explanations: list[str], prefixes: list[str], tokenizer) -> dic
             cur.append(float(said == true))
         q = quoted_ending(text)
         quote.append(np.nan if q is None else float(quote_is_true(q, prefix)))
-    return {"current_token_right": np.asarray(cur), "quote_true": np.asarray(quote)}
+        found.append(np.nan if q is None else ending_words_found(q, prefix))
+    return {"current_token_right": np.asarray(cur), "quote_true": np.asarray(quote),
+            "ending_words_found": np.asarray(found)}
