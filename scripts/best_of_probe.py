@@ -68,6 +68,18 @@ def quote_rerank(nla, prefixes, vectors, lengths, rawvar, doc_ids) -> dict:
     return out
 
 
+def sample(av, vectors, n: int, args):
+    """n samples per vector from the chosen distribution (seed 0)."""
+    if args.sampler == "rl":
+        from nlakit.train.rollout import fast_generate
+
+        return fast_generate(av, vectors, n=n, temperature=args.temperature, seed=0, batch_size=32,
+                             max_new_tokens=args.max_new_tokens,
+                             no_repeat_ngram_size=av.decoding["no_repeat_ngram_size"])
+    return av.generate(vectors, n=n, temperature=args.temperature,
+                       max_new_tokens=args.max_new_tokens, seed=0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nla", required=True)
@@ -77,6 +89,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=80)
+    ap.add_argument("--sampler", default="hf", choices=["hf", "rl"],
+                    help="hf: what best-of-N uses (transformers' generate, with the model's "
+                         "generation_config, e.g. top_k 50, and the AV's stored decoding); rl: "
+                         "RL's rollout distribution, softmax(logits / T) with the AV's n-gram ban")
     ap.add_argument("--greedy-from", default=None, metavar="JSONL")
     ap.add_argument("--quote-lengths", default="4,8,12,16,20,24,28,32")
     ap.add_argument("--samples-from", default=None, metavar="JSON")
@@ -100,11 +116,11 @@ def main() -> None:
                                             rows.doc_ids)
     else:
         n = args.samples
-        exps = nla.explain(v, n=n, temperature=args.temperature,
-                           max_new_tokens=args.max_new_tokens, seed=0)
+        exps = sample(nla.av, v, n, args)
         texts = [e.text for e in exps]
         mse = mse_of(nla, texts, v, n)
-        result.update(n_samples=n, temperature=args.temperature, samples=texts,
+        result.update(n_samples=n, temperature=args.temperature, sampler=args.sampler,
+                      samples=texts,
                       closed=float(np.mean([e.complete for e in exps])))
     result["mse"] = mse.tolist()
     greedy = None
