@@ -345,9 +345,11 @@ def test_an_av_continued_from_another_keeps_its_marker_scale_and_decoding(labels
         progress=False)
     train_sft("ar", labels_dir, tmp_path / "start", SFTConfig(lr=1e-2, max_steps=1, **kept),
               progress=False)
-    for name, lr in (("same", 1e-12), ("moved", 1e-2)):
+    for name, lr, keep in (("same", 1e-12, True), ("moved", 1e-2, True),
+                           ("moved_merged", 1e-2, False)):
         train_sft("av", labels_dir, tmp_path / name, SFTConfig(
-            lr=lr, max_steps=2, init_from=str(tmp_path / "start"), **kept), progress=False)
+            lr=lr, max_steps=2, init_from=str(tmp_path / "start"),
+            **{**kept, "keep_adapters": keep}), progress=False)
         (tmp_path / name / "ar").symlink_to(tmp_path / "start" / "ar")
     v = torch.randn(3, 64)
 
@@ -355,6 +357,7 @@ def test_an_av_continued_from_another_keeps_its_marker_scale_and_decoding(labels
         return [e.raw for e in NLA.load(tmp_path / d, target=tiny).explain(v, max_new_tokens=12)]
 
     assert explain("same") == explain("start")
+    assert explain("moved") == explain("moved_merged")  # the stacked adapters are exact
     meta = yaml.safe_load((tmp_path / "moved" / "av" / "nla_meta.yaml").read_text())
     start = yaml.safe_load((tmp_path / "start" / "av" / "nla_meta.yaml").read_text())
     assert meta["extraction"]["injection_scale"] == 7.0
