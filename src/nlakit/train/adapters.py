@@ -28,6 +28,18 @@ def check_stackable(nla_dir: Path, av_rank: int, ar_rank: int) -> None:
                            "keep_adapters: false to export merged weights)")
 
 
+def stack_onto_target(spec: str, layer: int | None, sft_dir: Path, trained):
+    """`stack_onto` a fresh copy of the target `spec` (truncated after `layer` for an AR body;
+    None for an AV) in `trained`'s dtype: the export of an RL'd or continued NLA half."""
+    from ..models import load_model
+    from ..reconstructor import truncate_model
+
+    base, _ = load_model(spec, dtype=next(trained.parameters()).dtype)
+    if layer is not None:
+        base = truncate_model(base, layer)
+    return stack_onto(base, sft_dir, trained)
+
+
 def stack_onto(base, sft_dir: Path, rl_model):
     """`base` (the plain target, or its truncation for an AR) as a peft model whose one adapter,
     "default", is the SFT adapters of `sft_dir` followed by the LoRA of `rl_model` (a peft model

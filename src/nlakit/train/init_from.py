@@ -5,7 +5,7 @@ The AR reads only text, and it is the cheap half to train, so an AR can be taugh
 an AV writes on new text (another corpus, or an AV changed by RL) without training either half
 again from the target; an AV can be shown new text the same way. The start's adapters are
 merged, a fresh LoRA is trained over them, and with keep_adapters the export stacks the two
-exactly (`adapters.stack_onto`), so the result is as small and packable as the start.
+exactly (`adapters.stack_onto_target`), so the result is as small and packable as the start.
 """
 
 from __future__ import annotations
@@ -73,15 +73,3 @@ def load_start(role: str, half_dir: Path, store, cfg, dtype, device):
                        "adapter to stack onto; continue it with keep_adapters false")
     return half, meta
 
-
-def stacked(role: str, half_dir: Path, meta: dict, trained, dtype):
-    """The continued half's model (the AV's LM, the AR's body) as one peft adapter over a fresh
-    target: the start's adapters followed by this run's LoRA."""
-    from ..models import load_model
-    from ..reconstructor import truncate_model
-    from .adapters import stack_onto
-
-    base, _ = load_model(meta["nlakit"]["target_model"]["spec"], dtype=dtype)
-    if role == "ar":
-        base = truncate_model(base, int(meta["extraction"]["layer"]))
-    return stack_onto(base, half_dir, trained)

@@ -51,7 +51,7 @@ from ..reconstructor import Reconstructor
 from ..store import HELDOUT, RL, ActivationStore, vectors_from_arrow
 from ..verbalizer import Explanation, Verbalizer
 from . import rewards as R
-from .adapters import check_stackable, stack_onto
+from .adapters import check_stackable, stack_onto_target
 from .common import (
     Checkpoint,
     MetricsLog,
@@ -627,13 +627,7 @@ def _export(nla, policy, ar: Reconstructor, av: Verbalizer, out_dir: Path,
 
 def _stacked(nla, policy, ar: Reconstructor, sft_dir: Path):
     """The AV and the AR body as peft models over a fresh copy of the target, their one
-    adapter the SFT adapters of `sft_dir` stacked with RL's (`adapters.stack_onto`)."""
-    from ..models import load_model
-    from ..reconstructor import truncate_model
-
+    adapter the SFT adapters of `sft_dir` stacked with RL's (`adapters.stack_onto_target`)."""
     spec = nla.target_info.get("spec")
-    dtype = next(policy.parameters()).dtype
-    base, _ = load_model(spec, dtype=dtype)
-    body = truncate_model(base, nla.layer)  # a copy: take it before peft wraps `base`
-    return (stack_onto(base, sft_dir / "av", policy),
-            stack_onto(body, sft_dir / "ar", ar.body))
+    return (stack_onto_target(spec, None, sft_dir / "av", policy),
+            stack_onto_target(spec, nla.layer, sft_dir / "ar", ar.body))

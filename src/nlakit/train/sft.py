@@ -27,10 +27,11 @@ from .. import __version__, metrics
 from ..checkpoint import ar_meta, av_meta, save_ar_dir, save_av_dir
 from ..errors import NLAError
 from ..fileio import stable_hash, write_json
-from ..models import load_model
+from ..models import load_model, resolve_device, resolve_dtype
 from ..reconstructor import DEFAULT_AR_TEMPLATE, Reconstructor
 from ..store import AR_SFT, AV_SFT, HELDOUT, VAL
 from ..verbalizer import DEFAULT_AV_TEMPLATE, Verbalizer, choose_marker, nice_injection_scale
+from .adapters import stack_onto_target
 from .common import (
     Checkpoint,
     MetricsLog,
@@ -44,7 +45,7 @@ from .common import (
     trainable_params,
 )
 from .data import Rows, epoch_order, has_split, load_labelled, split_by_document
-from .init_from import fingerprint, load_start, resolve_half, stacked
+from .init_from import fingerprint, load_start, resolve_half
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class _Task:
 
     def __init__(self, role, cfg, store, model, tok, start=None):
         """`start`: (its directory, the Verbalizer or Reconstructor, its meta) of a continued
-        half (`init_from`); None starts from the target (`model`, `tok`)."""
+        half (`init_from`), when `model` and `tok` are None; else None: start from the target."""
         self.role, self.cfg, self.store, self.start = role, cfg, store, start
         if role == "av" and start:  # the start's marker, scale and tokenizer (load_start checks)
             av = start[1]
@@ -211,8 +212,8 @@ class _Task:
             model = self.module
             keep = cfg.keep_adapters and hasattr(model, "peft_config")
             if keep and self.start:
-                model = stacked("av", self.start[0], self.start[2], model,
-                                next(model.parameters()).dtype)
+                model = stack_onto_target(self.start[2]["nlakit"]["target_model"]["spec"],
+                                          None, self.start[0], model)
             elif hasattr(model, "merge_and_unload") and not keep:
                 model = model.merge_and_unload()
             nlakit["weights"] = "adapter" if keep else "merged"
@@ -228,8 +229,8 @@ class _Task:
             body = self.ar.body
             keep = cfg.keep_adapters and hasattr(body, "peft_config")
             if keep and self.start:
-                body = stacked("ar", self.start[0], self.start[2], body,
-                               next(body.parameters()).dtype)
+                body = stack_onto_target(self.start[2]["nlakit"]["target_model"]["spec"],
+                                         store.layer, self.start[0], body)
             elif hasattr(body, "merge_and_unload") and not keep:
                 body = body.merge_and_unload()
             nlakit["weights"] = "adapter" if keep else "merged"
@@ -391,18 +392,19 @@ class SFTTrainer:
 
     def _setup_model(self) -> None:
         store, cfg = self.store, self.cfg
-        model, tok = load_model(store.meta["model"]["spec"], dtype=cfg.dtype,
-                                device=str(self.acc.device))
-        want = store.meta["model"].get("weights_hash")
-        have = model.nlakit_source["weights_hash"]
-        if want and want != have:
-            raise NLAError(f"the store was extracted from weights {want}, but "
-                           f"{store.meta['model']['spec']!r} now has {have}")
-        start = None
-        if self.init_dir:
-            half, meta = load_start(self.role, self.init_dir, store, cfg, model.dtype,
-                                    str(self.acc.device))
+        device = str(self.acc.device)
+        model = tok = start = None
+        if self.init_dir:  # the start brings its own copy of the target (load_start checks it)
+            half, meta = load_start(self.role, self.init_dir, store, cfg,
+                                    resolve_dtype(cfg.dtype, resolve_device(device)), device)
             start = (self.init_dir, half, meta)
+        else:
+            model, tok = load_model(store.meta["model"]["spec"], dtype=cfg.dtype, device=device)
+            want = store.meta["model"].get("weights_hash")
+            have = model.nlakit_source["weights_hash"]
+            if want and want != have:
+                raise NLAError(f"the store was extracted from weights {want}, but "
+                               f"{store.meta['model']['spec']!r} now has {have}")
         self.task = _Task(self.role, cfg, store, model, tok, start)
         self.task.module.train()
         self.params = trainable_params(self.task.module)
