@@ -107,6 +107,28 @@ def test_pipeline_without_rl_uses_the_sft_checkpoint(tmp_path, tiny_model_dir):
         (run / "sft/av/model.safetensors").stat().st_ino
 
 
+def test_a_throughput_setting_keeps_finished_stages(tmp_path, tiny_model_dir):
+    """A batch size changes a stage's speed, not its output: finished stages stay complete
+    (and so do the stages after them); a setting that changes the output still refuses."""
+    off = {"train_rl": {"enabled": False}, "audit": {"enabled": False}}
+    run_pipeline(tiny_config(tmp_path, tiny_model_dir, **off), stop="train_av", progress=False)
+    faster = tiny_config(tmp_path, tiny_model_dir, extract={"batch_size": 3},
+                         label={"options": {"batch_size": 5}}, **off)
+    status = dict(plan(faster))
+    assert [status[s] for s in ("extract", "label", "train_av")] == ["complete"] * 3
+    summary = run_pipeline(faster, stop="train_av", progress=False)
+    assert [s["status"] for s in summary["stages"]] == ["skipped"] * 3
+    pipe = Pipeline(load_config(faster))  # filling in the labeller's dtype edits no hash
+    pipe.config("label")
+    assert pipe.stage_config("label")["options"] == {"batch_size": 5}
+    other = tiny_config(tmp_path, tiny_model_dir, extract={"batch_size": 3, "min_position": 21},
+                        **off)
+    status = dict(plan(other))
+    assert status["extract"] == status["train_av"] == "changed"
+    with pytest.raises(ConfigMismatchError, match="min_position"):
+        run_pipeline(other, stop="train_av", progress=False)
+
+
 def test_bad_configs_fail_before_any_work(tmp_path, tiny_model_dir):
     with pytest.raises(NLAError, match="unknown key.*lrr"):
         load_config(tiny_config(tmp_path, tiny_model_dir, train_av={"lrr": 1}))

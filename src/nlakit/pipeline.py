@@ -11,7 +11,9 @@ same stage config and the same upstream stages; a stage without a stamp is run, 
 own resume logic continues a partial output (extraction shards, label cache, SFT and RL
 checkpoints). A stamp with another hash means the config changed after the stage ran: the
 pipeline refuses rather than silently mixing outputs, and ``--from STAGE`` redoes that stage and
-every later one (an SFT stage changed only by training longer continues its checkpoint).
+every later one (an SFT stage changed only by training longer continues its checkpoint). A
+change of a setting that only sets speed (`Stage.throughput`: a batch size of extraction,
+labelling or label_ar, whose greedy or forward-only outputs do not depend on it) keeps the stamp.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Stage:
     command: tuple[str, ...] | None = None  # the CLI subcommand that runs the same `run`
     inputs_class: type | None = None  # the CLI's inputs dataclass
     training: bool = False  # runs in every process under torchrun / accelerate launch
+    throughput: tuple[str, ...] = ()  # settings that change speed, not output ("a.b": nested)
 
     def config_class(self) -> type | None:
         if self.config is None:
@@ -157,14 +160,16 @@ def _extensible_settings(config_path: str | None) -> tuple[str, ...] | None:
 
 STAGE_TABLE: tuple[Stage, ...] = (
     Stage("extract", (), "nlakit.activations:ExtractConfig", S.run_extract, _extract_inputs,
-          ("acts",), command=("extract",), inputs_class=S.ExtractInputs),
+          ("acts",), command=("extract",), inputs_class=S.ExtractInputs,
+          throughput=("batch_size",)),
     Stage("label", ("extract",), "nlakit.labels:LabelConfig", S.run_label, _label_inputs,
-          ("labels",), command=("label",), inputs_class=S.LabelInputs),
+          ("labels",), command=("label",), inputs_class=S.LabelInputs,
+          throughput=("options.batch_size",)),
     Stage("train_av", ("label",), SFT_CONFIG, S.run_train_av, _sft_inputs("sft"),
           ("sft/av", "sft/.train-av"), exclude=("dtype",), command=("train", "av"),
           inputs_class=S.SFTInputs, training=True),
     Stage("label_ar", ("train_av",), "nlakit.labels.verbalizer:ARLabelConfig", S.run_label_ar,
-          _label_ar_inputs, ("labels_ar",), enabled=False),
+          _label_ar_inputs, ("labels_ar",), enabled=False, throughput=("batch_size",)),
     Stage("train_ar", ("label",), SFT_CONFIG, S.run_train_ar, _train_ar_inputs,
           ("sft/ar", "sft/.train-ar"), exclude=("dtype", "control"), command=("train", "ar"),
           inputs_class=S.SFTInputs, training=True, optional_upstream=("label_ar",)),
@@ -272,6 +277,19 @@ class PipelineConfig:
         return Path(self.runs_dir) / self.name
 
 
+def _without(config: dict, paths: tuple[str, ...]) -> dict:
+    """A copy of `config` without the settings at `paths` ("a.b" names a nested key)."""
+    out = copy.deepcopy(config)
+    for path in paths:
+        *parents, key = path.split(".")
+        node = out
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
+    return out
+
+
 def _check_keys(section: str, given: dict, allowed: set[str]) -> None:
     unknown = sorted(set(given) - allowed)
     if unknown:
@@ -345,11 +363,12 @@ class Pipeline:
         return self.run / relative
 
     def section(self, stage: str) -> dict:
-        """The stage's section as written (a section that inherits starts from its parent's)."""
+        """The stage's section as written (a section that inherits starts from its parent's);
+        a deep copy, so that filling in a config's defaults never edits what is hashed."""
         st = BY_NAME[stage]
-        own = dict(getattr(self.cfg, stage, None) or {})
+        own = copy.deepcopy(getattr(self.cfg, stage, None) or {})
         if st.inherits:
-            return {**getattr(self.cfg, st.inherits), **own}
+            return {**copy.deepcopy(getattr(self.cfg, st.inherits)), **own}
         return own
 
     def enabled(self, stage: str) -> bool:
@@ -413,8 +432,28 @@ class Pipeline:
             st = BY_NAME[stage]
             upstream = st.upstream + tuple(u for u in st.optional_upstream if self.enabled(u))
             ups = [self.stage_hash(u) for u in upstream]
-            self.hashes[stage] = stable_hash(stage, self.stage_config(stage), ups)
+            config = self.stage_config(stage)
+            self.hashes[stage] = (self._stamp_if_only_throughput_changed(stage, config, ups)
+                                  or stable_hash(stage, config, ups))
         return self.hashes[stage]
+
+    def _stamp_if_only_throughput_changed(self, stage: str, config: dict,
+                                          ups: list[str]) -> str | None:
+        """The stamp's hash when the stage ran with these upstreams and a config that differs
+        only in settings that change its speed, not its output (`Stage.throughput`, e.g. a
+        batch size): the stage stays complete, and so do the stages after it."""
+        paths = BY_NAME[stage].throughput
+        if not paths or not self.stamp_path(stage).is_file():
+            return None
+        stamp = json.loads(self.stamp_path(stage).read_text())
+        old = stamp.get("config", {})
+        new = json.loads(json.dumps(config, default=str))
+        if old == new or _without(old, paths) != _without(new, paths) \
+                or stable_hash(stage, old, ups) != stamp.get("hash"):
+            return None
+        log.info("stage %s: only throughput settings changed (%s); its output stands",
+                 stage, ", ".join(paths))
+        return stamp["hash"]
 
     def stamp_path(self, stage: str) -> Path:
         return self.stamps / f"{stage}.json"
