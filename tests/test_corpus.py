@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -344,3 +345,24 @@ def test_builtin_interleaves_chats(smollm):
     # the cached transcripts are reused: a second read gives identical documents
     again = list(load_corpus("builtin:chats", tokenizer=tok, max_docs=4))
     assert [(d.doc_id, d.text) for d in again] == [(d.doc_id, d.text) for d in chats]
+
+
+def test_unseen_debian_corpus_takes_one_prose_file_per_package(tmp_path):
+    import gzip
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "unseen_corpus.py"
+    spec = importlib.util.spec_from_file_location("unseen_corpus", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    long_a, long_b = "a " * 1200, "b " * 1200
+    for package, name, text in [("alpha", "README.Debian", long_a), ("alpha", "README", long_b),
+                                ("beta", "notes.txt.gz", long_b), ("gamma", "README", "short"),
+                                ("delta", "README.Debian", long_a),  # same text as alpha's
+                                ("eps", "changelog.gz", long_b)]:
+        (tmp_path / package).mkdir(exist_ok=True)
+        data = text.encode()
+        (tmp_path / package / name).write_bytes(gzip.compress(data) if name.endswith(".gz")
+                                                else data)
+    docs = script.debian_docs(2000, root=tmp_path)
+    assert docs == {"alpha": long_a.strip(), "beta": long_b.strip()}
