@@ -13,7 +13,8 @@ checkpoints). A stamp with another hash means the config changed after the stage
 pipeline refuses rather than silently mixing outputs, and ``--from STAGE`` redoes that stage and
 every later one (an SFT stage changed only by training longer continues its checkpoint). A
 change of a setting that only sets speed (`Stage.throughput`: a batch size of extraction,
-labelling or label_ar, whose greedy or forward-only outputs do not depend on it) keeps the stamp.
+labelling or label_ar: forward passes and greedy decoding, whose outputs it moves only by float
+rounding) keeps the stamp.
 """
 
 from __future__ import annotations
