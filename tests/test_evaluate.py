@@ -335,3 +335,28 @@ def test_eval_and_audit_load_the_nla_in_the_dtype_asked_for(untrained, tiny_stor
             assert next(nla.ar.body.parameters()).dtype == want
         ar_only = ReconstructorOnly.load(root / "ar", device="cpu", dtype=dtype)
         assert next(ar_only.ar.body.parameters()).dtype == want
+
+
+def test_the_fitted_baseline_budget_counts_rl_s_ar_updates():
+    """quote_N_fit gets every AR update the NLA's AR had: the SFT steps of its chain plus
+    RL's online updates (one per RL step on all its rollouts) as steps of the SFT batch."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from nlakit.evaluate import ar_budget, rl_ar_rows
+    from nlakit.shipped import SHIPPED_ROOT
+
+    rl = {"summary": {"steps": 10, "batch_size": 2, "group_size": 4, "processes": 2}}
+    start = {"config": {"batch_size": 16, "lr": 1e-3}, "summary": {"steps": 5}, "rl": rl}
+    meta = {"nlakit": {"provenance": {"summary": {"steps": 3},
+                                      "init": {"provenance": start}}}}
+    nla = SimpleNamespace(ar_meta=meta)
+    assert rl_ar_rows(nla) == 160
+    assert ar_budget(nla).steps == 5 + 3 + 10 and ar_budget(nla, steps=7).steps == 7
+    meta["nlakit"]["provenance"]["rl"] = {"summary": {"steps": 1, "batch_size": 1,
+                                                      "group_size": 2}}
+    assert ar_budget(nla).steps == 5 + 3 + 11  # 162 rows round up to 11 batches of 16
+    # the shipped NLA: 2,100 SFT steps of 16, then 100 RL steps of 4 x 4 rollouts
+    shipped = yaml.safe_load((SHIPPED_ROOT / "smollm2-135m" / "ar" / "nla_meta.yaml").read_text())
+    assert ar_budget(SimpleNamespace(ar_meta=shipped)).steps == 2100 + 100

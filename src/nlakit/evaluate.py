@@ -585,10 +585,22 @@ def ar_training_splits(nla) -> tuple[str, ...]:
     return tuple(splits)
 
 
+def rl_ar_rows(nla) -> int:
+    """How many explanations RL's online AR updates read, over every RL run the NLA's AR holds:
+    one update per RL step on all of that step's rollouts (steps x batch x group x processes)."""
+    total = 0
+    for prov in _ar_trainings(nla):
+        s = (prov.get("rl") or {}).get("summary") or {}
+        total += (int(s.get("steps") or 0) * int(s.get("batch_size") or 0)
+                  * int(s.get("group_size") or 0) * int(s.get("processes") or 1))
+    return total
+
+
 def ar_budget(nla, steps: int | None = None):
     """The NLA's AR's training budget from its provenance, for fair fitted baselines: the first
-    training's settings and the steps of all of them (RL's AR updates are not counted);
-    defaults where the AR records none. `steps` overrides the step count."""
+    training's settings and the steps of all of them, plus RL's online AR updates counted as
+    steps of that batch size (the rows they read, rounded up); defaults where the AR records
+    none. `steps` overrides the step count."""
     from .ladder import FitBudget
 
     chain = _ar_trainings(nla)
@@ -598,6 +610,7 @@ def ar_budget(nla, steps: int | None = None):
         if conf.get(key) is not None:
             setattr(budget, key, type(getattr(budget, key))(conf[key]))
     total = sum(int(p.get("summary", {}).get("steps") or 0) for p in chain)
+    total += -(-rl_ar_rows(nla) // budget.batch_size)
     if total:
         budget.steps = total
     if steps is not None:
