@@ -2,7 +2,7 @@
 
     python scripts/decoding_probe.py --nla DIR|NAME --acts STORE --split val --max-rows 240 \
         --setting plain --setting ngram3:no_repeat_ngram_size=3 \
-        --setting pen1.3:repetition_penalty=1.3
+        --setting pen1.3:repetition_penalty=1.3 --setting beams4:num_beams=4
 
 For each setting: greedy explanations of the same rows, read by the NLA's AR; prints nla
 fve_nrm (mean, document-bootstrap CI), the fraction that closed, mean tokens, current-token
@@ -75,10 +75,15 @@ def main() -> None:
     rows = select_rows(store, args.split, args.max_rows)
     den = denominators(store, rows)
     nla = NLA.load(args.nla)
+    gen = nla.av.model.generation_config
     for name, opts in map(parse_setting, args.setting):
         t0 = time.time()
+        # beams are not an AV decoding setting: set on HF's generation config (its slow path)
+        gen.num_beams = opts.get("num_beams", 1)
+        gen.early_stopping = gen.num_beams > 1
+        av_opts = {k: v for k, v in opts.items() if k != "num_beams"}
         exps = (earlier_explanations(args.texts_from, nla, len(rows)) if args.texts_from
-                else nla.explain(rows.vectors, max_new_tokens=args.max_new_tokens, **opts))
+                else nla.explain(rows.vectors, max_new_tokens=args.max_new_tokens, **av_opts))
         texts = [e.text for e in exps]
         pred = nla.reconstruct(texts)
         per_row = row_metrics(pred, rows.vectors, den)
