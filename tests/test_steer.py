@@ -11,7 +11,13 @@ import torch
 
 from nlakit import NLAError
 from nlakit.cli import main
-from nlakit.models import decoder_layers, decoder_stack, forward_to_layer
+from nlakit.models import (
+    decoder_layers,
+    decoder_stack,
+    forward_to_layer,
+    returned_cache,
+    with_cache,
+)
 from nlakit.nla import NLA
 from nlakit.steering import (
     SteerConfig,
@@ -70,7 +76,7 @@ def test_cached_generation_steps_are_steered_like_a_full_forward(tiny):
         out = model(input_ids=ids[:, :p], use_cache=True)
         steps = [out.logits]
         for t in range(p, ids.shape[1]):
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values,
+            out = model(input_ids=ids[:, t:t + 1], **with_cache(returned_cache(out)),
                         use_cache=True)
             steps.append(out.logits)
     cached = torch.cat(steps, 1)

@@ -11,6 +11,7 @@ GGUF weights are dequantized once and cached as safetensors under the nlakit cac
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -354,6 +355,26 @@ def generate_continuations(model: nn.Module, tokenizer, prompts: list[str], *,
 
 class _StopForward(Exception):
     """Raised by a hook after block K so later blocks are never computed."""
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """The keyword a transformers model's forward takes its KV cache under, and the output
+    attribute that returns it: ``cache`` from transformers 5.x (where ``past_key_values`` only
+    warns, and is announced to go in 5.40), ``past_key_values`` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def with_cache(cache) -> dict:
+    """Forward kwargs that pass `cache` under this transformers' name for it."""
+    return {cache_keyword(): cache}
+
+
+def returned_cache(output):
+    """The KV cache a forward with use_cache=True returned."""
+    return getattr(output, cache_keyword())
 
 
 def forward_to_layer(

@@ -6,6 +6,7 @@ import contextlib
 import math
 
 import torch
+from transformers.cache_utils import Cache
 
 from ..errors import NLAError
 from ..models import check_layer, d_model, decoder_layers, decoder_stack
@@ -16,15 +17,16 @@ class _AddVector:
 
     Positions are indices of the whole sequence: a pre-hook on the decoder stack reads how
     many tokens its KV cache already holds, so a generate call's one-token steps continue the
-    prompt's numbering instead of restarting at 0."""
+    prompt's numbering instead of restarting at 0. The cache is found by its type among the
+    stack's arguments, not by the keyword's name (transformers 5 renamed `past_key_values` to
+    `cache`, and a name lookup then silently read 0)."""
 
     def __init__(self, delta: torch.Tensor, start: int):
         self.delta, self.start, self.offset = delta, start, 0
 
-    def see_cache(self, _module, _args, kwargs):
-        cache = kwargs.get("past_key_values")
-        seen = getattr(cache, "get_seq_length", None)
-        self.offset = int(seen()) if callable(seen) else 0
+    def see_cache(self, _module, args, kwargs):
+        cache = next((a for a in (*args, *kwargs.values()) if isinstance(a, Cache)), None)
+        self.offset = int(cache.get_seq_length()) if cache is not None else 0
 
     def add(self, _module, _args, output):
         h = output[0] if isinstance(output, tuple) else output

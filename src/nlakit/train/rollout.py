@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NLAError
+from ..models import returned_cache, with_cache
 from ..verbalizer import Explanation, Verbalizer, check_vectors, locate_marker, parse_explanation
 
 
@@ -50,7 +51,7 @@ def _prefix_cache(model, av: Verbalizer, rows: int):
         return None, 0
     prompt = torch.tensor(av.prompt_ids[:k], device=av.device)[None]
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = returned_cache(out)
     cache.batch_repeat_interleave(rows)
     return cache, k
 
@@ -69,7 +70,7 @@ def response_logprobs(model, av: Verbalizer, vectors: torch.Tensor, resp: torch.
     prompt = torch.tensor(av.prompt_ids, device=dev).expand(n, -1)
     ids = torch.cat([prompt[:, k:], resp.to(dev)], 1)
     mask = torch.cat([torch.ones_like(prompt), resp_mask.to(dev)], 1)  # covers the prefix too
-    extra = {"past_key_values": cache, "use_cache": True} if cache is not None \
+    extra = {**with_cache(cache), "use_cache": True} if cache is not None \
         else {"use_cache": False}
     with av.injection.active(vectors.to(dev)):
         out = model(input_ids=ids, attention_mask=mask, logits_to_keep=width + 1, **extra)
@@ -140,9 +141,9 @@ def fast_generate(av: Verbalizer, vectors, *, n: int = 1, temperature: float = 1
         b = chunk.shape[0]
         cache, _ = _prefix_cache(model, av, b)
         with av.injection.active(chunk):
-            out = model(input_ids=prompt[k:].expand(b, -1), past_key_values=cache,
+            out = model(input_ids=prompt[k:].expand(b, -1), **with_cache(cache),
                         use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         logits = out.logits[:, -1]
         tokens = torch.full((b, max_new_tokens), av.pad_id, dtype=torch.long)
         lengths = torch.full((b,), max_new_tokens, dtype=torch.long)
@@ -166,7 +167,7 @@ def fast_generate(av: Verbalizer, vectors, *, n: int = 1, temperature: float = 1
                     break
                 alive, nxt = alive[keep], nxt[keep.to(dev)]
                 cache.batch_select_indices(keep.to(dev))
-            out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt[:, None], **with_cache(cache), use_cache=True)
             logits = out.logits[:, -1]
         for row, n_tok in zip(tokens.tolist(), lengths.tolist()):
             ids = row[:n_tok]
