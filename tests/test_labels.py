@@ -214,6 +214,18 @@ def test_local_labeller_batched_generation_on_tiny(tiny, tiny_store):
     assert "<text>" in prompt and prompt.count("<|im_start|>user") == 3  # one-shot examples
 
 
+def test_local_labeller_built_by_name_loads_its_own_model_and_labels(tiny_store):
+    """The stage's path: no model injected, the labeller loads the spec itself (this once
+    failed with ModuleNotFoundError, unseen because every other test injects a model)."""
+    labeller = make_labeller("local", tiny_store, max_new_tokens=4, max_prefix_chars=40)
+    assert labeller.model_spec == str(tiny_store.meta["model"]["spec"])
+    labeller.prepare()
+    row = tiny_store.table("av_sft").slice(0, 1).to_pylist()[0]
+    (label,) = labeller.label_batch([LabelRow(int(row["row_id"]), row["split"], row["doc_id"],
+                                              row["prefix"])])
+    assert label.startswith("<explanation>\n") and len(label) > len("<explanation>\n")
+
+
 # ---- the OpenAI-compatible labeller against a loopback server -----------------------------
 
 GOOD = ("<explanation>\n- **Reference documentation** about Python.\nEnds mid-sentence.\n"

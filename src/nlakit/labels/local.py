@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..fileio import stable_seed
-from ..models import generate_continuations, require_chat_template
+from ..models import generate_continuations, load_model, require_chat_template
 from .cache import LabelRow
 from .core import ModelLabeller, _weights_id
 from .format import label_messages
@@ -50,8 +50,6 @@ class LocalLabeller(ModelLabeller):
 
     def _load(self):
         if self._loaded is None:
-            from .models import load_model
-
             self._loaded = load_model(self.model_spec, dtype=self.dtype, device=self.device)
         require_chat_template(self._loaded[1], self.model_spec, "local labeller")
         return self._loaded
