@@ -8,7 +8,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from nlakit import NLAError
-from nlakit.nla import NLA
+from nlakit.nla import NLA, parse_positions
+from official_contract import check_official_pair, official_ar_ids  # tests/official_contract.py
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,50 @@ def test_export_official_layout(saved, tmp_path):
     NLA.load(av=tmp_path / "off" / "av", ar=tmp_path / "off" / "ar")
 
 
+def test_an_official_export_meets_the_official_client_s_rules(untrained, saved, tmp_path):
+    """The rules the official client checks at load time hold, and its critic reads exactly
+    the tokens nlakit's AR reads (the BOS contract changes no token)."""
+    from nlakit.cli import main
+
+    out = tmp_path / "off"
+    assert main(["export", "--nla", str(saved), "--out", str(out)]) == 0
+    check_official_pair(out / "av", out / "ar")
+    for text in ("alpha beta", "Current token: ' the'\nEnding: x", ""):
+        ours = untrained.ar.encode([text])["input_ids"][0].tolist()
+        if text:  # an empty explanation: nlakit fills one token, the client sends none
+            assert official_ar_ids(out / "ar", text) == ours
+    ar, av = _meta(out / "ar"), _meta(out / "av")
+    assert ar["stage"] == av["stage"] == "untrained"
+    assert ar["extraction_layer_index"] == ar["critic"]["extraction_layer_index"] == 2
+    assert av["extraction_layer_index"] == 2 and ar["schema_version"] == 2
+    assert ar["extraction"]["injection_scale"] is None
+
+
+def test_the_bos_rule_is_read_back(saved, tmp_path):
+    """A sidecar that records a BOS the tokenizer does not prepend is refused on load."""
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    _edit(broken / "ar", lambda m: m["nlakit"].update(ar_prepends_bos=True))
+    with pytest.raises(NLAError, match="BOS"):
+        NLA.load(broken)
+    _edit(broken / "ar", lambda m: m["nlakit"].pop("ar_prepends_bos"))
+    NLA.load(broken)  # sidecars from before the contract still load
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("last", "last"), ("all", "all"), ("-3,-2,-1", [-3, -2, -1]), (" 4 ", [4]), (7, [7]),
+    ([1, -1], [1, -1]), ((0,), [0]),
+])
+def test_positions_take_the_cli_s_forms_in_python_too(spec, parsed):
+    assert parse_positions(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["first", "1,,2", "1.5", 1.5, None, [], [1, "2"], True])
+def test_bad_positions_name_the_accepted_forms(untrained, spec):
+    with pytest.raises(NLAError, match="positions must be 'last', 'all'"):
+        untrained.explain_text("def f(x): return x", spec)
+
+
 @pytest.mark.parametrize("breakage, message", [
     (lambda d: _edit(d / "av", lambda m: m.pop("tokens")), "missing required field"),
     (lambda d: _edit(d / "av", lambda m: m.update(kind="other")), "kind"),
@@ -117,6 +162,9 @@ def test_explain_text_and_score(untrained):
     rows = untrained.explain_text("def add(a, b):\n    return a + b\n", positions=[2, -1],
                                   max_new_tokens=5)
     assert [r.position for r in rows][0] == 2 and len(rows) == 2
+    as_text = untrained.explain_text("def add(a, b):\n    return a + b\n", positions="2,-1",
+                                     max_new_tokens=5)
+    assert [r.position for r in as_text] == [r.position for r in rows]
     assert all(-4 <= r.mse_nrm - 4 <= 0 for r in rows)
     assert all(abs(r.mse_nrm - 2 * (1 - r.cos)) < 1e-4 for r in rows)
     best = untrained.explain_text("hello there", "last", best_of=3, max_new_tokens=5)

@@ -171,3 +171,22 @@ def test_the_shipped_smollm2_nla_loads_by_name_and_explains():
                               positions="last", max_new_tokens=40)
     assert row.explanation.startswith("Current token: ")
     assert -4.0 <= row.fve_nrm <= 1.0
+
+
+@pytest.mark.slow
+def test_the_shipped_nla_exports_in_the_official_contract(tmp_path):
+    """`nlakit export --nla smollm2-135m --layout official` meets the official client's
+    load-time rules (it once failed its BOS rule), and its critic reads nlakit's AR tokens."""
+    from nlakit.cli import main
+    from official_contract import check_official_pair, official_ar_ids
+
+    out = tmp_path / "official"
+    assert main(["export", "--nla", "smollm2-135m", "--layout", "official",
+                 "--out", str(out)]) == 0
+    check_official_pair(out / "av", out / "ar")
+    nla = NLA.load("smollm2-135m")
+    text = "Current token: ' and'\nEnding: the expression list and"
+    assert official_ar_ids(out / "ar", text) == nla.ar.encode([text])["input_ids"][0].tolist()
+    exported = NLA.load(av=out / "av", ar=out / "ar")
+    torch.testing.assert_close(exported.reconstruct([text, "x"]), nla.reconstruct([text, "x"]),
+                               atol=2e-3, rtol=1e-3)

@@ -12,10 +12,21 @@ AR ``nla_meta.yaml``: kind, role: ar, d_model, extraction.mse_scale (= sqrt(d)),
 prompt_templates.ar (with ``{explanation}``); ``config.json`` has num_hidden_layers = K+1 and
 ``value_head.safetensors`` holds the head under key ``weight``.
 Older official files say actor/critic instead of av/ar; both are read.
+
+Both sidecars also carry the official schema-2 keys: ``schema_version: 2``, ``stage`` (sft or
+rl) and ``extraction_layer_index`` (K; the AR's also under ``critic:``).
+
+The AR's tokenization contract: AR prompts are raw text tokenized with
+``add_special_tokens=True``, and the official client asserts that this prepends the tokenizer's
+BOS whenever the tokenizer names one. A GGUF-converted SmolLM2 tokenizer names BOS (id 1) but
+never prepends it, and nlakit's ARs were trained on those BOS-less tokens; so an AR directory
+is written with a tokenizer that names no BOS (the tokens it produces are unchanged, which is
+checked), and the sidecar records ``nlakit.ar_prepends_bos``, which the loader verifies.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 from pathlib import Path
@@ -31,14 +42,19 @@ from .verbalizer import MarkerTokens, locate_marker, render_av_prompt
 NLA_META_FILE = "nla_meta.yaml"
 VALUE_HEAD_FILE = "value_head.safetensors"
 ROLE_ALIASES = {"av": "av", "actor": "av", "ar": "ar", "critic": "ar"}
+SCHEMA_VERSION = 2
+STAGES = ("untrained", "sft", "rl")
 
 
 def av_meta(*, d_model: int, layer: int, injection_scale: float, marker: MarkerTokens,
-            av_template: str, ar_template: str, nlakit: dict) -> dict:
+            av_template: str, ar_template: str, nlakit: dict, stage: str = "sft") -> dict:
     return {
         "kind": "nla_model",
+        "schema_version": SCHEMA_VERSION,
         "role": "av",
+        "stage": stage,
         "d_model": d_model,
+        "extraction_layer_index": layer,
         "extraction": {"layer": layer, "injection_scale": float(injection_scale),
                        "mse_scale": math.sqrt(d_model)},
         "tokens": {
@@ -52,12 +68,18 @@ def av_meta(*, d_model: int, layer: int, injection_scale: float, marker: MarkerT
     }
 
 
-def ar_meta(*, d_model: int, layer: int, ar_template: str, nlakit: dict) -> dict:
+def ar_meta(*, d_model: int, layer: int, ar_template: str, nlakit: dict,
+            stage: str = "sft") -> dict:
     return {
         "kind": "nla_model",
+        "schema_version": SCHEMA_VERSION,
         "role": "ar",
+        "stage": stage,
         "d_model": d_model,
-        "extraction": {"layer": layer, "mse_scale": math.sqrt(d_model)},
+        "extraction_layer_index": layer,
+        "critic": {"extraction_layer_index": layer},
+        # an AR injects nothing: the official sidecars say null here
+        "extraction": {"layer": layer, "injection_scale": None, "mse_scale": math.sqrt(d_model)},
         "prompt_templates": {"ar": ar_template},
         "nlakit": {"version": __version__, **nlakit},
     }
@@ -155,21 +177,76 @@ def write_dir_atomic(target: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def with_schema_keys(meta: dict, stage: str | None = None) -> dict:
+    """`meta` with the official schema-2 keys filled in from its own layer (sidecars written
+    before nlakit wrote them lack them); `stage` overrides the recorded one."""
+    meta = copy.deepcopy(meta)
+    layer = meta.get("extraction", {}).get("layer", meta.get("extraction_layer_index"))
+    meta["schema_version"] = SCHEMA_VERSION
+    meta["stage"] = stage or meta.get("stage") or "sft"
+    if meta["stage"] not in STAGES:
+        raise NLAError(f"sidecar stage must be one of {STAGES}, got {meta['stage']!r}")
+    if layer is not None:
+        meta["extraction_layer_index"] = int(layer)
+        if ROLE_ALIASES.get(str(meta.get("role"))) == "ar":
+            meta["critic"] = {**meta.get("critic", {}), "extraction_layer_index": int(layer)}
+            meta.setdefault("extraction", {}).setdefault("injection_scale", None)
+    return meta
+
+
+def prepends_bos(tokenizer) -> bool:
+    """Whether `add_special_tokens=True` (how AR prompts are tokenized) prepends a BOS."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def ar_tokenizer_for_export(tokenizer):
+    """The AR's tokenizer in the official BOS contract, producing the same tokens.
+
+    Where the tokenizer names a BOS that `add_special_tokens=True` does not prepend, a copy
+    that names none: the official client's rule (a named BOS is prepended) then holds without
+    changing a single token the AR was trained on."""
+    if tokenizer.bos_token_id is None or prepends_bos(tokenizer):
+        return tokenizer
+    out = copy.deepcopy(tokenizer)
+    out.bos_token = None
+    probe = "Summary: <text>a b\nc</text>"
+    before = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    if out(probe, add_special_tokens=True)["input_ids"] != before or out.bos_token_id is not None:
+        raise NLAError("could not write the AR tokenizer without a BOS without changing its "
+                       "tokens; export this AR with its original tokenizer (nlakit layout)")
+    return out
+
+
+def verify_ar_tokenizer(tokenizer, meta: dict, where: str) -> None:
+    """The live tokenizer must prepend a BOS to AR prompts exactly when training did."""
+    recorded = meta.get("nlakit", {}).get("ar_prepends_bos")
+    if recorded is not None and bool(recorded) != prepends_bos(tokenizer):
+        said = "prepends" if recorded else "does not prepend"
+        raise NLAError(f"{where}: the AR was trained on prompts whose tokenization {said} a "
+                       "BOS, and this tokenizer does otherwise; use the tokenizer saved with "
+                       "the AR")
+
+
 def save_av_dir(directory: Path, model, tokenizer, meta: dict) -> None:
     """Write an AV directory: merged weights (or peft adapters), tokenizer and nla_meta.yaml."""
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_yaml(tmp / NLA_META_FILE, meta)
+        write_yaml(tmp / NLA_META_FILE, with_schema_keys(meta))
 
     write_dir_atomic(directory, write)
 
 
 def save_ar_dir(directory: Path, body, head, tokenizer, meta: dict) -> None:
     """Write an AR directory: truncated body (K+1 blocks), value head, tokenizer, sidecar."""
+    exported = ar_tokenizer_for_export(tokenizer)
+    meta = with_schema_keys(meta)
+    meta.setdefault("nlakit", {})["ar_prepends_bos"] = prepends_bos(exported)
+
     def write(tmp: Path) -> None:
         body.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        exported.save_pretrained(tmp)
         save_value_head(head, tmp)
         write_yaml(tmp / NLA_META_FILE, meta)
 

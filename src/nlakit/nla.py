@@ -14,6 +14,7 @@ from .checkpoint import (
     read_meta,
     save_ar_dir,
     save_av_dir,
+    verify_ar_tokenizer,
     verify_av_tokenizer,
 )
 from .errors import NLAError
@@ -102,10 +103,13 @@ def _load_ar(ar_dir: Path, dtype, device, av_tokenizer=None):
     if body.get_input_embeddings().weight.shape[1] != d:
         raise NLAError(f"{ar_dir}: d_model {d} in nla_meta.yaml disagrees with the model")
     layer = int(body.config.num_hidden_layers) - 1
-    stated = meta.get("extraction", {}).get("layer")
-    if stated is not None and int(stated) != layer:
-        raise NLAError(f"{ar_dir}: config.json has {layer + 1} blocks but nla_meta.yaml says "
-                       f"layer {stated}; expected num_hidden_layers = layer + 1")
+    for key, stated in (("extraction.layer", meta.get("extraction", {}).get("layer")),
+                        ("extraction_layer_index", meta.get("extraction_layer_index")),
+                        ("critic.extraction_layer_index",
+                         (meta.get("critic") or {}).get("extraction_layer_index"))):
+        if stated is not None and int(stated) != layer:
+            raise NLAError(f"{ar_dir}: config.json has {layer + 1} blocks but nla_meta.yaml "
+                           f"says {key} {stated}; expected num_hidden_layers = layer + 1")
     try:
         tok = AutoTokenizer.from_pretrained(ar_dir)
     except (OSError, ValueError):
@@ -114,9 +118,48 @@ def _load_ar(ar_dir: Path, dtype, device, av_tokenizer=None):
         tok = av_tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    verify_ar_tokenizer(tok, meta, str(ar_dir))
     head = load_value_head(ar_dir, d).to(device)
     return Reconstructor(body, head, tok, meta["template"]), meta
 
+
+
+POSITIONS_FORMS = "'last', 'all', an int, a list of ints, or a string like '3,7,-1'"
+
+
+def parse_positions(spec) -> str | list[int]:
+    """'last' / 'all' / a list of token indices, from any of the accepted forms."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text in ("last", "all"):
+            return text
+        try:
+            return [int(p) for p in text.split(",")]
+        except ValueError:
+            raise NLAError(f"positions must be {POSITIONS_FORMS}; got {spec!r}") from None
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return [spec]
+    try:
+        items = list(spec)
+    except TypeError:
+        raise NLAError(f"positions must be {POSITIONS_FORMS}; got {spec!r}") from None
+    if not items or not all(isinstance(p, int) and not isinstance(p, bool) for p in items):
+        raise NLAError(f"positions must be {POSITIONS_FORMS}; got {spec!r}")
+    return [int(p) for p in items]
+
+
+def resolve_positions(spec, n_tokens: int) -> list[int]:
+    """Absolute token indices of a text of `n_tokens` tokens (negative counts from the end)."""
+    parsed = parse_positions(spec)
+    if parsed == "last":
+        return [n_tokens - 1]
+    if parsed == "all":
+        return list(range(n_tokens))
+    chosen = [p + n_tokens if p < 0 else p for p in parsed]
+    bad = [p for p, c in zip(parsed, chosen) if not 0 <= c < n_tokens]
+    if bad:
+        raise NLAError(f"positions {bad} out of range for a text of {n_tokens} tokens")
+    return chosen
 
 class NLA:
     """A natural language autoencoder: `av` (vector -> text) and `ar` (text -> vector)."""
@@ -191,8 +234,10 @@ class NLA:
               "dataset_stats": dict(dataset_stats or {}), "weights": "merged"}
         d = ar.d_model
         am = av_meta(d_model=d, layer=layer, injection_scale=injection_scale, marker=mk,
-                     av_template=DEFAULT_AV_TEMPLATE, ar_template=DEFAULT_AR_TEMPLATE, nlakit=nl)
-        rm = ar_meta(d_model=d, layer=layer, ar_template=DEFAULT_AR_TEMPLATE, nlakit=dict(nl))
+                     av_template=DEFAULT_AV_TEMPLATE, ar_template=DEFAULT_AR_TEMPLATE, nlakit=nl,
+                     stage="untrained")
+        rm = ar_meta(d_model=d, layer=layer, ar_template=DEFAULT_AR_TEMPLATE, nlakit=dict(nl),
+                     stage="untrained")
         am["template"], rm["template"] = DEFAULT_AV_TEMPLATE, DEFAULT_AR_TEMPLATE
         return cls(av, ar, am, rm, target=target)
 
@@ -331,19 +376,12 @@ class NLA:
                      max_new_tokens: int = 150, seed: int | None = 0) -> list[TokenExplanation]:
         """Explain the target's block-K state at chosen tokens of `text`.
 
-        positions: "last", "all", or a list of token indices (negative counts from the end).
+        positions: "last", "all", token indices (negative counts from the end) as a list, an
+        int, or a comma-separated string like "-3,-2,-1" (the CLI's form).
         best_of > 1 keeps, of the greedy explanation and best_of - 1 samples (temperature 1),
         the one the AR reconstructs best; otherwise greedy decoding."""
         ids, acts = self.activations(text)
-        if positions == "last":
-            chosen = [len(ids) - 1]
-        elif positions == "all":
-            chosen = list(range(len(ids)))
-        else:
-            chosen = [p + len(ids) if p < 0 else p for p in positions]
-            bad = [p for p in chosen if not 0 <= p < len(ids)]
-            if bad:
-                raise NLAError(f"positions {bad} out of range for a text of {len(ids)} tokens")
+        chosen = resolve_positions(positions, len(ids))
         vecs = acts[chosen]
         n = max(1, int(best_of))
         exps = self.candidates(vecs, n, max_new_tokens=max_new_tokens, seed=seed)

@@ -612,6 +612,7 @@ def _export(nla, policy, ar: Reconstructor, av: Verbalizer, out_dir: Path,
 
     av_meta, ar_meta = copy.deepcopy(nla.av_meta), copy.deepcopy(nla.ar_meta)
     for meta in (av_meta, ar_meta):
+        meta["stage"] = "rl"
         nl = meta.setdefault("nlakit", {})
         nl.setdefault("provenance", {})
         nl["provenance"] = {**nl["provenance"], **provenance}
