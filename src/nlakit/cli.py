@@ -275,16 +275,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _positions(text: str):
-    if text in ("last", "all"):
-        return text
-    try:
-        return [int(p) for p in text.split(",")]
-    except ValueError:
-        raise NLAError(f"--positions must be last, all or comma-separated integers, got "
-                       f"{text!r}") from None
-
-
 def cmd_shipped(args) -> int:
     from .shipped import describe, shipped_names
 
@@ -301,7 +291,7 @@ def cmd_explain(args) -> int:
 
     nla = NLA.load(args.nla, device=args.device) if args.nla else NLA.load(
         av=args.av, ar=args.ar, device=args.device)
-    rows = nla.explain_text(args.text, _positions(args.positions), best_of=args.best_of,
+    rows = nla.explain_text(args.text, args.positions, best_of=args.best_of,
                             max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps([{k: v for k, v in vars(r).items() if k != "reconstruction"}
@@ -564,12 +554,49 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Library notices a user of the CLI cannot act on; -v shows them. Python warnings:
+HARMLESS_WARNINGS = (
+    # peft reads the attribute transformers 5 renamed; nlakit never checkpoints activations
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # the AV prompt is embeddings; the penalty is meant for the explanation it writes
+    (UserWarning, r"Passing `repetition_penalty` with `inputs_embeds`"),
+)
+# ... and messages of transformers' own logger:
+HARMLESS_LOG_MESSAGES = (
+    # GGUF-converted tokenizers carry the flag; transformers ignores it for BPE, as we want
+    "Ignoring clean_up_tokenization_spaces",
+)
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(known in message for known in HARMLESS_LOG_MESSAGES)
+
+
+def quiet_libraries() -> None:
+    """Hide the known harmless library warnings and transformers' per-load "Loading weights"
+    bars, so that a command's output reads as nlakit's report; nlakit's own progress bar per
+    long step stays. Done here, at the CLI's entry, never inside the library."""
+    import warnings
+
+    for category, message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    for handler in hf_logging._get_library_root_logger().handlers:
+        handler.addFilter(_DropHarmless())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        quiet_libraries()
     try:
         return args.func(args)
     except NLAError as e:
