@@ -24,8 +24,8 @@ import time
 import numpy as np
 
 from nlakit import NLA
+from nlakit.claims import claim_checks
 from nlakit.evaluate import bootstrap_summary, denominators, row_metrics, select_rows
-from nlakit.ladder import claim_checks
 from nlakit.store import ActivationStore
 
 
@@ -88,7 +88,7 @@ def main() -> None:
         pred = nla.reconstruct(texts)
         per_row = row_metrics(pred, rows.vectors, den)
         summary = bootstrap_summary({"fve_nrm": np.asarray(per_row["fve_nrm"])}, rows.doc_ids)
-        claims = claim_checks(texts, rows.prefixes, nla.av.tokenizer)
+        claims, _, _ = claim_checks(texts, rows.prefixes, nla.av.tokenizer)
         closed = np.asarray([e.complete for e in exps])
         fve = np.asarray(per_row["fve_nrm"])
         result = {

@@ -1,20 +1,10 @@
-"""The quality ladder's reference points: reread_N, the fitted quote AR, claim checks."""
+"""The quality ladder's reference points: reread_N and the fitted quote AR."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from nlakit.ladder import (
-    FitBudget,
-    claim_checks,
-    ending_words_found,
-    fit_reconstructor,
-    quote_is_true,
-    quoted_ending,
-    reread_predictions,
-    stated_current_token,
-)
+from nlakit.ladder import FitBudget, fit_reconstructor, reread_predictions
 from nlakit.reconstructor import Reconstructor
 
 
@@ -50,28 +40,3 @@ def test_fit_reconstructor_learns_its_training_pairs(tiny):
     with torch.no_grad():
         after = float(fitted.loss(texts, targets))
     assert after < 0.5 * before
-
-
-def test_claim_checks_tell_right_from_wrong_quotes(tiny):
-    _, tok = tiny
-    prefix = "The assignment statement evaluates the expression list and"
-    right = ("Current token: ' and'.\nKind of text: prose.\n"
-             "Ending: evaluates the expression list and")
-    wrong = "Current token: ' or'.\nKind of text: prose.\nEnding: the print statement and"
-    v1_right = 'Kind of text: prose.\nThe text ends with "the expression list and".'
-    silent = "Kind of text: prose."
-    assert stated_current_token(right) == " and"
-    assert quoted_ending(v1_right) == "the expression list and"
-    assert quote_is_true("expression  list\nand", prefix)
-    assert not quote_is_true("list and the", prefix)
-    out = claim_checks([right, wrong, v1_right, silent], [prefix] * 4, tok)
-    true_last = tok.decode(tok(prefix, add_special_tokens=False)["input_ids"][-1:])
-    assert out["current_token_right"][0] == float(true_last == " and")
-    assert out["current_token_right"][1] == 0.0
-    assert np.isnan(out["current_token_right"][2]) and np.isnan(out["current_token_right"][3])
-    np.testing.assert_array_equal(out["quote_true"][:3], [1.0, 0.0, 1.0])
-    assert np.isnan(out["quote_true"][3])
-    # partial credit: 3 of the wrong ending's 4 words are in the last 12 ("print" is not)
-    np.testing.assert_allclose(out["ending_words_found"][:3], [1.0, 0.75, 1.0])
-    assert np.isnan(out["ending_words_found"][3])
-    assert ending_words_found("list and", prefix, window_words=1) == 0.5  # "list" is too far back

@@ -88,9 +88,28 @@ def test_explain_all_tokens_matches_the_library(server, nla):
         s = nla.score([x["explanation"]], acts[x["position"]][None])
         assert x["cos"] == pytest.approx(float(s["cos"][0]), abs=1e-5)
         assert x["fve_nrm"] == pytest.approx(float(s["fve_nrm"][0]), abs=1e-5)
-    lib = nla.explain_text(SAMPLE_TEXT, [len(ids) - 1], max_new_tokens=6)[0]
+    lib = nla.explain_text(SAMPLE_TEXT, [len(ids) - 1], max_new_tokens=6, verify=True)[0]
     assert res[-1]["explanation"] == lib.explanation
     assert res[-1]["fve_nrm"] == pytest.approx(lib.fve_nrm, abs=1e-5)
+    # the claim checks are the library's too (None where the explanation makes no claim)
+    assert res[-1]["verification"] == lib.verification
+    assert res[-1]["claims"] == {k: (None if v != v else v) for k, v in lib.claims.items()}
+
+
+def test_the_viewer_checks_the_claims_of_what_it_explains(server, nla, monkeypatch):
+    """An explanation with a right and a wrong claim comes back with both marked."""
+    from nlakit.verbalizer import Explanation
+
+    _, tok = nla.target()
+    ids = tok(SAMPLE_TEXT, add_special_tokens=True)["input_ids"]
+    real = tok.decode(ids[-1:])
+    said = f"Current token: {real!r}. Kind of text: dialogue."
+    monkeypatch.setattr(nla, "candidates", lambda vecs, n, **_: [
+        Explanation(said, True, said, 9) for _ in range(len(vecs) * n)])
+    r = server.post("/api/explain", json={"text": SAMPLE_TEXT, "positions": [-1], "wait": True})
+    x = r.json()["result"]["results"][0]
+    assert x["claims"]["current_token_right"] == 1.0 and x["claims"]["kind_right"] == 0.0
+    assert "✓ current token" in x["verification"] and "✗ kind of text" in x["verification"]
 
 
 def test_explain_job_reports_progress_and_partial_results(server):

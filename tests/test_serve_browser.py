@@ -52,6 +52,7 @@ def test_explain_page_shows_the_apis_explanations(browser, tiny, tmp_path):
     assert res.shown_explanation == clicked["explanation"] != ""
     assert res.token == clicked["token"]
     assert res.shown_explanations == {r["position"]: r["explanation"] for r in results}
+    assert res.shown_claims == (clicked["verification"] or "(no checkable claim)")
     assert res.status.startswith("done")
     assert not res.console_errors, res.console_errors
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

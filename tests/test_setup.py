@@ -51,8 +51,8 @@ def test_the_suite_runs_on_the_locked_versions():
             installed = version(req.name).split("+")[0]
         except PackageNotFoundError:
             pytest.fail(f"{req.name} is not installed; run make install")
-        assert installed == pins[canonicalize_name(req.name)], \
-            f"{req.name} {installed} is installed, the lock says {pins[canonicalize_name(req.name)]}"
+        locked = pins[canonicalize_name(req.name)]
+        assert installed == locked, f"{req.name} {installed} is installed, the lock says {locked}"
 
 
 def test_the_readme_states_the_locked_versions():
@@ -62,5 +62,6 @@ def test_the_readme_states_the_locked_versions():
     stated = dict(re.findall(r"([A-Za-z][\w.-]*) (\d[\w.]*)", line.group(1).replace("\n", " ")))
     stated.pop("Python")
     pins = _lock()
-    assert stated and all(pins[canonicalize_name(n)] == v.rstrip(",.") for n, v in stated.items()), \
-        f"README says {stated}; the lock says {[(n, pins.get(canonicalize_name(n))) for n in stated]}"
+    wrong = {n: (v.rstrip(",."), pins.get(canonicalize_name(n))) for n, v in stated.items()
+             if pins.get(canonicalize_name(n)) != v.rstrip(",.")}
+    assert stated and not wrong, f"README's version, the lock's: {wrong}"

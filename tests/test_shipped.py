@@ -168,9 +168,13 @@ def test_the_shipped_smollm2_nla_loads_by_name_and_explains():
     nla = NLA.load("smollm2-135m")
     assert nla.layer == 10 and nla.ar.template == "{explanation}"
     (row,) = nla.explain_text("The assignment statement evaluates the expression list and",
-                              positions="last", max_new_tokens=40)
+                              positions="last", max_new_tokens=40, verify=True)
     assert row.explanation.startswith("Current token: ")
     assert -4.0 <= row.fve_nrm <= 1.0
+    stated = row.explanation.split("'")[1]  # Current token: '<this>'.
+    assert row.claims["current_token_right"] == float(stated == " and")
+    assert row.verification.splitlines()[0].endswith(f"current token {stated!r}" + (
+        "" if stated == " and" else " (real: ' and')"))
 
 
 @pytest.mark.slow

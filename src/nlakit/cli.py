@@ -292,16 +292,22 @@ def cmd_explain(args) -> int:
     nla = NLA.load(args.nla, device=args.device) if args.nla else NLA.load(
         av=args.av, ar=args.ar, device=args.device)
     rows = nla.explain_text(args.text, args.positions, best_of=args.best_of,
-                            max_new_tokens=args.max_new_tokens)
+                            max_new_tokens=args.max_new_tokens, verify=args.verify)
     if args.json:
+        for r in rows:  # JSON has no NaN: a verdict of no claim is null
+            r.claims = r.claims and {k: None if v != v else v for k, v in r.claims.items()}
         print(json.dumps([{k: v for k, v in vars(r).items() if k != "reconstruction"}
-                          for r in rows], indent=2, ensure_ascii=False))
+                          for r in rows], indent=2, ensure_ascii=False, allow_nan=False))
         return 0
     print(f"{'pos':>4}  {'token':<14} {'fve_nrm':>7} {'cos':>6}  explanation")
     for r in rows:
         flag = "" if r.complete else " [unfinished]"
         text = " ".join(r.explanation.split())
         print(f"{r.position:>4}  {r.token!r:<14} {r.fve_nrm:>7.3f} {r.cos:>6.3f}  {text}{flag}")
+        if r.verification:
+            print("\n".join(f"{'':>6}{line}" for line in r.verification.splitlines()))
+        elif args.verify:
+            print(f"{'':>6}(no checkable claim)")
     print(f"(fve_nrm denominator: rawvar {nla.dataset_stats.get('rawvar', float('nan')):.4f} "
           "of the training store)")
     return 0
@@ -416,6 +422,9 @@ def _add_other_commands(sub) -> None:
                    help="sample N explanations per token and keep the AR's favourite")
     p.add_argument("--max-new-tokens", type=int, default=150)
     p.add_argument("--device", default=None)
+    p.add_argument("--verify", action="store_true",
+                   help="check each claim against the text and the target's real next-token "
+                        "distribution, and mark it (✓ true, ✗ false, a share for partly true)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain)
 

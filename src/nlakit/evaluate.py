@@ -30,10 +30,12 @@ target's next-token distribution there is compared with the unmodified one: ``kl
 mean-activation ablation), with document-level CIs, in each method's summary and per row.
 ``spliced.reference`` holds the true vector's kl (the float noise floor) and the ablation's.
 
-Claim checks (``claims`` in the JSON) where the explanation format makes them checkable: the
-fraction of explanations whose stated current token is right and whose quoted ending really ends
-the context, and the mean fraction of the quoted ending's words found among the context's last 12
-words, with document-level CIs (rows that make no such claim are left out).
+Claim checks (``claims`` in the JSON, ``claims`` in each row): every checkable field of the
+explanation format checked against the row's context and the target's real next-token
+distribution there (`nlakit.claims`: the current token, the tokens before it, the kind of text,
+the stated predictions against the real top 5 and probabilities, the ending's words), with
+document-level CIs over the rows that make the claim, and the count of rows whose field was
+there but unreadable.
 
 Denominators (stated in the output): fve_nrm = 1 − mse_nrm / rawvar with rawvar of the store's
 statistics for the evaluated split ("all" for all splits); fve_meannorm = 1 − mse_nrm / meannorm
@@ -379,6 +381,7 @@ class _Scores:
         self.timings: dict[str, float] = {}
         self.preds: dict[str, torch.Tensor] = {}  # [n, d] per method, NaN rows where it has none
         self.best_of_texts: list[str] | None = None  # the chosen best-of-N explanation per row
+        self.claim_rows: dict[str, np.ndarray] = {}  # verdict -> per-row value (NaN: no claim)
 
     def record(self, name: str, pred: torch.Tensor, idx: np.ndarray | None = None,
                note: str = "") -> None:
@@ -675,21 +678,31 @@ def _score_spliced(nla, store, sc: _Scores, progress: bool) -> dict:
     return data
 
 
-def _claims(sc: _Scores, exps, tok) -> dict:
-    """Claim-level checks of the NLA's explanations (see `nlakit.ladder.claim_checks`)."""
-    from .ladder import claim_checks
+def _claims(nla, sc: _Scores, exps) -> dict:
+    """Every checkable claim of the NLA's explanations against the row's context and the
+    target's real next-token distribution (`nlakit.claims`); per verdict a document-level CI
+    over the rows that make the claim, and how many rows had the field but unreadable."""
+    from .claims import claim_checks, unparsed_counts
 
     if not exps:
         return {}
-    checks = claim_checks([e.text for e in exps], sc.rows.prefixes, tok)
+    target = _frozen_target(nla)
+    model, tok = target if target is not None else (None, nla.ar.tokenizer)
+    verdicts, claims, _ = claim_checks([e.text for e in exps], sc.rows.prefixes, tok, model,
+                                       sc.cfg.batch_size)
+    sc.claim_rows = verdicts
+    unparsed = unparsed_counts(claims)
     out = {}
-    for name, values in checks.items():
+    for name, values in verdicts.items():
         made = np.isfinite(values)
         if not made.any():
             continue
         summary = metrics.bootstrap_ci(values[made], groups=sc.rows.doc_ids[made],
                                        n_boot=sc.cfg.n_boot, seed=sc.cfg.seed)
-        out[name] = {**summary, "n_claims": int(made.sum()), "n_rows": len(sc.rows)}
+        out[name] = {**summary, "n_claims": int(made.sum()), "n_unparsed": unparsed[name],
+                     "n_rows": len(sc.rows)}
+    if model is None:
+        sc.notes["claims"] = ("predictions unchecked: the NLA names no loadable target model")
     return out
 
 
@@ -726,6 +739,8 @@ def _row_records(sc: _Scores, exps) -> list[dict]:
          "n_tokens": int(exps[i].n_tokens) if exps else None,
          "fve_nrm": {k: _num(per_row[k]["fve_nrm"][i]) for k in per_row},
          "cos": _num(per_row["nla"]["cos"][i]) if "nla" in per_row else None,
+         "claims": ({k: _num(v[i]) for k, v in sc.claim_rows.items()}
+                    if sc.claim_rows else None),
          **{k: {m: _num(per_row[m][k][i]) for m in per_row if k in per_row[m]}
             for k in ("kl", "ce_recovered") if spliced}}
         for i in range(len(rows))
@@ -753,7 +768,7 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
     _score_texts(nla, store, sc, labels, control_av)
     _score_references(nla, store, sc)
     spliced = _score_spliced(nla, store, sc, progress)
-    claims = _claims(sc, exps, nla.ar.tokenizer)
+    claims = _claims(nla, sc, exps)
     sanity = _sanity(sc)
     sc.timings["total"] = time.perf_counter() - t0
     data = {
@@ -836,9 +851,22 @@ def format_table(data: dict) -> str:
         gap = methods["label"]["fve_nrm"]["mean"] - methods["nla"]["fve_nrm"]["mean"]
         lines.append(f"label is the AR's ceiling for this label format; what the verbalizer "
                      f"loses (label - nla): {gap:+.3f} fve_nrm")
-    for name, c in (data.get("claims") or {}).items():
-        what = "mean over" if name == "ending_words_found" else "of"
-        lines.append(f"claim check {name}: {c['mean']:.1%} [{c['ci'][0]:.1%}, {c['ci'][1]:.1%}]"
-                     f" {what} {c['n_claims']} explanations that make the claim "
-                     f"({c['n_rows']} rows)")
+    claims = data.get("claims") or {}
+    if claims:
+        lines.append(format_claims(claims))
+    return "\n".join(lines)
+
+
+def format_claims(claims: dict) -> str:
+    """The claim checks as a table: per verdict its mean and document-level CI over the rows
+    that make the claim, how many make it, and how many had the field unreadable."""
+    from .claims import LOWER_IS_BETTER
+
+    lines = [f"{'claim check':<24} {'true [95% CI]':<24} {'claims':>7} {'unparsed':>9}"]
+    for name, c in claims.items():
+        cell = f"{c['mean']:.1%} [{c['ci'][0]:.1%}, {c['ci'][1]:.1%}]"
+        if name in LOWER_IS_BETTER:
+            name = f"{name} (lower=better)"
+        lines.append(f"{name:<24} {cell:<24} {c['n_claims']:>7} {c.get('n_unparsed', 0):>9}"
+                     f"   of {c['n_rows']} rows")
     return "\n".join(lines)

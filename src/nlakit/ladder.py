@@ -6,13 +6,11 @@
 - ``quote_N_fit``: an AR trained on quotes of *training* rows with the same budget as the NLA's
   AR, then fed the quotes of the evaluated rows. The fair version of ``quote_N`` (read by the
   NLA's own AR, which was never trained on raw quotes): a baseline gets its best shot.
-- claim checks: whether an explanation's checkable claims are true of the context: the stated
-  current token, and the quoted ending (its words must occur at the end of the context).
+Claim checks live in `nlakit.claims`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,61 +97,3 @@ def fit_reconstructor(ar, texts: list[str], vectors: torch.Tensor, budget: FitBu
         loss.backward()
         opt.step()
     return ar.eval()
-
-
-# ---- claim checks -----------------------------------------------------------------------------
-
-_CURRENT = re.compile(r"Current token: '(.*?)'\.?\s*$", re.MULTILINE)
-_ENDING = re.compile(r"^Ending: (.*)$", re.MULTILINE)
-_ENDS_WITH = re.compile(r"The text ends with \"(.*)\"\.?\s*$", re.MULTILINE)
-
-
-def _unescape(text: str) -> str:
-    """Undo the labels' one-line escapes (\\n, \\t, \\\\)."""
-    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), text)
-
-
-def stated_current_token(explanation: str) -> str | None:
-    m = _CURRENT.search(explanation)
-    return _unescape(m.group(1)) if m else None
-
-
-def quoted_ending(explanation: str) -> str | None:
-    m = _ENDING.search(explanation) or _ENDS_WITH.search(explanation)
-    return _unescape(m.group(1)).lstrip("…") if m else None
-
-
-def quote_is_true(quote: str, prefix: str, window_chars: int = 300) -> bool:
-    """The quoted words occur, in order and contiguously, at the end of the context: the
-    quote's whitespace-normalised text is a suffix of the context's last ``window_chars``."""
-    q = " ".join(quote.split())
-    tail = " ".join(prefix[-window_chars:].split())
-    return bool(q) and tail.endswith(q)
-
-
-def ending_words_found(quote: str, prefix: str, window_words: int = 12) -> float:
-    """The fraction of the quoted ending's words that occur among the context's last
-    ``window_words`` words: partial credit where `quote_is_true` asks for the exact suffix, which
-    a small AV almost never writes (0% on every set measured), so only this one tells AVs
-    apart. NaN for an empty quote."""
-    words, tail = quote.split(), set(prefix.split()[-window_words:])
-    return float(np.mean([w in tail for w in words])) if words else np.nan
-
-
-def claim_checks(explanations: list[str], prefixes: list[str], tokenizer) -> dict:
-    """Per-row claim outcomes (1.0 true, 0.0 false, NaN when the explanation makes no such
-    claim): ``current_token_right`` and ``quote_true``; ``ending_words_found`` is a fraction
-    per row (`ending_words_found`)."""
-    cur, quote, found = [], [], []
-    for text, prefix in zip(explanations, prefixes):
-        said = stated_current_token(text)
-        if said is None:
-            cur.append(np.nan)
-        else:
-            true = tokenizer.decode(tail_ids(prefix, tokenizer, 1))
-            cur.append(float(said == true))
-        q = quoted_ending(text)
-        quote.append(np.nan if q is None else float(quote_is_true(q, prefix)))
-        found.append(np.nan if q is None else ending_words_found(q, prefix))
-    return {"current_token_right": np.asarray(cur), "quote_true": np.asarray(quote),
-            "ending_words_found": np.asarray(found)}

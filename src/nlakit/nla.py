@@ -19,7 +19,13 @@ from .checkpoint import (
 )
 from .errors import NLAError
 from .fileio import write_yaml
-from .models import forward_to_layer, load_model, resolve_device, resolve_dtype
+from .models import (
+    forward_to_layer,
+    load_model,
+    next_token_probs,
+    resolve_device,
+    resolve_dtype,
+)
 from .reconstructor import Reconstructor
 from .verbalizer import Explanation, Verbalizer, check_vectors
 
@@ -36,6 +42,8 @@ class TokenExplanation:
     cos: float
     fve_nrm: float
     reconstruction: torch.Tensor  # [d]
+    claims: dict | None = None  # verdict -> 1/0/fraction/NaN (`nlakit.claims`), when verified
+    verification: str | None = None  # one marked line per stated field
 
 
 def _load_av(av_dir: Path, dtype, device):
@@ -373,13 +381,16 @@ class NLA:
         return ids, hidden[0].float().cpu()
 
     def explain_text(self, text: str, positions="last", *, best_of: int = 1,
-                     max_new_tokens: int = 150, seed: int | None = 0) -> list[TokenExplanation]:
+                     max_new_tokens: int = 150, seed: int | None = 0,
+                     verify: bool = False) -> list[TokenExplanation]:
         """Explain the target's block-K state at chosen tokens of `text`.
 
         positions: "last", "all", token indices (negative counts from the end) as a list, an
         int, or a comma-separated string like "-3,-2,-1" (the CLI's form).
         best_of > 1 keeps, of the greedy explanation and best_of - 1 samples (temperature 1),
-        the one the AR reconstructs best; otherwise greedy decoding."""
+        the one the AR reconstructs best; otherwise greedy decoding. verify: check every
+        claim of each explanation against the text and the target's real next-token
+        distribution (`nlakit.claims`), into ``claims`` and ``verification``."""
         ids, acts = self.activations(text)
         chosen = resolve_positions(positions, len(ids))
         vecs = acts[chosen]
@@ -396,4 +407,28 @@ class NLA:
                 complete=exps[j].complete, mse_nrm=float(scores["mse_nrm"][j]),
                 cos=float(scores["cos"][j]), fve_nrm=float(scores["fve_nrm"][j]),
                 reconstruction=scores["reconstruction"][j]))
+        if verify:
+            checked = self.verify_claims(ids, chosen, [r.explanation for r in out])
+            for r, (verdicts, lines) in zip(out, checked):
+                r.claims, r.verification = verdicts, lines
+        return out
+
+    def verify_claims(self, ids: list[int], positions: list[int],
+                      explanations: list[str]) -> list[tuple[dict, str]]:
+        """(verdicts, marked lines) per explanation: its claims checked against the text `ids`
+        up to its position and the target's next-token distribution there (`nlakit.claims`;
+        one forward over the whole text)."""
+        from .claims import describe, parse_claims, truth_from_probs
+        from .claims import verify as check
+
+        if not positions:
+            return []
+        model, tok = self.target()
+        probs = next_token_probs(model, [ids], read_at=[list(positions)])
+        out = []
+        for pos, text, p in zip(positions, explanations, probs):
+            c = parse_claims(text)
+            truth = truth_from_probs(tok, ids[:pos + 1], p, c.prediction_tokens)
+            verdicts = check(c, truth)
+            out.append((verdicts, describe(c, verdicts, truth)))
         return out

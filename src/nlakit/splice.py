@@ -53,7 +53,7 @@ import torch
 
 from . import metrics
 from .errors import NLAError
-from .models import decoder_layers, decoder_stack
+from .models import decoder_layers, decoder_stack, lm_logits
 from .store import TRAINING_SPLITS
 
 log = logging.getLogger(__name__)
@@ -204,11 +204,7 @@ def mean_activation(store, exclude: str | None = None,
 
 
 def _lm_logits(model, h: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(h).double()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return lm_logits(model, h, torch.float64)  # float64: kl of near-identical distributions
 
 
 class _BlockOverwrite:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import NLAError
-from ..models import decoder_stack
+from ..models import next_token_probs
 from .cache import LabelRow
 from .core import ModelLabeller, _weights_id
 from .format import ParsedLabel, parse_label
@@ -89,32 +89,7 @@ def top_next_tokens(model, batch_ids: Sequence[Sequence[int]], k: int = 3,
     """
     if any(len(ids) == 0 for ids in batch_ids):
         raise NLAError("top_next_tokens got an empty token sequence")
-    device = next(model.parameters()).device
-    width = max(len(ids) for ids in batch_ids)
-    ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
-    for i, seq in enumerate(batch_ids):
-        ids[i, :len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[i, :len(seq)] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    hidden = decoder_stack(model)(input_ids=ids, attention_mask=mask,
-                                  use_cache=False).last_hidden_state
-    if read_at is None:
-        rows = torch.arange(len(batch_ids), device=device)
-        cols = mask.sum(dim=1) - 1
-    else:
-        pairs = [(i, p) for i, ps in enumerate(read_at) for p in ps]
-        if any(not 0 <= p < len(batch_ids[i]) for i, p in pairs):
-            raise NLAError("top_next_tokens: a read position lies outside its sequence")
-        rows = torch.tensor([i for i, _ in pairs], device=device)
-        cols = torch.tensor([p for _, p in pairs], device=device)
-    h = hidden[rows, cols]
-    logits = model.get_output_embeddings()(h).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    probs = torch.softmax(logits, dim=-1)
-    top = probs.topk(k, dim=-1)
+    top = next_token_probs(model, batch_ids, pad_id, read_at).topk(k, dim=-1)
     return top.values.cpu(), top.indices.cpu()
 
 

@@ -57,6 +57,7 @@ class ExplainFlowResult:
     token: str  # the clicked token as the page shows it
     shown_explanation: str  # the explanation text the page shows for it
     shown_explanations: dict  # {position: explanation} of every token (title attribute)
+    shown_claims: str  # the claim checks the page shows for the clicked token
     status: str  # the progress line when done
     screenshot: Path | None
     title: str  # document.title at the end (a script injected by model output would show)
@@ -103,6 +104,7 @@ def explain_flow(driver, url: str, text: str, *, click: int = -1, max_new_tokens
         "return Array.from(document.querySelectorAll('#tokens .tok')).map("
         "s => [parseInt(s.dataset.pos), s.title])")
     token = driver.execute_script("return document.getElementById('d-token').textContent")
+    claims = driver.execute_script("return document.getElementById('d-claims').textContent")
     job_id = driver.find_element(By.ID, "tokens").get_attribute("data-job")
     shot = None
     if screenshot is not None:
@@ -116,5 +118,6 @@ def explain_flow(driver, url: str, text: str, *, click: int = -1, max_new_tokens
     return ExplainFlowResult(job_id=job_id, n_tokens=n, position=pos, token=token,
                              shown_explanation=shown,
                              shown_explanations={int(p): t for p, t in titles},
+                             shown_claims=claims,
                              status=status.text, screenshot=shot, title=driver.title,
                              console_errors=logs)

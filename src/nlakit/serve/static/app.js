@@ -129,6 +129,7 @@ function showDetail(pos) {
   $("d-cos").textContent = r ? fmt(r.cos) : "–";
   $("d-mse").textContent = r ? (r.mse_nrm === null ? "–" : r.mse_nrm.toFixed(3)) : "–";
   $("d-bestof").textContent = r ? String(r.best_of) : "–";
+  $("d-claims").textContent = r ? (r.verification || "(no checkable claim)") : "–";
   const top = $("d-top");
   top.textContent = "";
   for (const n of t.top_next || []) {
