@@ -183,6 +183,11 @@ def test_eval_reports_claims_per_row_and_per_field(tiny, tiny_store, monkeypatch
     assert d["rows"][0]["claims"]["current_token_right"] == 0.0
     assert d["rows"][1]["claims"]["current_token_right"] == 1.0
     assert "top_prediction_in_top5" in format_table(d) and "unparsed" in format_table(d)
+    from nlakit.report import render_html, render_markdown
+
+    cell = f"{c['current_token_right']['mean']:.1%}"
+    assert "<h3>Claim checks</h3>" in render_html(d) and cell in render_html(d)
+    assert f"| current_token_right | {cell}" in render_markdown(d)
 
 
 def test_a_check_can_fail():

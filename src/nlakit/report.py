@@ -167,6 +167,26 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
         "font-size:.85em}pre{white-space:pre-wrap;margin:0;font-size:.85em}")
 
 
+def _claim_cell(c: dict) -> str:
+    return f"{c['mean']:.1%} [{c['ci'][0]:.1%}, {c['ci'][1]:.1%}]"
+
+
+def _claims_html(ev: dict) -> list[str]:
+    claims = ev.get("claims") or {}
+    if not claims:
+        return []
+    out = ["<h3>Claim checks</h3><p class='cap'>Each checkable field of the explanations "
+           "against the row's context and the target's real next-token distribution; 95% CI "
+           "over documents, among the rows that make the claim (prediction_prob_error: lower "
+           "is better).</p><table><tr><th>claim</th><th>true [95% CI]</th><th>claims</th>"
+           "<th>unparsed</th><th>rows</th></tr>"]
+    for name, c in claims.items():
+        out.append(f"<tr><td>{_esc(name)}</td><td class=num>{_claim_cell(c)}</td>"
+                   f"<td class=num>{c['n_claims']}</td><td class=num>{c.get('n_unparsed', 0)}"
+                   f"</td><td class=num>{c['n_rows']}</td></tr>")
+    return out + ["</table>"]
+
+
 def _eval_html(ev: dict) -> list[str]:
     spliced = SPLICED_COLUMNS if _has_spliced(ev) else ()
     out = [(f"<h2>Evaluation</h2><p class='cap'>{_scope(ev)} fve_meannorm denominator: "
@@ -195,6 +215,7 @@ def _eval_html(ev: dict) -> list[str]:
                f"{san.get('expected_mean_direction_fve_nrm_rows', float('nan')):+.5f}"
                f" — {'OK' if san.get('ok') else 'MISMATCH'}.</p>")
     out.append(plot_baselines(ev))
+    out += _claims_html(ev)
     if "nla" not in ev["methods"]:
         for sec in SECTIONS_EVAL[1:]:
             out.append(f"<h3>{sec}</h3><p class='cap'>{_scope(ev)} Not available: this run has "
@@ -317,6 +338,10 @@ def render_markdown(eval_data: dict | None = None, audit_data: dict | None = Non
                        + "".join(f" {_fmt(m.get(k), f)} |" for k, _, f in spliced))
         out += [""] + ([_spliced_caption(ev), ""] if _spliced_caption(ev) else [])
         out += [f"- {n}: {w}" for n, w in ev.get("skipped", {}).items()] + [""]
+        if ev.get("claims"):
+            out += ["| claim check | true [95% CI] | claims | unparsed |", "|---|---:|---:|---:|"]
+            out += [f"| {n} | {_claim_cell(c)} | {c['n_claims']} | {c.get('n_unparsed', 0)} |"
+                    for n, c in ev["claims"].items()] + [""]
     if audit_data is not None:
         au = audit_data
         out += ["## Faithfulness audit", "", _scope_md(au),
