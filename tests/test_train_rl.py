@@ -247,10 +247,11 @@ def test_kill_and_resume_reaches_the_same_state(sft_nla, tiny_store, tmp_path, m
 
 def test_a_finished_run_extended_by_max_steps_matches_a_longer_straight_run(
         sft_nla, tiny_store, tmp_path):
-    """Raising max_steps continues a finished run: the same steps as one run of that length."""
-    cfg = _cfg(max_steps=5, eval_rows=0)
+    """Raising max_steps continues a finished run: the same steps as one run of that length.
+    float32: the checkpoints of the versions before runs could be extended were."""
+    cfg = _cfg(max_steps=5, eval_rows=0, mixed_precision="no")
     train_rl(sft_nla, tiny_store.path, tmp_path / "straight", cfg, progress=False)
-    short = _cfg(max_steps=3, eval_rows=0)
+    short = _cfg(max_steps=3, eval_rows=0, mixed_precision="no")
     train_rl(sft_nla, tiny_store.path, tmp_path / "extended", short, progress=False)
     # as written before runs could be extended: max_steps in the checkpoint's hash
     state_path = tmp_path / "extended" / ".train-rl" / "checkpoint" / "state.pt"
@@ -271,8 +272,9 @@ def test_a_finished_run_extended_by_max_steps_matches_a_longer_straight_run(
     b = load_file(str(tmp_path / "extended" / "ar" / "value_head.safetensors"))["weight"]
     assert torch.equal(a, b)
     with pytest.raises(NLAError, match="beyond --max-steps 4"):
-        train_rl(sft_nla, tiny_store.path, tmp_path / "extended", _cfg(max_steps=4, eval_rows=0),
-                 resume=True, progress=False)
+        train_rl(sft_nla, tiny_store.path, tmp_path / "extended",
+                 _cfg(max_steps=4, eval_rows=0, mixed_precision="no"), resume=True,
+                 progress=False)
 
 
 def test_non_finite_step_is_skipped(sft_nla, tiny_store, tmp_path, monkeypatch, tiny):

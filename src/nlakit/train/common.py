@@ -7,6 +7,7 @@
 - `all_finite` / `guarded_step`: the non-finite-gradient guard (every process agrees to skip);
 - `MetricsLog`: one JSON object per step in a JSONL file, cut back to a resumed step, and the
   same numbers to TensorBoard through `accelerate`'s tracker when tensorboard is installed;
+- `resolve_mixed_precision` / `autocast`: bf16 compute where the device has it natively;
 - `make_accelerator`: an `Accelerator` on the GPU when there is one, else on the CPU (gloo
   under torchrun / `accelerate launch`), with gradient accumulation and the tracker set up;
   `process_state`: the same process state without an Accelerator (rank, main process, barrier).
@@ -167,6 +168,41 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+MIXED_PRECISION = ("auto", "bf16", "no")
+
+
+def native_bf16(device: torch.device | str | None = None) -> bool:
+    """Whether the device computes bf16 matmuls natively: a CUDA GPU that supports bf16, or a
+    CPU with AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_mixed_precision(setting: str, device=None) -> str:
+    """'bf16' or 'no' (accelerate's names): 'auto' is bf16 where `native_bf16`, else no."""
+    if setting not in MIXED_PRECISION:
+        raise NLAError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got "
+                       f"{setting!r}; set --mixed-precision (or `mixed_precision:`)")
+    if setting == "auto":
+        return "bf16" if native_bf16(device) else "no"
+    return setting
+
+
+def autocast(mode: str, device):
+    """bf16 autocast on `device` for mode 'bf16' (float32 weights, optimizer state and
+    gradients; matmuls in bf16), a no-op for 'no'. torch's own autocast, not accelerate's
+    `mixed_precision`: that one is process-global state, and one process (a test session, a
+    pipeline) may run trainers of both modes."""
+    import contextlib
+
+    if mode != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def make_accelerator(log_dir: str | Path | None = None, grad_accum: int = 1, **kwargs):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import shutil
 import time
@@ -56,12 +57,14 @@ from .common import (
     Checkpoint,
     MetricsLog,
     all_finite,
+    autocast,
     check_range,
     guarded_step,
     make_accelerator,
     make_trainable,
     option,
     recorded_config,
+    resolve_mixed_precision,
     trainable_params,
 )
 from .data import epoch_order
@@ -119,6 +122,10 @@ class RLConfig:
     seed: int = option(0, "seed of the activation order, the sampling and the LoRA init")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, ...); default: the "
                                      "device's")
+    mixed_precision: str = option("auto", "bf16 compute (rollouts, scoring, log-probs) with "
+                                          "float32 weights, gradients and optimizer state: auto "
+                                          "(bf16 where the device has it natively), bf16, or no "
+                                          "(float32); the held-out evaluation stays float32")
     keep_adapters: bool = option(False, "export LoRA adapters (the SFT NLA's and RL's, stacked "
                                         "exactly: rank lora_rank + the SFT rank) instead of "
                                         "merged weights: a small, packable NLA; needs an SFT "
@@ -165,8 +172,9 @@ EXTENSIBLE_SETTINGS = ("max_steps", *EXPORT_ONLY)
 
 def trajectory(cfg: RLConfig, *, extensible: bool = True) -> dict:
     """The settings that decide the steps: a checkpoint's identity. extensible=False keeps
-    max_steps in, as checkpoints written before a run could be extended did."""
-    skip = EXTENSIBLE_SETTINGS if extensible else EXPORT_ONLY
+    max_steps in, as checkpoints written before a run could be extended did. mixed_precision
+    is not in: the identity holds what it resolves to, and only when that is bf16."""
+    skip = (*(EXTENSIBLE_SETTINGS if extensible else EXPORT_ONLY), "mixed_precision")
     return {k: v for k, v in asdict(cfg).items() if k not in skip}
 
 
@@ -217,7 +225,7 @@ class PolicyUpdate:
 class RLTrainer:
     """One RL run. `run` = set up (models, data, checkpoint), `fit` (the loop), `_finish`
     (final checkpoint, export). A step is `train_step`: rollout, score, update_ar_grads,
-    update_av_grads, the guarded optimizer steps, then `record`; `log_step` and
+    av_loss and its backward, the guarded optimizer steps, then `record`; `log_step` and
     `maybe_checkpoint` after it."""
 
     def __init__(self, nla_dir: str | Path, acts: str | Path, out_dir: str | Path,
@@ -237,12 +245,15 @@ class RLTrainer:
         ddp = DistributedDataParallelKwargs(
             find_unused_parameters=cfg.lora_rank == 0 or cfg.ar_lora_rank == 0)
         self.acc = make_accelerator(self.train_dir, kwargs_handlers=[ddp])
+        self.precision = resolve_mixed_precision(cfg.mixed_precision, self.acc.device)
         self.store = ActivationStore(acts)
         self.metrics = MetricsLog(self.acc, self.out_dir / METRICS_FILE, "rl")
         if cfg.keep_adapters:
             check_stackable(self.nla_dir, cfg.lora_rank, cfg.ar_lora_rank)
         identity = (str(self.nla_dir.resolve()), str(self.store.path.resolve()),
                     self.acc.num_processes)
+        if self.precision != "no":  # float32 runs keep the hashes they had before bf16
+            identity += ({"mixed_precision": self.precision},)
         self.checkpoint = Checkpoint(self.train_dir, stable_hash(trajectory(cfg), "rl", *identity),
                                      what="RL", also_accept=self._legacy_hashes(identity))
         self.per_step = cfg.batch_size * self.acc.num_processes
@@ -375,14 +386,17 @@ class RLTrainer:
         times: dict[str, float] = {}
         lo = step * self.per_step + self.acc.process_index * self.cfg.batch_size
         vectors = self.rl_vectors[self.order[lo : lo + self.cfg.batch_size]]  # [m, d]
-        with _timed(times, "rollout"):
+        bf16 = functools.partial(autocast, self.precision, self.acc.device)
+        with _timed(times, "rollout"), bf16():
             exps = self.rollout(step, vectors)
-        with _timed(times, "scoring"):
+        with _timed(times, "scoring"), bf16():
             scored = self.score(step, vectors, exps)
         with _timed(times, "ar_update"):
             ar_loss = self.update_ar_grads(scored, vectors)
         with _timed(times, "av_update"):
-            av = self.update_av_grads(exps, scored, vectors)
+            with bf16():
+                av = self.av_loss(exps, scored, vectors)
+            self.acc.backward(av.loss)
             ok = all_finite(self.acc, self.av_params + self.ar_params, (av.loss, ar_loss))
             if not ok:
                 log.warning("RL step %d: non-finite gradients or loss, update skipped", step + 1)
@@ -444,10 +458,10 @@ class RLTrainer:
             return response_logprobs(model, av, vec_rep, resp, mask, self.cfg.temperature,
                                      self.cfg.shared_prefix)
 
-    def update_av_grads(self, exps: list[Explanation], scored: Scored,
-                        vectors: torch.Tensor) -> PolicyUpdate:
-        """Clipped policy loss with group-normalised advantages and the KL to the reference;
-        backward."""
+    def av_loss(self, exps: list[Explanation], scored: Scored,
+                vectors: torch.Tensor) -> PolicyUpdate:
+        """Clipped policy loss with group-normalised advantages and the KL to the reference
+        (the caller runs its backward, outside autocast)."""
         cfg = self.cfg
         self.policy.train()
         vec_rep = vectors.repeat_interleave(cfg.group_size, 0)
@@ -466,7 +480,6 @@ class RLTrainer:
         if cfg.kl_estimator == "k3" and cfg.kl_coef:
             k3 = R.kl_per_token(logp, ref_logp, "k3")
             loss = loss + cfg.kl_coef * R.masked_mean(k3, mask, dim=1).mean()
-        self.acc.backward(loss)
         kl_seq = (kl_tok * mask).sum(1).cpu() / mask.sum(1).cpu().clamp(min=1)
         return PolicyUpdate(loss, policy_loss, info["clip_fraction"], kl_seq)
 

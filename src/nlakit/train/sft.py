@@ -36,12 +36,14 @@ from .common import (
     Checkpoint,
     MetricsLog,
     all_finite,
+    autocast,
     check_range,
     guarded_step,
     make_accelerator,
     make_trainable,
     option,
     recorded_config,
+    resolve_mixed_precision,
     trainable_params,
 )
 from .data import Rows, epoch_order, has_split, load_labelled, split_by_document
@@ -95,6 +97,10 @@ class SFTConfig:
                                         "of merged weights: small, packable NLAs")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, ...); default: the "
                                      "device's")
+    mixed_precision: str = option("auto", "bf16 compute with float32 weights, gradients and "
+                                          "optimizer state: auto (bf16 where the device has it "
+                                          "natively: AVX512-BF16/AMX CPUs, bf16 GPUs), bf16, or "
+                                          "no (float32); evaluation stays float32")
     extra_splits: tuple[str, ...] | str = option((), "more labelled splits to train on besides "
                                                      "the role's own (av_sft / ar_sft), e.g. rl "
                                                      "when RL does not run (comma-separated)")
@@ -120,6 +126,7 @@ class SFTConfig:
         check_range(name, "lora_alpha", self.lora_alpha, low=1, optional=True)
         check_range(name, "injection_scale", self.injection_scale, low=0, low_open=True,
                     optional=True)
+        resolve_mixed_precision(self.mixed_precision)  # a clear error for an unknown mode
         if not 0 < self.eval_fraction < 1:
             raise NLAError(f"{name}.eval_fraction must be in (0, 1), got {self.eval_fraction!r}; "
                            "set --eval-fraction to e.g. 0.1")
@@ -270,9 +277,9 @@ def _decoding(cfg: SFTConfig) -> dict:
 
 def _identity(cfg: SFTConfig) -> dict:
     """The config as hashed: later settings only when set, so the hashes of runs made before
-    they existed stay the same."""
-    return {k: v for k, v in asdict(cfg).items()
-            if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
+    they existed stay the same; mixed_precision never (the run hash holds what it resolves to)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "mixed_precision"
+            and (k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k])}
 
 
 class SFTTrainer:
@@ -288,6 +295,7 @@ class SFTTrainer:
         self.init_fingerprint = fingerprint(self.init_dir) if self.init_dir else None
         self.train_dir, self.role_dir = out_dir / f".train-{role}", out_dir / role
         self.acc = make_accelerator(self.train_dir, cfg.grad_accum)
+        self.precision = resolve_mixed_precision(cfg.mixed_precision, self.acc.device)
         torch.manual_seed(cfg.seed)
         self._load_rows(acts)
         self._plan_steps()
@@ -307,6 +315,8 @@ class SFTTrainer:
                  self.acc.num_processes]
         if self.init_fingerprint:  # only when set: earlier runs keep their hashes
             parts.append(self.init_fingerprint)
+        if self.precision != "no":  # float32 runs keep the hashes they had before bf16
+            parts.append({"mixed_precision": self.precision})
         return stable_hash(*parts)
 
     def _legacy_hashes(self) -> tuple[str, ...]:
@@ -436,7 +446,9 @@ class SFTTrainer:
         for micro in range(cfg.grad_accum):
             rows = self.micro_batch(step, micro)
             with acc.accumulate(self.module):
-                loss = self.task.loss(self.module, torch.from_numpy(rows.vectors), rows.texts)
+                with autocast(self.precision, acc.device):
+                    loss = self.task.loss(self.module, torch.from_numpy(rows.vectors),
+                                          rows.texts)
                 acc.backward(loss)  # divides by grad_accum
             step_loss += loss.detach() / cfg.grad_accum
         ok = all_finite(acc, self.params)
@@ -469,6 +481,7 @@ class SFTTrainer:
         acc, cfg = self.acc, self.cfg
         acc.wait_for_everyone()
         summary = {"role": self.role, "steps": self.n_steps, "resumed_from": start,
+                   "mixed_precision": self.precision,
                    "train_rows": len(self.train_rows), "eval_rows": len(self.eval_rows),
                    "eval_source": self.eval_source, "control": cfg.control,
                    "seconds": round(time.time() - t0, 1), "processes": acc.num_processes,
