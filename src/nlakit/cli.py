@@ -408,24 +408,24 @@ def _add_other_commands(sub) -> None:
     from .serve.config import ServeInputs, ServeLimits
 
     p = sub.add_parser("info", help="summarise an activation store")
-    p.add_argument("path")
+    p.add_argument("path", help="an activation store directory")
     p.add_argument("--json", action="store_true", help="print the whole meta.yaml as JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("explain", help="explain tokens of a text with a trained NLA")
-    p.add_argument("text")
+    p.add_argument("text", help="the text whose tokens to explain")
     p.add_argument("--nla", default=None, help="NLA directory (holding av/ and ar/)")
     p.add_argument("--av", default=None, help="AV directory (official layout)")
     p.add_argument("--ar", default=None, help="AR directory (official layout)")
     p.add_argument("--positions", default="last", help="last, all, or indices like 3,7,-1")
     p.add_argument("--best-of", type=int, default=1,
                    help="sample N explanations per token and keep the AR's favourite")
-    p.add_argument("--max-new-tokens", type=int, default=150)
-    p.add_argument("--device", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=150, help="explanation length cap")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (None: a GPU if any)")
     p.add_argument("--verify", action="store_true",
                    help="check each claim against the text and the target's real next-token "
                         "distribution, and mark it (✓ true, ✗ false, a share for partly true)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("shipped", help="the NLAs shipped in the package (load with --nla NAME)"
@@ -434,8 +434,8 @@ def _add_other_commands(sub) -> None:
     p.set_defaults(func=cmd_shipped)
 
     p = sub.add_parser("export", help="write an NLA in the official two-directory layout")
-    p.add_argument("--nla", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--nla", required=True, help="NLA directory or shipped name")
+    p.add_argument("--out", required=True, help="output directory (gets av/ and ar/)")
     p.add_argument("--layout", choices=["official", "nlakit"], default="official")
     p.set_defaults(func=cmd_export)
 
@@ -465,7 +465,7 @@ def _add_other_commands(sub) -> None:
     p = sub.add_parser("plot", help="PNG of training curves from metrics.jsonl / log.jsonl")
     p.add_argument("log", help="a metrics.jsonl / log.jsonl file or the directory holding it")
     p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--title", default=None)
+    p.add_argument("--title", default=None, help="plot title")
     p.set_defaults(func=cmd_plot)
 
 
