@@ -422,6 +422,12 @@ def test_context_labeller_tail_style_states_the_current_token_and_ends_verbatim(
         assert lines[1] == f"Before it: {', '.join(before)}."  # newest first
         assert [lines[0], *lines[2:]] == plain.split("\n")[1:-1]  # otherwise tail's label
         assert back.parse(raw).features is not None, back.parse(raw)  # four lines are kept
+    only = ContextLabeller(spec, loaded=tiny, style="tail_only", tail_tokens=5)
+    assert only.identity()["prompt_version"] == "context-tail-only-5"
+    for plain, raw in zip(tail.label_batch(rows), only.label_batch(rows)):
+        lines = plain.split("\n")
+        assert raw.split("\n") == [lines[0], lines[1], lines[3], lines[4]]  # no kind line
+        assert only.parse(raw).features is not None
     with pytest.raises(NLAError, match="style"):
         ContextLabeller(spec, loaded=tiny, style="poem")
 

@@ -101,8 +101,9 @@ class LabellerOptions:
     style: str | None = field(default=None, metadata={
         "help": "context: label format, v1 (kind, quoted last words, predictions), tail "
                 "(current token first, kind + predictions, then the verbatim last tokens last, "
-                "for an AR that reads raw text) or tail_back (tail, plus the 3 tokens before "
-                "the current one, newest first, on the second line); see docs/labels.md (v1)"})
+                "for an AR that reads raw text), tail_only (tail without kind and "
+                "predictions) or tail_back (tail, plus the 3 tokens before the current one, "
+                "newest first, on the second line); see docs/labels.md (v1)"})
     tail_tokens: int | None = field(default=None, metadata={
         "help": "context: tokens of the verbatim ending in style tail (8)"})
     base_url: str | None = field(default=None, metadata={
