@@ -195,3 +195,26 @@ def test_greedy_takes_the_fast_loop_and_writes_hfs_tokens(tiny, monkeypatch):
     assert not av.plain_greedy(av.decoding_settings())
     with pytest.raises(NLAError, match="sampler"):
         av.generate(v, sampler="fast")
+
+
+
+def test_bf16_autocast_and_float32_agree_on_the_tiny_model(tiny):
+    """bf16 compute (`mixed_precision`: SFT, RL rollouts and log-probs) against float32 on the
+    tiny model: the same greedy tokens, and the teacher-forced AV loss within 1e-3 relative
+    (measured 1.4e-5). On SmolLM2 greedy tokens need not agree: bf16 *weights* kept 32 of 128
+    explanations identical (docs/benchmarks.md), which is why eval and label_ar stay float32."""
+    from nlakit.nla import NLA
+
+    nla = NLA.from_target(tiny, 2, injection_scale=10.0, dataset_stats={"rawvar": 0.5})
+    v = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 3
+    batch = nla.av.sft_batch(["Current token: ' and'.\nEnding: the expression list and"] * 4
+                             + ["def f(x):\n    return x + 1"] * 4, 32)
+    with torch.no_grad():
+        f32_loss = float(nla.av.sft_loss(v, batch))
+        f32 = [e.raw for e in nla.explain(v, max_new_tokens=16)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_loss = float(nla.av.sft_loss(v, batch))
+            bf16 = [e.raw for e in nla.explain(v, max_new_tokens=16)]
+    assert bf16 == f32
+    assert bf16_loss != f32_loss  # bf16 really ran
+    assert abs(bf16_loss - f32_loss) / f32_loss < 1e-3
