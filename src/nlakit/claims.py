@@ -313,8 +313,9 @@ def describe(claims: Claims, verdicts: dict[str, float], truth: Truth) -> str:
                      f"{mark(verdicts['prediction_prob_error'], 'prediction_prob_error')}; "
                      f"real top 5: {real})")
     if claims.ending is not None:
-        lines.append(f"{mark(verdicts['ending_words_found'], 'ending_words_found')} of the "
-                     f"ending's words found ({claims.ending!r})")
+        found = verdicts["ending_words_found"]
+        lines.append(f"{'–' if np.isnan(found) else f'{found:.0%}'} of the ending's words found"
+                     f" ({claims.ending!r})")
     for name in claims.unparsed:
         lines.append(f"? {name}: present but unreadable (no claim)")
     return "\n".join(lines)
