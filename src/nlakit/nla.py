@@ -131,7 +131,6 @@ def _load_ar(ar_dir: Path, dtype, device, av_tokenizer=None):
     return Reconstructor(body, head, tok, meta["template"]), meta
 
 
-
 POSITIONS_FORMS = "'last', 'all', an int, a list of ints, or a string like '3,7,-1'"
 
 
