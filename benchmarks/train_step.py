@@ -133,7 +133,8 @@ class Work:
             logp = response_logprobs(av.model, av, rep, resp, mask)
             adv = R.group_advantages(reward, a.group)
             loss, _ = R.clipped_policy_loss(logp, logp.detach(), adv, mask.float(), 0.2)
-            (loss + 0.0 * (logp - ref).sum()).backward()
+            k3 = R.masked_mean(R.kl_per_token(logp, ref, "k3"), mask.float(), dim=1).mean()
+            (loss + 0.01 * k3).backward()  # as train_rl with kl_estimator k3
             self.av_opt.step()
             self.av_opt.zero_grad()
             times["av_update"] = time.perf_counter() - t

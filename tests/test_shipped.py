@@ -188,6 +188,10 @@ def test_the_shipped_nla_exports_in_the_official_contract(tmp_path):
     assert main(["export", "--nla", "smollm2-135m", "--layout", "official",
                  "--out", str(out)]) == 0
     check_official_pair(out / "av", out / "ar")
+    import yaml
+
+    for half in ("av", "ar"):  # its sidecars predate `stage`; its provenance records RL
+        assert yaml.safe_load((out / half / "nla_meta.yaml").read_text())["stage"] == "rl"
     nla = NLA.load("smollm2-135m")
     text = "Current token: ' and'\nEnding: the expression list and"
     assert official_ar_ids(out / "ar", text) == nla.ar.encode([text])["input_ids"][0].tolist()

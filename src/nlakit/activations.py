@@ -166,13 +166,19 @@ class _Tokenized:
     split: str
 
 
-def tokenize_document(tokenizer, doc: Document, max_tokens: int) -> list[int]:
-    """The token ids extraction feeds the target for `doc` (truncated to max_tokens); a chat
-    template may already start with BOS, which is then not added again."""
+def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """The token ids extraction feeds the target for `text` (or a stored prefix of it),
+    truncated to max_tokens; a chat template may already start with BOS, which is then not
+    added again."""
     bos = tokenizer.bos_token
-    add_special = not (bos and doc.text.startswith(bos))
-    return tokenizer(doc.text, add_special_tokens=add_special, truncation=True,
+    add_special = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=add_special, truncation=max_tokens is not None,
                      max_length=max_tokens)["input_ids"]
+
+
+def tokenize_document(tokenizer, doc: Document, max_tokens: int) -> list[int]:
+    """`tokenize_text` of a document."""
+    return tokenize_text(tokenizer, doc.text, max_tokens)
 
 
 def prefix_text(tokenizer, ids: list[int], text: str = "") -> str:

@@ -178,12 +178,13 @@ def write_dir_atomic(target: Path, write) -> None:
 
 
 def with_schema_keys(meta: dict, stage: str | None = None) -> dict:
-    """`meta` with the official schema-2 keys filled in from its own layer (sidecars written
-    before nlakit wrote them lack them); `stage` overrides the recorded one."""
+    """`meta` with the official schema-2 keys filled in from its own layer and provenance
+    (sidecars written before nlakit wrote them lack them); `stage` overrides the recorded one."""
     meta = copy.deepcopy(meta)
     layer = meta.get("extraction", {}).get("layer", meta.get("extraction_layer_index"))
     meta["schema_version"] = SCHEMA_VERSION
-    meta["stage"] = stage or meta.get("stage") or "sft"
+    ran_rl = "rl" in meta.get("nlakit", {}).get("provenance", {})  # what RL's export adds
+    meta["stage"] = stage or meta.get("stage") or ("rl" if ran_rl else "sft")
     if meta["stage"] not in STAGES:
         raise NLAError(f"sidecar stage must be one of {STAGES}, got {meta['stage']!r}")
     if layer is not None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .activations import tokenize_text
 from .errors import NLAError
 from .labels.context import text_kind
 from .models import next_token_probs
@@ -200,13 +201,6 @@ def verify(claims: Claims, truth: Truth) -> dict[str, float]:
     return out
 
 
-def context_ids(tokenizer, prefix: str) -> list[int]:
-    """A stored prefix's token ids as extraction fed them (BOS unless the text starts with it)."""
-    bos = tokenizer.bos_token
-    add_special = not (bos and prefix.startswith(bos))
-    return tokenizer(prefix, add_special_tokens=add_special)["input_ids"]
-
-
 def _without_bos(tokenizer, ids: list[int]) -> list[int]:
     bos = tokenizer.bos_token_id
     return ids[1:] if bos is not None and ids[:1] == [bos] else ids
@@ -242,7 +236,7 @@ def truths_for_prefixes(model, tokenizer, prefixes: list[str], claims: list[Clai
     once per row (`model` None: no predictions are checked)."""
     if len(prefixes) != len(claims):
         raise NLAError(f"{len(claims)} explanations for {len(prefixes)} rows")
-    ids = [context_ids(tokenizer, p) for p in prefixes]
+    ids = [tokenize_text(tokenizer, p) for p in prefixes]
     out: list[Truth] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(ids), batch_size):
@@ -254,20 +248,14 @@ def truths_for_prefixes(model, tokenizer, prefixes: list[str], claims: list[Clai
     return out
 
 
-def verify_rows(explanations: list[str], truths: list[Truth]) -> tuple[dict, list[Claims]]:
-    """Verdict arrays {name: [rows]} and the parsed claims of each explanation."""
-    claims = [parse_claims(e) for e in explanations]
-    rows = [verify(c, t) for c, t in zip(claims, truths)]
-    return {k: np.asarray([r[k] for r in rows], dtype=float) for k in VERDICTS}, claims
-
-
 def claim_checks(explanations: list[str], prefixes: list[str], tokenizer, model=None,
                  batch_size: int = 8) -> tuple[dict, list[Claims], list[Truth]]:
     """Verdicts of stored rows' explanations: (verdict arrays, claims, truths). With the
     target `model`, predictions are checked against its real distribution; without, not."""
     claims = [parse_claims(e) for e in explanations]
     truths = truths_for_prefixes(model, tokenizer, prefixes, claims, batch_size)
-    verdicts, _ = verify_rows(explanations, truths)
+    rows = [verify(c, t) for c, t in zip(claims, truths)]
+    verdicts = {k: np.asarray([r[k] for r in rows], dtype=float) for k in VERDICTS}
     return verdicts, claims, truths
 
 

@@ -594,7 +594,7 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    for handler in hf_logging._get_library_root_logger().handlers:
+    for handler in logging.getLogger("transformers").handlers:  # its own stderr handler
         handler.addFilter(_DropHarmless())
 
 

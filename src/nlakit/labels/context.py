@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..activations import tokenize_text
 from ..errors import NLAError
 from ..models import next_token_probs
 from .cache import LabelRow
@@ -175,10 +176,7 @@ class ContextLabeller(ModelLabeller):
 
     def token_ids(self, prefix: str) -> list[int]:
         """Token ids for a store prefix, tokenised as extraction tokenises documents."""
-        _, tok = self._load()
-        bos = tok.bos_token
-        add_special = not (bos and prefix.startswith(bos))
-        return tok(prefix, add_special_tokens=add_special)["input_ids"]
+        return tokenize_text(self._load()[1], prefix)
 
     def explain(self, prefix: str, probs: Sequence[float], tokens: Sequence[str]) -> str:
         preds = ", ".join(f"'{_visible(t)}' ({p:.0%})" for t, p in zip(tokens, probs))

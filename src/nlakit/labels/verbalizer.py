@@ -103,8 +103,8 @@ class ARLabelConfig:
         "help": "splits the AV explains (the AR trains on ar_sft)"})
     max_new_tokens: int = field(default=96, metadata={"help": "explanation length cap"})
     batch_size: int = field(default=128, metadata={
-        "help": "rows per generation batch (speed only: 128 makes 1.4x the explanations per "
-                "second of 32 on 2 CPU cores, docs/benchmarks.md)"})
+        "help": "rows per generation batch (speed only: 128 makes 1.4-1.5x the explanations "
+                "per second of 32 on 2 CPU cores, docs/benchmarks.md)"})
     max_rows: int | None = field(default=None, metadata={
         "help": "at most this many rows per split"})
     keep_unfinished: bool = field(default=True, metadata={

@@ -95,7 +95,6 @@ def explain_positions(nla, ids: list[int], acts: torch.Tensor, positions: list[i
                               batch_size=max(1, len(chosen) * n), seed=seed + c)
         scores = score_texts(nla, [e.text for e in exps], vecs.repeat_interleave(n, 0), rawvar)
         new = []
-        checked = nla.verify_claims(ids, chosen, [exps[i * n].text for i in range(len(chosen))])
         for i, pos in enumerate(chosen):
             block = list(range(i * n, (i + 1) * n))
             j = min(block, key=lambda b: scores[b]["mse_nrm"]
@@ -103,20 +102,16 @@ def explain_positions(nla, ids: list[int], acts: torch.Tensor, positions: list[i
             new.append({"position": int(pos), "token": tok.decode([ids[pos]]),
                         "explanation": exps[j].text, "complete": bool(exps[j].complete),
                         "n_tokens": int(exps[j].n_tokens), "best_of": n, **scores[j],
-                        **_verdicts(nla, ids, pos, exps[j].text, checked[i], j == i * n),
                         "samples": ([{"explanation": exps[b].text, **scores[b]} for b in block]
                                     if n > 1 else None)})
+        checked = nla.verify_claims(ids, chosen, [r["explanation"] for r in new])  # kept ones
+        for r, (verdicts, lines) in zip(new, checked):
+            r["claims"] = {k: _finite(v) for k, v in verdicts.items()}
+            r["verification"] = lines
         out.extend(new)
         if on_chunk is not None:
             on_chunk(len(out), new)
     return out
-
-
-def _verdicts(nla, ids: list[int], pos: int, text: str, greedy: tuple[dict, str],
-              is_greedy: bool) -> dict:
-    """The kept explanation's claim checks: the greedy one's when it was kept, else its own."""
-    verdicts, lines = greedy if is_greedy else nla.verify_claims(ids, [pos], [text])[0]
-    return {"claims": {k: _finite(v) for k, v in verdicts.items()}, "verification": lines}
 
 
 def row_edits(nla, explanation: str, vector: torch.Tensor, rawvar: float | None,

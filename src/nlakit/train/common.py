@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -198,8 +199,6 @@ def autocast(mode: str, device):
     gradients; matmuls in bf16), a no-op for 'no'. torch's own autocast, not accelerate's
     `mixed_precision`: that one is process-global state, and one process (a test session, a
     pipeline) may run trainers of both modes."""
-    import contextlib
-
     if mode != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
