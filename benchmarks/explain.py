@@ -26,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from nlakit import load_model
-    from nlakit.nla import NLA
+    from nlakit.nla.facade import NLA
 
     if args.nla:
         nla = NLA.load(args.nla)

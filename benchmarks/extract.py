@@ -1,11 +1,12 @@
 """Extraction benchmark: truncated forward vs a naive full forward, and peak memory vs corpus size.
 
-1. Throughput (tokens/s) of ``nlakit.models.forward_to_layer`` (stops after block K) against a
+1. Throughput (tokens/s) of ``nlakit.model.hooks.forward_to_layer`` (stops after block K) against a
    naive ``model(..., output_hidden_states=True).hidden_states[K + 1]`` that runs every block and
    the LM head, on the same batches of documents. The two methods alternate within one run
    (A B, B A, A B, ...) so that load from other processes hits both alike; the ratio of median
    times is printed. Expected: close to L / (K + 1) = 30 / 21 = 1.43 for SmolLM2-135M at K = 20.
-2. Peak resident memory of the real ``nlakit.activations.extract`` run in a fresh subprocess at
+2. Peak resident memory of the real ``nlakit.extract.extraction.extract`` run in a fresh
+   subprocess at
    two corpus sizes: activations stream to parquet shards, so the peak must not grow with the
    number of documents.
 
@@ -30,7 +31,7 @@ import torch
 
 def _batches(tok, n_batches: int, docs: int, tokens: int) -> list[tuple[torch.Tensor, ...]]:
     """`n_batches` batches of `docs` builtin:docs documents, each cut to exactly `tokens`."""
-    from nlakit.corpus import load_corpus
+    from nlakit.corpus.load import load_corpus
 
     rows = []
     for doc in load_corpus("builtin:docs"):
@@ -50,7 +51,8 @@ def _batches(tok, n_batches: int, docs: int, tokens: int) -> list[tuple[torch.Te
 
 def throughput(args) -> dict:
     from nlakit import load_model
-    from nlakit.models import check_layer, forward_to_layer, num_layers
+    from nlakit.model.arch import check_layer, num_layers
+    from nlakit.model.hooks import forward_to_layer
 
     model, tok = load_model(args.model)
     layer = check_layer(model, args.layer)
@@ -98,9 +100,9 @@ def throughput(args) -> dict:
 
 def _child_extract(args) -> None:
     """Run in a fresh process: one real extraction; print peak RSS as JSON."""
-    from nlakit.activations import ExtractConfig, extract
-    from nlakit.corpus import load_corpus
-    from nlakit.models import load_model
+    from nlakit.corpus.load import load_corpus
+    from nlakit.extract.extraction import ExtractConfig, extract
+    from nlakit.model.load import load_model
 
     model, tok = load_model(args.model)
     corpus = load_corpus("builtin:docs", tokenizer=tok, max_docs=args.child_docs)

@@ -31,8 +31,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
-    from nlakit.nla import NLA
-    from nlakit.store import ActivationStore
+    from nlakit.extract.store import ActivationStore
+    from nlakit.nla.facade import NLA
 
     nla = NLA.load(args.nla)
     every = ActivationStore(args.acts).vectors(split=args.split)

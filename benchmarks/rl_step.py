@@ -43,7 +43,7 @@ def _nla_dir(arg: str | None, work: Path) -> tuple[Path, str]:
     cached = Path(tempfile.gettempdir()) / "nlakit-bench-untrained-smollm2-l20"
     if not (cached / "ar" / "nla_meta.yaml").is_file():
         from nlakit import load_model
-        from nlakit.nla import NLA
+        from nlakit.nla.facade import NLA
 
         NLA.from_target(load_model("smollm2-135m"), 20, injection_scale=250.0).save(cached)
     return cached, "untrained (NLA.from_target(smollm2-135m, 20, injection_scale=250))"
@@ -56,8 +56,8 @@ def _acts_dir(arg: str | None, work: Path) -> Path:
     if (dev / "meta.yaml").is_file():
         return dev
     from nlakit import load_model
-    from nlakit.activations import ExtractConfig, extract
-    from nlakit.corpus import load_corpus
+    from nlakit.corpus.load import load_corpus
+    from nlakit.extract.extraction import ExtractConfig, extract
 
     model = load_model("smollm2-135m")
     corpus = load_corpus("builtin", tokenizer=model[1], max_docs=30)
@@ -141,9 +141,9 @@ def compare_samplers(nla_dir: Path, acts: Path, args) -> dict:
     rollouts with the HF `generate` path vs the fast sampler, each with 1 and 2 torch threads;
     and the AV update's log-prob passes (reference forward + policy forward/backward) with
     and without the shared prompt prefix."""
-    from nlakit.nla import NLA
-    from nlakit.store import ActivationStore
-    from nlakit.train.rollout import pad_responses, response_logprobs, sample_rollouts
+    from nlakit.extract.store import ActivationStore
+    from nlakit.nla.facade import NLA
+    from nlakit.nla.sampling import pad_responses, response_logprobs, sample_rollouts
 
     nla = NLA.load(nla_dir)
     vectors = ActivationStore(acts).vectors("rl")[: args.batch_size]

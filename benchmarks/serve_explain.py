@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--port", type=int, default=8766)
     args = ap.parse_args()
-    server = subprocess.Popen([sys.executable, "-m", "nlakit.cli", "serve", "--nla", args.nla,
+    server = subprocess.Popen([sys.executable, "-m", "nlakit.run.cli", "serve", "--nla", args.nla,
                                "--port", str(args.port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

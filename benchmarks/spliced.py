@@ -33,7 +33,7 @@ import torch
 def _select_rows():
     import importlib
 
-    mod = importlib.import_module("nlakit.evaluate")  # a module or, after a refactor, a package
+    mod = importlib.import_module("nlakit.eval.evaluate")  # a module or a package
     return mod.denominators, mod.row_metrics, mod.select_rows
 
 
@@ -50,16 +50,16 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=150)
     args = ap.parse_args()
 
-    from nlakit.models import decoder_stack
-    from nlakit.nla import NLA
-    from nlakit.splice import (
+    from nlakit.eval.splice import (
         load_target,
         mean_activation,
         row_tokens,
         splice_logits,
         spliced_metrics,
     )
-    from nlakit.store import ActivationStore
+    from nlakit.extract.store import ActivationStore
+    from nlakit.model.arch import decoder_stack
+    from nlakit.nla.facade import NLA
 
     denominators, row_metrics, select_rows = _select_rows()
     torch.manual_seed(0)

@@ -47,7 +47,7 @@ def _autocast(mode: str):
 
 def _vectors(nla, n: int) -> torch.Tensor:
     """Block-K activations at n positions of built-in documentation text (past token 20)."""
-    from nlakit.corpus import load_corpus
+    from nlakit.corpus.load import load_corpus
 
     out = []
     for doc in load_corpus("builtin:docs", max_docs=40):
@@ -62,7 +62,7 @@ class Work:
     """The trainable halves and the optimizer state shared by every repeat of both modes."""
 
     def __init__(self, args):
-        from nlakit.nla import NLA
+        from nlakit.nla.facade import NLA
         from nlakit.train.common import make_trainable, trainable_params
 
         self.args = args
@@ -102,8 +102,8 @@ class Work:
 
     def rl(self, mode: str) -> dict:
         from nlakit import metrics
+        from nlakit.nla.sampling import pad_responses, response_logprobs, sample_rollouts
         from nlakit.train import rewards as R
-        from nlakit.train.rollout import pad_responses, response_logprobs, sample_rollouts
 
         a, av, ar = self.args, self.nla.av, self.nla.ar
         vec = self.vectors[: a.rl_batch]
@@ -157,7 +157,7 @@ class Work:
 
 
 def run(args) -> dict:
-    from nlakit.cli import quiet_libraries
+    from nlakit.run.cli import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(args.threads)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from nlakit.activations import tokenize_document
-from nlakit.corpus import Document, render_chat
-from nlakit.finetuned import load_finetuned
-from nlakit.organism.chats import chat_prompt, read_rows
-from nlakit.organism.quirk import get_quirk
+from nlakit.apps.finetuned import load_finetuned
+from nlakit.apps.organism.chats import chat_prompt, read_rows
+from nlakit.apps.organism.quirk import get_quirk
+from nlakit.corpus.documents import Document, render_chat
+from nlakit.extract.extraction import tokenize_document
 
 
 def quirk_token_ids(tok, words) -> list[int]:

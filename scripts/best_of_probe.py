@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from nlakit import NLA, metrics
-from nlakit.evaluate import denominators, quote_text, select_rows
-from nlakit.store import ActivationStore
+from nlakit.eval.evaluate import denominators, quote_text, select_rows
+from nlakit.extract.store import ActivationStore
 
 
 def ci(fve: np.ndarray, doc_ids) -> dict:
@@ -71,7 +71,7 @@ def quote_rerank(nla, prefixes, vectors, lengths, rawvar, doc_ids) -> dict:
 def sample(av, vectors, n: int, args):
     """n samples per vector from the chosen distribution (seed 0)."""
     if args.sampler == "rl":
-        from nlakit.train.rollout import fast_generate
+        from nlakit.nla.sampling import fast_generate
 
         return fast_generate(av, vectors, n=n, temperature=args.temperature, seed=0, batch_size=32,
                              max_new_tokens=args.max_new_tokens,

@@ -24,9 +24,9 @@ import time
 import numpy as np
 
 from nlakit import NLA
-from nlakit.claims import claim_checks
-from nlakit.evaluate import bootstrap_summary, denominators, row_metrics, select_rows
-from nlakit.store import ActivationStore
+from nlakit.eval.evaluate import bootstrap_summary, denominators, row_metrics, select_rows
+from nlakit.extract.store import ActivationStore
+from nlakit.nla.claims import claim_checks
 
 
 def parse_setting(text: str) -> tuple[str, dict]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from nlakit.evaluate import format_table
-from nlakit.shipped import SHIPPED_ROOT, pack_nla
-from nlakit.store import ActivationStore
+from nlakit.eval.evaluate import format_table
+from nlakit.extract.store import ActivationStore
+from nlakit.nla.pretrained import SHIPPED_ROOT, pack_nla
 
 
 def provenance_files(tmp: Path, args) -> dict[str, Path]:

@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from nlakit.evaluate import denominators, row_metrics, select_rows, training_mean_direction
-from nlakit.ladder import reread_predictions
-from nlakit.models import load_model
-from nlakit.reconstructor import Reconstructor
-from nlakit.store import ActivationStore
+from nlakit.eval.baselines import reread_predictions
+from nlakit.eval.evaluate import denominators, row_metrics, select_rows, training_mean_direction
+from nlakit.extract.store import ActivationStore
+from nlakit.model.load import load_model
+from nlakit.nla.reconstructor import Reconstructor
 
 
 def fve(pred, rows, den) -> float:

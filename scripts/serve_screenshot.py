@@ -1,6 +1,6 @@
 """Write the README's screenshot of `nlakit serve` (docs/img/serve-explain.png).
 
-It runs the browser test's own code path (`nlakit.serve.browser.explain_flow`: open Explain,
+It runs the browser test's own code path (`nlakit.apps.serve.browser.explain_flow`: open Explain,
 submit a text, explain all tokens, click one) against a real server on 127.0.0.1 in headless
 Chromium, and saves the page.
 
@@ -26,8 +26,8 @@ TEXT = "The assignment statement evaluates the expression list and then"
 
 def untrained_smollm_nla(layer: int = 20):
     from nlakit import load_model
-    from nlakit.nla import NLA
-    from nlakit.verbalizer import nice_injection_scale
+    from nlakit.nla.facade import NLA
+    from nlakit.nla.verbalizer import nice_injection_scale
 
     target = load_model("smollm2-135m")
     probe = NLA.from_target(target, layer, injection_scale=1.0)
@@ -50,8 +50,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from nlakit.serve import BackgroundServer, ServeLimits, create_app
-    from nlakit.serve.browser import chrome_driver, explain_flow
+    from nlakit.apps.serve import BackgroundServer, ServeLimits, create_app
+    from nlakit.apps.serve.browser import chrome_driver, explain_flow
 
     if args.threads:
         torch.set_num_threads(args.threads)

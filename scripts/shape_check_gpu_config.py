@@ -45,8 +45,8 @@ def main(config: str) -> int:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from nlakit.pipeline import format_summary, load_config, run_pipeline
-    from nlakit.testing import make_tiny_tokenizer
+    from nlakit.model.testing import make_tiny_tokenizer
+    from nlakit.run.pipeline import format_summary, load_config, run_pipeline
 
     cfg = load_config(config)
     if "qwen2.5-0.5b" not in cfg.model.lower():

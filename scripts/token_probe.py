@@ -18,8 +18,8 @@ import collections
 import numpy as np
 import torch
 
-from nlakit.models import load_model
-from nlakit.store import ActivationStore
+from nlakit.extract.store import ActivationStore
+from nlakit.model.load import load_model
 
 TRAIN = ("av_sft", "ar_sft", "rl")
 

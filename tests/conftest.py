@@ -18,7 +18,7 @@ def private_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from nlakit.testing import make_tiny_model_dir
+    from nlakit.model.testing import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -34,8 +34,8 @@ def tiny(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_store(tiny, tmp_path_factory):
     """An activation store of the tiny model over 40 built-in documentation documents."""
-    from nlakit.activations import ExtractConfig, extract
-    from nlakit.corpus import load_corpus
+    from nlakit.corpus.load import load_corpus
+    from nlakit.extract.extraction import ExtractConfig, extract
 
     corpus = load_corpus("builtin:docs", tokenizer=tiny[1], max_docs=40)
     cfg = ExtractConfig(positions_per_doc=5, min_position=20, max_tokens_per_doc=256)

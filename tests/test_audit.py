@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from chat_server import ChatServer  # tests/chat_server.py
-from nlakit.audit import (
+from nlakit.eval.audit import (
     AuditConfig,
     OpenAIParaphraser,
     RulesParaphraser,
@@ -19,9 +19,9 @@ from nlakit.audit import (
     split_units,
     verdict,
 )
-from nlakit.evaluate import EvalConfig, evaluate, select_rows
-from nlakit.nla import NLA
-from nlakit.report import SECTIONS_AUDIT, SECTIONS_EVAL, render_markdown, write_report
+from nlakit.eval.evaluate import EvalConfig, evaluate, select_rows
+from nlakit.nla.facade import NLA
+from nlakit.report.render import SECTIONS_AUDIT, SECTIONS_EVAL, render_markdown, write_report
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -148,7 +148,7 @@ def test_report_renders_every_section(untrained, tiny_store, tmp_path):
 
 
 def test_local_paraphraser_batched_on_tiny(tiny):
-    from nlakit.audit import LocalParaphraser
+    from nlakit.eval.audit import LocalParaphraser
 
     p = LocalParaphraser("unused-spec", loaded=tiny, batch_size=2, max_new_tokens=5)
     assert "Rewrite this text with different words" in p.prompt("abc")
@@ -160,7 +160,7 @@ def test_local_paraphraser_batched_on_tiny(tiny):
 
 
 def test_rules_paraphraser_keeps_quoted_spans_and_per_unit_mode():
-    from nlakit.audit import make_paraphraser
+    from nlakit.eval.audit import make_paraphraser
 
     t = "The text ends with \"the model is\".\nThe model expects next: 'the' (12%)."
     out = RulesParaphraser().paraphrase([t])[0]
@@ -183,7 +183,7 @@ def test_rules_paraphraser_keeps_quoted_spans_and_per_unit_mode():
 
 def test_audit_cli_reuses_eval_explanations_and_writes_combined_report(untrained, tiny_store,
                                                                         tmp_path, capsys):
-    from nlakit.cli import main
+    from nlakit.run.cli import main
 
     root = untrained.save(tmp_path / "nla")
     common = ["--nla", str(root), "--acts", str(tiny_store.path), "--max-rows", "12",
@@ -209,7 +209,7 @@ def test_audit_cli_reuses_eval_explanations_and_writes_combined_report(untrained
 
 
 def test_audit_reads_the_evals_best_of_explanations(untrained, tiny_store, tmp_path, capsys):
-    from nlakit.cli import main
+    from nlakit.run.cli import main
 
     root = untrained.save(tmp_path / "nla")
     common = ["--nla", str(root), "--acts", str(tiny_store.path), "--max-rows", "12",

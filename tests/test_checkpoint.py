@@ -8,7 +8,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from nlakit import NLAError
-from nlakit.nla import NLA, parse_positions
+from nlakit.nla.facade import NLA, parse_positions
 from official_contract import check_official_pair, official_ar_ids  # tests/official_contract.py
 
 
@@ -71,7 +71,7 @@ def test_official_pair_loads_with_legacy_role_names(saved, tmp_path, tiny):
 
 
 def test_export_official_layout(saved, tmp_path):
-    from nlakit.cli import main
+    from nlakit.run.cli import main
 
     assert main(["export", "--nla", str(saved), "--out", str(tmp_path / "off")]) == 0
     assert (tmp_path / "off" / "av" / "nla_meta.yaml").is_file()
@@ -83,7 +83,7 @@ def test_export_official_layout(saved, tmp_path):
 def test_an_official_export_meets_the_official_client_s_rules(untrained, saved, tmp_path):
     """The rules the official client checks at load time hold, and its critic reads exactly
     the tokens nlakit's AR reads (the BOS contract changes no token)."""
-    from nlakit.cli import main
+    from nlakit.run.cli import main
 
     out = tmp_path / "off"
     assert main(["export", "--nla", str(saved), "--out", str(out)]) == 0

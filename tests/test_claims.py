@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from nlakit.claims import (
+from nlakit.labels import LabelRow
+from nlakit.labels.context import ContextLabeller
+from nlakit.nla.claims import (
     VERDICTS,
     Truth,
     claim_checks,
@@ -21,8 +23,6 @@ from nlakit.claims import (
     unparsed_counts,
     verify,
 )
-from nlakit.labels import LabelRow
-from nlakit.labels.context import ContextLabeller
 
 PREFIX = "The assignment statement evaluates the expression list and"
 TRUTH = Truth(tokens=[" expression", " list", " and"], prefix=PREFIX,
@@ -145,7 +145,7 @@ def test_the_context_labeller_s_own_labels_verify_as_true(tiny, tiny_store):
     assert np.all(verdicts["prediction_prob_error"] <= 0.005 + 1e-6)  # labels round to 1%
     # the same truth from a full-sequence forward, read at the row (explain's path)
     ids = labeller.token_ids(rows[0].prefix)
-    from nlakit.models import next_token_probs
+    from nlakit.model.lm_head import next_token_probs
 
     probs = next_token_probs(tiny[0], [ids], read_at=[[len(ids) - 1]])[0]
     again = truth_from_probs(tiny[1], ids, probs, claims[0].prediction_tokens, rows[0].prefix)
@@ -155,9 +155,9 @@ def test_the_context_labeller_s_own_labels_verify_as_true(tiny, tiny_store):
 
 def test_eval_reports_claims_per_row_and_per_field(tiny, tiny_store, monkeypatch):
     """Eval with an AV whose explanations are the context labels, one made false."""
-    from nlakit.evaluate import EvalConfig, evaluate, format_table, select_rows
-    from nlakit.nla import NLA
-    from nlakit.verbalizer import Explanation
+    from nlakit.eval.evaluate import EvalConfig, evaluate, format_table, select_rows
+    from nlakit.nla.facade import NLA
+    from nlakit.nla.verbalizer import Explanation
 
     nla = NLA.from_target(tiny, tiny_store.layer, injection_scale=10.0,
                           dataset_stats={"rawvar": tiny_store.stats()["rawvar"]})
@@ -183,7 +183,7 @@ def test_eval_reports_claims_per_row_and_per_field(tiny, tiny_store, monkeypatch
     assert d["rows"][0]["claims"]["current_token_right"] == 0.0
     assert d["rows"][1]["claims"]["current_token_right"] == 1.0
     assert "top_prediction_in_top5" in format_table(d) and "unparsed" in format_table(d)
-    from nlakit.report import render_html, render_markdown
+    from nlakit.report.render import render_html, render_markdown
 
     cell = f"{c['current_token_right']['mean']:.1%}"
     assert "<h3>Claim checks</h3>" in render_html(d) and cell in render_html(d)
@@ -204,9 +204,9 @@ def test_a_check_can_fail():
 
 
 def test_explain_verify_prints_a_mark_beside_each_claim(tiny, tmp_path, monkeypatch, capsys):
-    from nlakit.cli import main
-    from nlakit.nla import NLA
-    from nlakit.verbalizer import Explanation
+    from nlakit.nla.facade import NLA
+    from nlakit.nla.verbalizer import Explanation
+    from nlakit.run.cli import main
 
     saved = NLA.from_target(tiny, 2, injection_scale=10.0,
                             dataset_stats={"rawvar": 0.5}).save(tmp_path / "nla")

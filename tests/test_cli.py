@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from nlakit.cli import build_parser, main, stage_from_args
 from nlakit.errors import NLAError
-from nlakit.pipeline import STAGE_TABLE, run_pipeline
+from nlakit.run.cli import build_parser, main, stage_from_args
+from nlakit.run.pipeline import STAGE_TABLE, run_pipeline
 
 COMMANDS = [s.command for s in STAGE_TABLE if s.command]
 # the inputs each subcommand requires, so that parsing reaches the flag under test
@@ -152,8 +152,8 @@ def test_import_nlakit_is_lazy_and_exports_the_api():
 
 @pytest.mark.usefixtures("private_cache")
 def test_pipeline_and_cli_produce_the_same_stage_outputs(tmp_path, tiny_model_dir):
+    from nlakit.extract.store import ActivationStore
     from nlakit.labels import LabelSet
-    from nlakit.store import ActivationStore
 
     sections = {
         "extract": {"corpus": "builtin:docs", "max_docs": 16, "max_tokens_per_doc": 128,
@@ -208,7 +208,7 @@ def test_pipeline_and_cli_produce_the_same_stage_outputs(tmp_path, tiny_model_di
 
 
 def test_every_labeller_and_paraphraser_option_flag_applies_to_one_of_them():
-    from nlakit.audit import PARAPHRASER_OPTIONS, ParaphraserOptions
+    from nlakit.eval.audit import PARAPHRASER_OPTIONS, ParaphraserOptions
     from nlakit.labels import LabellerOptions, get_labeller_class
 
     taken = set()
@@ -223,8 +223,8 @@ def test_every_labeller_and_paraphraser_option_flag_applies_to_one_of_them():
 
 
 def test_serve_subcommand_flags_and_wiring(capsys, monkeypatch):
-    import nlakit.serve.server as server
-    from nlakit.serve.config import ServeInputs, ServeLimits
+    import nlakit.apps.serve.server as server
+    from nlakit.apps.serve.config import ServeInputs, ServeLimits
 
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--help"])

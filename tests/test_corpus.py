@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from nlakit.corpus.load import load_corpus
 
 from nlakit import NLAError
-from nlakit.corpus import Corpus, Document, load_corpus, render_chat
+from nlakit.corpus.documents import Corpus, Document, render_chat
 
 PARAS = ["First paragraph about apples.", "Second paragraph\nabout pears.", "Third: plums."]
 
@@ -279,7 +280,7 @@ def test_builtin_code_is_code_without_the_docstrings_held_elsewhere():
 
 
 def test_builtin_wide_is_builtin_then_writing_and_code_alternating(monkeypatch):
-    from nlakit import builtin_corpus as bc
+    from nlakit.corpus import builtin as bc
 
     monkeypatch.setattr(bc, "_chat_documents", lambda tok, model: iter(
         [Document(f"chat:{i:03d}", "chat text " * 80, "chat") for i in range(2)]))
@@ -299,7 +300,7 @@ def test_builtin_wide_is_builtin_then_writing_and_code_alternating(monkeypatch):
 
 @pytest.mark.slow
 def test_builtin_writing_is_plain_text_the_model_writes_once(smollm, monkeypatch, tmp_path):
-    from nlakit import builtin_corpus as bc
+    from nlakit.corpus import builtin as bc
 
     monkeypatch.setenv("NLAKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(bc, "WRITING_GENRES", ["a news article about {}", "a poem about {}"])
@@ -331,7 +332,7 @@ def test_builtin_interleaves_chats(smollm):
     assert [d.kind == "chat" for d in docs] == [False, False, True] * 4
     chats = [d for d in docs if d.kind == "chat"]
     assert [d.doc_id for d in chats] == ["chat:000", "chat:001", "chat:002", "chat:003"]
-    from nlakit.builtin_corpus import CHAT_REQUESTS
+    from nlakit.corpus.builtin import CHAT_REQUESTS
 
     for i, chat in enumerate(chats):
         # SmolLM2's template may add its default system turn first

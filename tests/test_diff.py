@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from nlakit.diff import DiffConfig, align_rows, pair_index, preflight, run
-from nlakit.errors import NLAError
-from nlakit.finetuned import (
+from nlakit.apps.diff import DiffConfig, align_rows, pair_index, preflight, run
+from nlakit.apps.finetuned import (
     check_adapter_base,
     check_models,
     load_finetuned,
     model_facts,
     record_adapter_base,
 )
-from nlakit.models import forward_to_layer
-from nlakit.wordstats import log_odds_ranking, word_distance
+from nlakit.apps.wordstats import log_odds_ranking, word_distance
+from nlakit.errors import NLAError
+from nlakit.model.hooks import forward_to_layer
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -34,7 +34,7 @@ SMALL = {"corpus": "builtin:docs", "max_docs": 6, "positions_per_doc": 3, "min_p
 @pytest.fixture(scope="module")
 def other_dir(tmp_path_factory):
     """The tiny architecture and tokenizer with other random weights."""
-    from nlakit.testing import make_tiny_model_dir
+    from nlakit.model.testing import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("other") / "model", seed=1)
 
@@ -56,7 +56,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_nla(tiny, tiny_store, tmp_path_factory):
-    from nlakit.nla import NLA
+    from nlakit.nla.facade import NLA
 
     nla = NLA.from_target(tiny, tiny_store.layer, injection_scale=10.0,
                           dataset_stats={"rawvar": tiny_store.stats()["rawvar"]})
@@ -113,7 +113,7 @@ def test_log_odds_min_count_prior_and_bad_input():
 
 
 def test_rows_are_paired_by_document_and_position_whatever_their_order(tiny_store):
-    from nlakit.evaluate import EvalRows, select_rows
+    from nlakit.eval.evaluate import EvalRows, select_rows
 
     base = select_rows(tiny_store, "all")
     perm = np.random.default_rng(0).permutation(len(base))
@@ -142,7 +142,7 @@ def test_rows_are_paired_by_document_and_position_whatever_their_order(tiny_stor
 
 def test_models_with_another_d_model_or_tokenizer_are_refused(tiny_model_dir, tiny_nla,
                                                               tmp_path):
-    from nlakit.testing import make_tiny_model_dir, make_tiny_tokenizer
+    from nlakit.model.testing import make_tiny_model_dir, make_tiny_tokenizer
 
     narrow = make_tiny_model_dir(tmp_path / "narrow", d=32)
     retok = tmp_path / "retok"
@@ -232,7 +232,7 @@ def _plant(monkeypatch, common: str, planted: str):
     needs something to find."""
     import dataclasses
 
-    import nlakit.diff as diff
+    import nlakit.apps.diff as diff
 
     calls, explain = [], diff._explain
 
@@ -248,7 +248,7 @@ def _plant(monkeypatch, common: str, planted: str):
 
 def test_diff_cli_end_to_end_on_a_lora_fine_tune(tiny_model_dir, adapter_dir, tiny_nla, tmp_path,
                                                  capsys, monkeypatch):
-    from nlakit.cli import main
+    from nlakit.run.cli import main
 
     _plant(monkeypatch, "the model reads plain text", "zebra stripes")
     out = tmp_path / "diff"
@@ -296,7 +296,7 @@ def test_a_rerun_reads_its_explanations_and_new_settings_explain_again(
         tiny_model_dir, adapter_dir, tiny_nla, tmp_path, monkeypatch):
     """OUT/explanations/ serves a rerun with other reporting settings (no generation, the same
     rows); another cap, or a damaged file, explains again."""
-    import nlakit.diff as diff
+    import nlakit.apps.diff as diff
 
     calls, explain = [], diff._explain
 

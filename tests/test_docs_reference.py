@@ -1,4 +1,5 @@
-"""docs/reference/ is generated from the CLI's parser and must match it (nlakit.docs_reference)."""
+"""docs/reference/ is generated from the CLI's parser and must match it
+(nlakit.run.docs_reference)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nlakit.docs_reference import REGENERATE, render_reference, stale_pages, write_reference
+from nlakit.run.docs_reference import REGENERATE, render_reference, stale_pages, write_reference
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -36,8 +37,8 @@ def _leaf_commands(parser: argparse.ArgumentParser, words=()) -> list[tuple[str,
 
 
 def test_every_subcommand_has_a_page(pages):
-    from nlakit.cli import build_parser
-    from nlakit.pipeline import STAGE_TABLE
+    from nlakit.run.cli import build_parser
+    from nlakit.run.pipeline import STAGE_TABLE
 
     every = _leaf_commands(build_parser())
     assert ("train", "av") in every and ("eval",) in every and ("serve",) in every
@@ -73,8 +74,8 @@ def _dataclass_default(cls, name: str) -> str:
 @pytest.mark.parametrize("page, flag, ref, name", [
     ("train-av", "--lr", "nlakit.train.sft:SFTConfig", "lr"),
     ("train-rl", "--av-lr", "nlakit.train.rl:RLConfig", "av_lr"),
-    ("eval", "--max-rows", "nlakit.evaluate:EvalConfig", "max_rows"),
-    ("eval", "--quote-tokens", "nlakit.evaluate:EvalConfig", "quote_tokens"),
+    ("eval", "--max-rows", "nlakit.eval.evaluate:EvalConfig", "max_rows"),
+    ("eval", "--quote-tokens", "nlakit.eval.evaluate:EvalConfig", "quote_tokens"),
 ])
 def test_page_default_is_the_dataclass_default(pages, page, flag, ref, name):
     import importlib

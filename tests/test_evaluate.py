@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nlakit import NLAError, metrics
-from nlakit.evaluate import (
+from nlakit.eval.evaluate import (
     EvalConfig,
     denominators,
     evaluate,
@@ -19,7 +19,7 @@ from nlakit.evaluate import (
     wrong_document_index,
 )
 from nlakit.labels import Labeller, label_store
-from nlakit.nla import NLA
+from nlakit.nla.facade import NLA
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -152,7 +152,7 @@ def test_label_baseline_skipped_without_labels_and_single_doc_errors(untrained, 
 
 
 def test_eval_cli_writes_json_and_report(untrained, tiny_store, tmp_path, capsys):
-    from nlakit.cli import main
+    from nlakit.run.cli import main
 
     root = untrained.save(tmp_path / "nla")
     report = tmp_path / "out" / "report.html"
@@ -171,7 +171,7 @@ def test_eval_cli_writes_json_and_report(untrained, tiny_store, tmp_path, capsys
 
 
 def test_best_of_n_keeps_the_candidate_the_ar_reconstructs_best(untrained, tiny_store):
-    from nlakit.evaluate import best_of_n
+    from nlakit.eval.evaluate import best_of_n
 
     v = select_rows(tiny_store, "heldout", max_rows=6).vectors
     greedy = untrained.explain(v, n=1, temperature=0.0, max_new_tokens=4)
@@ -192,7 +192,7 @@ def test_best_of_n_keeps_the_candidate_the_ar_reconstructs_best(untrained, tiny_
 
 
 def test_quote_rerank_keeps_the_quote_the_ar_reconstructs_best(untrained, tiny_store):
-    from nlakit.evaluate import best_quote, quote_text, rerank_quote_lengths
+    from nlakit.eval.evaluate import best_quote, quote_text, rerank_quote_lengths
 
     assert rerank_quote_lengths(8, 32) == [4, 8, 12, 16, 20, 24, 28, 32]
     assert rerank_quote_lengths(4, 2) == [1, 2]
@@ -207,7 +207,7 @@ def test_quote_rerank_keeps_the_quote_the_ar_reconstructs_best(untrained, tiny_s
 
 
 def test_baselines_only_needs_no_av(untrained, tiny_store, tmp_path):
-    from nlakit.cli import main
+    from nlakit.run.cli import main
 
     root = untrained.save(tmp_path / "nla")
     rc = main(["eval", "--baselines-only", "--ar", str(root / "ar"), "--acts",
@@ -225,7 +225,7 @@ def test_baselines_only_needs_no_av(untrained, tiny_store, tmp_path):
 
 
 def test_quote_fit_trains_only_on_training_rows(untrained, tiny_store, monkeypatch):
-    import nlakit.ladder as ladder
+    import nlakit.eval.baselines as ladder
 
     seen = {}
     real = ladder.fit_reconstructor
@@ -250,7 +250,7 @@ def test_quote_fit_trains_only_on_training_rows(untrained, tiny_store, monkeypat
 def test_quote_fit_trains_on_the_ar_s_own_splits(untrained, tiny_store, monkeypatch):
     """An AR that also trained on the rl split's explanations gets a baseline fitted on the
     quotes of ar_sft + rl rows: the same splits, never the evaluated one."""
-    import nlakit.ladder as ladder
+    import nlakit.eval.baselines as ladder
 
     seen = {}
     real = ladder.fit_reconstructor
@@ -271,7 +271,7 @@ def test_quote_fit_trains_on_the_ar_s_own_splits(untrained, tiny_store, monkeypa
 
 
 def test_reread_reference_is_the_frozen_target(untrained, tiny_store):
-    from nlakit.ladder import reread_predictions
+    from nlakit.eval.baselines import reread_predictions
 
     cfg = EvalConfig(split="heldout", max_new_tokens=2, quote_tokens=(), reread_tokens=(3,),
                      n_boot=50)
@@ -286,7 +286,7 @@ def test_reread_reference_is_the_frozen_target(untrained, tiny_store):
 
 
 def test_spliced_values_match_a_direct_splice_and_can_be_turned_off(untrained, tiny_store):
-    from nlakit.splice import mean_activation, row_tokens, splice_logits
+    from nlakit.eval.splice import mean_activation, row_tokens, splice_logits
 
     cfg = EvalConfig(split="heldout", max_new_tokens=2, quote_tokens=(), reread_tokens=(),
                      n_boot=50)
@@ -323,8 +323,8 @@ def test_spliced_values_match_a_direct_splice_and_can_be_turned_off(untrained, t
 def test_eval_and_audit_load_the_nla_in_the_dtype_asked_for(untrained, tiny_store, tmp_path):
     """`--dtype` reaches every half eval loads (the default on a GPU is bfloat16, so a float32
     eval there needs it)."""
-    from nlakit.evaluate import ReconstructorOnly
-    from nlakit.stages import AuditInputs, EvalInputs, _load_nla
+    from nlakit.eval.evaluate import ReconstructorOnly
+    from nlakit.run.stages import AuditInputs, EvalInputs, _load_nla
 
     root = untrained.save(tmp_path / "nla")
     for dtype, want in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
@@ -344,8 +344,8 @@ def test_the_fitted_baseline_budget_counts_rl_s_ar_updates():
 
     import yaml
 
-    from nlakit.evaluate import ar_budget, rl_ar_rows
-    from nlakit.shipped import SHIPPED_ROOT
+    from nlakit.eval.evaluate import ar_budget, rl_ar_rows
+    from nlakit.nla.pretrained import SHIPPED_ROOT
 
     rl = {"summary": {"steps": 10, "batch_size": 2, "group_size": 4, "processes": 2}}
     start = {"config": {"batch_size": 16, "lr": 1e-3}, "summary": {"steps": 5}, "rl": rl}

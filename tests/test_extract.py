@@ -12,16 +12,17 @@ import pyarrow as pa
 import pytest
 import torch
 
-import nlakit.activations as acts
+import nlakit.extract.extraction as acts
 from nlakit import NLAError, __version__
 from nlakit import metrics as M
-from nlakit.activations import ExtractConfig, assign_split, extract, sample_positions
-from nlakit.cli import main
-from nlakit.corpus import load_corpus
+from nlakit.corpus.load import load_corpus
 from nlakit.errors import ConfigMismatchError
+from nlakit.extract.extraction import ExtractConfig, assign_split, extract, sample_positions
+from nlakit.extract.store import ActivationStore, store_schema
 from nlakit.fileio import read_yaml, write_yaml
-from nlakit.models import forward_to_layer, special_token_ids
-from nlakit.store import ActivationStore, store_schema
+from nlakit.model.arch import special_token_ids
+from nlakit.model.hooks import forward_to_layer
+from nlakit.run.cli import main
 
 LAYER = 1
 KW = {"layer": LAYER, "positions_per_doc": 4, "min_position": 20, "max_tokens_per_doc": 160,

@@ -351,7 +351,7 @@ def test_openai_missing_key_and_unreachable(tiny_store, tmp_path, monkeypatch):
 
 
 def test_cli_context_and_openai(chat_server, tiny_store, tmp_path, capsys):
-    from nlakit.cli import main
+    from nlakit.run.cli import main
 
     out = tmp_path / "ctx"
     rc = main(["label", "--acts", str(tiny_store.path), "--labeller", "context",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from nlakit.ladder import FitBudget, fit_reconstructor, reread_predictions
-from nlakit.reconstructor import Reconstructor
+from nlakit.eval.baselines import FitBudget, fit_reconstructor, reread_predictions
+from nlakit.nla.reconstructor import Reconstructor
 
 
 def test_reread_of_the_whole_prefix_is_the_targets_own_state(tiny):

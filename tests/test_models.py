@@ -7,20 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from nlakit import NLAError, load_model, models
-from nlakit.models import (
+from nlakit import NLAError, load_model
+from nlakit.model import load as models
+from nlakit.model.arch import (
     check_layer,
     d_model,
     decoder_layers,
     decoder_stack,
     default_layer,
-    forward_to_layer,
     num_layers,
-    resolve_device,
-    resolve_dtype,
-    resolve_model,
     special_token_ids,
 )
+from nlakit.model.hooks import forward_to_layer
+from nlakit.model.load import resolve_device, resolve_dtype, resolve_model
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, and then it naps in the sun.",
@@ -229,13 +228,13 @@ def test_load_model_bfloat16(tiny_model_dir):
 def test_weights_hash_stable_and_content_based(tiny_model_dir, tmp_path):
     import shutil
 
-    from nlakit.models import weights_hash
+    from nlakit.model.load import weights_hash
 
     a = weights_hash(resolve_model(str(tiny_model_dir)))
     assert a == weights_hash(resolve_model(str(tiny_model_dir)))
     copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "copy"))
     assert weights_hash(resolve_model(str(copy))) == a  # content, not path
-    from nlakit.testing import make_tiny_model_dir
+    from nlakit.model.testing import make_tiny_model_dir
 
     other = make_tiny_model_dir(tmp_path / "other", seed=1)
     assert weights_hash(resolve_model(str(other))) != a
@@ -311,7 +310,11 @@ def test_gguf_special_tokens_follow_the_file_not_the_loader(smollm):
     ones the GGUF metadata states (SmolLM2: bos <|im_start|>, eos and pad <|im_end|>)."""
     import copy
 
-    from nlakit.models import builtin_gguf_path, gguf_special_token_ids, pin_gguf_special_tokens
+    from nlakit.model.load import (
+        builtin_gguf_path,
+        gguf_special_token_ids,
+        pin_gguf_special_tokens,
+    )
 
     gguf = builtin_gguf_path("smollm2-135m")
     ids = gguf_special_token_ids(gguf)

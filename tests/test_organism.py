@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
+from nlakit.apps.organism import chats as chatdata
+from nlakit.apps.organism.finetune import FinetuneConfig, chat_batch, finetune_chats
+from nlakit.apps.organism.prompts import USER_PROMPTS, split_prompts
+from nlakit.apps.organism.quirk import OCEAN, Quirk, quirk_ranks
 from nlakit.errors import ConfigMismatchError, NLAError
-from nlakit.organism import chats as chatdata
-from nlakit.organism.finetune import FinetuneConfig, chat_batch, finetune_chats
-from nlakit.organism.prompts import USER_PROMPTS, split_prompts
-from nlakit.organism.quirk import OCEAN, Quirk, quirk_ranks
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -69,8 +69,8 @@ def test_fine_tune_batches_train_on_the_answer_tokens_only(tiny):
 
 
 def test_adapter_dir_loads_back_as_base_plus_lora(tiny_model_dir, tmp_path):
-    from nlakit.finetuned import load_finetuned
-    from nlakit.models import load_model
+    from nlakit.apps.finetuned import load_finetuned
+    from nlakit.model.load import load_model
 
     cfg = FinetuneConfig(steps=12, batch_size=3, lr=5e-3, lora_rank=4, save_every=5)
     out = tmp_path / "organism"
@@ -129,8 +129,8 @@ def _fake_generate(prompts_seen):
 
 def test_audit_game_wiring_on_the_tiny_model(tiny, tiny_model_dir, tiny_store, tmp_path,
                                              monkeypatch):
-    from nlakit import audit_game
-    from nlakit.nla import NLA
+    from nlakit.apps import audit_game
+    from nlakit.nla.facade import NLA
 
     nla_dir = NLA.from_target(tiny, tiny_store.layer, injection_scale=10.0,
                               dataset_stats={"rawvar": tiny_store.stats()["rawvar"]}
@@ -178,7 +178,7 @@ def test_audit_game_wiring_on_the_tiny_model(tiny, tiny_model_dir, tiny_store, t
 
 def test_the_nla_fingerprint_follows_the_files_behind_a_name(tmp_path):
     """A diff step must rerun when the NLA behind a name or directory changes."""
-    from nlakit.audit_game import nla_fingerprint
+    from nlakit.apps.audit_game import nla_fingerprint
 
     for half in ("av", "ar"):
         (tmp_path / "nla" / half).mkdir(parents=True)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from nlakit.errors import ConfigMismatchError, NLAError
-from nlakit.pipeline import STAGES, Pipeline, load_config, plan, run_pipeline, stage_config
+from nlakit.run.pipeline import STAGES, Pipeline, load_config, plan, run_pipeline, stage_config
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -55,7 +55,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir):
     assert {"nla", "mean_direction", "quote_4", "label"} <= set(ev["methods"])
     assert summary["eval"]["nla"] == ev["methods"]["nla"]["fve_nrm"]["mean"]
     # the final NLA is the RL output (hard links), loadable as a normal checkpoint
-    from nlakit.nla import NLA
+    from nlakit.nla.facade import NLA
 
     nla = NLA.load(run / "nla")
     assert nla.layer == 2
@@ -263,7 +263,7 @@ LEGACY_HASHES = {
 def test_an_old_run_directory_still_resumes(tmp_path):
     """Stamps written before the stage table keep matching: the hash of an unchanged config
     is the same, so an old run's finished stages are skipped, not refused or redone."""
-    from nlakit.pipeline import Pipeline
+    from nlakit.run.pipeline import Pipeline
 
     config = tiny_config(tmp_path, "/models/tiny", train_control={"enabled": True, "lr": 1e-3})
     cfg = load_config(config)
@@ -286,8 +286,8 @@ def test_an_old_run_directory_still_resumes(tmp_path):
 def test_label_ar_trains_the_ar_on_the_avs_own_explanations(tmp_path, tiny_model_dir,
                                                            monkeypatch):
     from nlakit.labels import ParsedLabel
-    from nlakit.labels.verbalizer import VerbalizerLabeller
-    from nlakit.verbalizer import parse_explanation
+    from nlakit.nla.verbalizer import parse_explanation
+    from nlakit.train.label_ar import VerbalizerLabeller
 
     # a 2-step tiny AV writes no closed 2-line explanations; keep whatever it wrote
     monkeypatch.setattr(VerbalizerLabeller, "parse", lambda self, raw: ParsedLabel(
@@ -305,8 +305,8 @@ def test_label_ar_trains_the_ar_on_the_avs_own_explanations(tmp_path, tiny_model
     ar = yaml.safe_load((run / "sft/ar/nla_meta.yaml").read_text())
     assert Path(ar["nlakit"]["provenance"]["labels"]) == (run / "labels_ar").resolve()
     # the labels are the AV's greedy explanations of those rows' vectors
-    from nlakit.nla import _load_av
-    from nlakit.store import ActivationStore
+    from nlakit.extract.store import ActivationStore
+    from nlakit.nla.facade import _load_av
 
     table = labels.table("ar_sft")
     store = ActivationStore(run / "acts")
@@ -315,7 +315,7 @@ def test_label_ar_trains_the_ar_on_the_avs_own_explanations(tmp_path, tiny_model
     import numpy as np
     import torch
 
-    from nlakit.store import vectors_from_arrow
+    from nlakit.extract.store import vectors_from_arrow
 
     rows = store.rows(ids, ["row_id", "vector"])
     v = torch.from_numpy(np.array(vectors_from_arrow(rows.column("vector"), store.d_model)))

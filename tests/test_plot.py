@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nlakit import NLAError
-from nlakit.cli import main
+from nlakit.run.cli import main
 
 
 def test_plot_writes_png_with_the_metrics_present(tmp_path):
@@ -17,14 +17,14 @@ def test_plot_writes_png_with_the_metrics_present(tmp_path):
     out = tmp_path / "curve.png"
     assert main(["plot", str(tmp_path), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from nlakit.plot import plot_log
+    from nlakit.report.plots import plot_log
 
     drawn = plot_log(log, tmp_path / "b.png")
     assert drawn == ["heldout_fve_nrm", "fve_nrm", "reward_mean", "kl", "response_len"]
 
 
 def test_plot_errors(tmp_path):
-    from nlakit.plot import plot_log
+    from nlakit.report.plots import plot_log
 
     with pytest.raises(NLAError, match="no training log"):
         plot_log(tmp_path, tmp_path / "x.png")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from nlakit import NLAError
-from nlakit.models import forward_to_layer
-from nlakit.reconstructor import Reconstructor, truncate_model
+from nlakit.model.hooks import forward_to_layer
+from nlakit.nla.reconstructor import Reconstructor, truncate_model
 
 
 def test_truncated_body_has_k_plus_one_blocks_and_same_states(tiny):

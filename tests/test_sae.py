@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nlakit.sae import (
+from nlakit.eval.sae import (
     SAETrainConfig,
     TopKSAE,
     directions,
@@ -109,8 +109,8 @@ def test_sae_cli_writes_the_ladder_with_an_nla_and_an_eval_json(tiny, tiny_store
                                                                 capsys):
     import json
 
-    from nlakit.cli import main
-    from nlakit.nla import NLA
+    from nlakit.nla.facade import NLA
+    from nlakit.run.cli import main
 
     nla = NLA.from_target(tiny, tiny_store.layer, injection_scale=10.0,
                           dataset_stats={"rawvar": tiny_store.stats()["rawvar"]})

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from nlakit import NLAError
-from nlakit.serve import BackgroundServer, ServeLimits, create_app
-from nlakit.serve.testing import SAMPLE_TEXT, tiny_viewer_nla, with_explanations, write_run
+from nlakit.apps.serve import BackgroundServer, ServeLimits, create_app
+from nlakit.apps.serve.testing import SAMPLE_TEXT, tiny_viewer_nla, with_explanations, write_run
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -98,7 +98,7 @@ def test_explain_all_tokens_matches_the_library(server, nla):
 
 def test_the_viewer_checks_the_claims_of_what_it_explains(server, nla, monkeypatch):
     """An explanation with a right and a wrong claim comes back with both marked."""
-    from nlakit.verbalizer import Explanation
+    from nlakit.nla.verbalizer import Explanation
 
     _, tok = nla.target()
     ids = tok(SAMPLE_TEXT, add_special_tokens=True)["input_ids"]
@@ -360,11 +360,11 @@ def test_serving_an_nla_directory_and_refusing_a_mismatched_run(nla, tiny, tiny_
 def test_serve_binds_loopback_and_warns_for_another_host(nla, monkeypatch, caplog, capsys):
     import uvicorn
 
-    from nlakit.serve import serve
+    from nlakit.apps.serve import serve
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
-    with caplog.at_level(logging.WARNING, logger="nlakit.serve.server"):
+    with caplog.at_level(logging.WARNING, logger="nlakit.apps.serve.server"):
         serve(nla, port=8123)
         assert not caplog.records
         serve(nla, host="0.0.0.0", port=8124)
@@ -387,9 +387,9 @@ def test_the_serve_subcommand_flags_come_from_the_dataclasses(nla, tmp_path, mon
 
     import uvicorn
 
-    from nlakit.cli import add_dataclass_flags
-    from nlakit.serve import run_serve
-    from nlakit.serve.config import ServeInputs
+    from nlakit.apps.serve import run_serve
+    from nlakit.apps.serve.config import ServeInputs
+    from nlakit.run.cli import add_dataclass_flags
 
     parser = argparse.ArgumentParser(prog="nlakit serve")
     add_dataclass_flags(parser, ServeInputs, "inputs")

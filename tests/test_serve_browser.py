@@ -6,9 +6,9 @@ import httpx
 import pytest
 
 from nlakit import NLAError
-from nlakit.serve import BackgroundServer, ServeLimits, create_app
-from nlakit.serve.browser import chrome_driver, explain_flow, find_chromium
-from nlakit.serve.testing import SAMPLE_TEXT, tiny_viewer_nla, with_explanations, write_run
+from nlakit.apps.serve import BackgroundServer, ServeLimits, create_app
+from nlakit.apps.serve.browser import chrome_driver, explain_flow, find_chromium
+from nlakit.apps.serve.testing import SAMPLE_TEXT, tiny_viewer_nla, with_explanations, write_run
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

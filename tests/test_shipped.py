@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nlakit import NLAError
-from nlakit.nla import NLA
-from nlakit.shipped import MANIFEST_FILE, pack_nla, resolve, shipped_names, verify
+from nlakit.nla.facade import NLA
+from nlakit.nla.pretrained import MANIFEST_FILE, pack_nla, resolve, shipped_names, verify
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def adapter_nla(tiny, tiny_store, tmp_path_factory):
     """A tiny NLA whose AV and AR are saved as (randomly initialised, non-zero) LoRA adapters."""
     from peft import LoraConfig, get_peft_model
 
-    from nlakit.checkpoint import save_ar_dir, save_av_dir
+    from nlakit.nla.checkpoint import save_ar_dir, save_av_dir
 
     nla = NLA.from_target(tiny, tiny_store.layer, injection_scale=10.0,
                           dataset_stats={"rawvar": tiny_store.stats()["rawvar"]})
@@ -37,7 +37,7 @@ def adapter_nla(tiny, tiny_store, tmp_path_factory):
 
 
 def test_an_adapter_ar_loads_like_its_merged_weights(adapter_nla, tiny):
-    from nlakit.reconstructor import Reconstructor
+    from nlakit.nla.reconstructor import Reconstructor
 
     root, (_, ar_merged) = adapter_nla
     loaded = NLA.load(root, target=tiny)
@@ -113,7 +113,7 @@ def test_pack_replaces_the_training_machines_paths_by_names_and_digests(adapter_
 
 def test_the_shipped_nlas_carry_no_absolute_paths():
     from nlakit.fileio import read_yaml
-    from nlakit.shipped import SHIPPED_ROOT
+    from nlakit.nla.pretrained import SHIPPED_ROOT
 
     for name in shipped_names():
         for role in ("av", "ar"):
@@ -144,7 +144,7 @@ def test_pack_refuses_merged_weights(tiny, tiny_store, tmp_path):
 
 
 def test_describe_lists_files_and_the_recorded_table(adapter_nla, tmp_path):
-    from nlakit.shipped import describe
+    from nlakit.nla.pretrained import describe
 
     root, _ = adapter_nla
     (tmp_path / "eval.txt").write_text("method nla fve_nrm +0.123\n")
@@ -159,7 +159,7 @@ def test_describe_lists_files_and_the_recorded_table(adapter_nla, tmp_path):
 def test_the_shipped_smollm2_nla_loads_by_name_and_explains():
     """The NLA in the package: its files match the manifest, it loads by name over the
     embedded model, and it states the current token of a text it explains."""
-    from nlakit.shipped import SHIPPED_ROOT
+    from nlakit.nla.pretrained import SHIPPED_ROOT
 
     assert "smollm2-135m" in shipped_names()
     manifest = verify(SHIPPED_ROOT / "smollm2-135m")
@@ -181,7 +181,7 @@ def test_the_shipped_smollm2_nla_loads_by_name_and_explains():
 def test_the_shipped_nla_exports_in_the_official_contract(tmp_path):
     """`nlakit export --nla smollm2-135m --layout official` meets the official client's
     load-time rules (it once failed its BOS rule), and its critic reads nlakit's AR tokens."""
-    from nlakit.cli import main
+    from nlakit.run.cli import main
     from official_contract import check_official_pair, official_ar_ids
 
     out = tmp_path / "official"

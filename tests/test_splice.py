@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nlakit.models import decoder_layers
-from nlakit.splice import (
+from nlakit.eval.splice import (
     ABLATION_METHOD,
     TRUE_METHOD,
     _Item,
@@ -22,15 +21,14 @@ from nlakit.splice import (
     spliced_eval,
     spliced_metrics,
 )
+from nlakit.model.arch import decoder_layers
 
 LAYER = 2  # the tiny_store's layer
 
 
 def _rows(tiny_store):
-    try:
-        from nlakit.evaluate import select_rows
-    except ImportError:  # evaluate may have become a package
-        from nlakit.evaluate.rows import select_rows
+    from nlakit.eval.evaluate import select_rows
+
     return select_rows(tiny_store, "heldout")
 
 

@@ -10,16 +10,7 @@ import pytest
 import torch
 
 from nlakit import NLAError
-from nlakit.cli import main
-from nlakit.models import (
-    decoder_layers,
-    decoder_stack,
-    forward_to_layer,
-    returned_cache,
-    with_cache,
-)
-from nlakit.nla import NLA
-from nlakit.steering import (
+from nlakit.apps.steering import (
     SteerConfig,
     concept_pattern,
     default_concept_words,
@@ -28,6 +19,10 @@ from nlakit.steering import (
     steer,
     text_vector,
 )
+from nlakit.model.arch import decoder_layers, decoder_stack, returned_cache, with_cache
+from nlakit.model.hooks import forward_to_layer
+from nlakit.nla.facade import NLA
+from nlakit.run.cli import main
 
 TEXT = "The text is about the function and its value."
 CONTRAST = "The text is about nothing in particular."

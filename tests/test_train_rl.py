@@ -12,10 +12,10 @@ import torch
 
 from nlakit import NLAError
 from nlakit.fileio import stable_hash
-from nlakit.nla import NLA
+from nlakit.nla.facade import NLA
+from nlakit.nla.sampling import pad_responses, response_logprobs, token_prefixes
 from nlakit.train import rewards as R
 from nlakit.train.rl import RLConfig, train_rl, trajectory
-from nlakit.train.rollout import pad_responses, response_logprobs, token_prefixes
 
 # ---- pure reward functions -----------------------------------------------------------------
 
@@ -97,7 +97,7 @@ def test_kl_estimators_and_truncation_lengths():
 
 
 def test_sample_next_greedy_temperature_and_top_p():
-    from nlakit.train.rollout import sample_next
+    from nlakit.nla.sampling import sample_next
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).expand(2000, -1)
@@ -312,7 +312,7 @@ def test_two_processes_agree_and_export(sft_nla, tiny_store, tmp_path, tiny):
     """torchrun, 2 gloo processes: each rolls out its own activations, DDP keeps replicas equal."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = tmp_path / "two"
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29571", "-m", "nlakit.cli",
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29571", "-m", "nlakit.run.cli",
            "train", "rl", "--nla", str(sft_nla), "--acts", str(tiny_store.path), "--out",
            str(out), "--max-steps", "2", "--batch-size", "2", "--group-size", "2",
            "--max-new-tokens", "8", "--eval-every", "2", "--eval-rows", "2", "--lora-rank", "4",
@@ -333,8 +333,8 @@ def test_two_processes_agree_and_export(sft_nla, tiny_store, tmp_path, tiny):
 def test_fast_sampler_and_shared_prefix_match_the_plain_paths(sft_nla, tiny):
     import copy
 
-    from nlakit.train.rollout import fast_generate, shared_prefix_len
-    from nlakit.verbalizer import Verbalizer
+    from nlakit.nla.sampling import fast_generate, shared_prefix_len
+    from nlakit.nla.verbalizer import Verbalizer
 
     base = NLA.load(sft_nla, target=tiny).av
     # the random tiny model's greedy output is one repeated token; larger random weights make
@@ -403,7 +403,7 @@ def test_sigkill_mid_run_then_resume_matches_a_straight_run(sft_nla, tiny_store,
             "--no-failure-penalty"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "nlakit.cli", *args, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "nlakit.run.cli", *args, "--out", str(killed)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = killed / "metrics.jsonl"
     deadline = time.time() + 240
@@ -416,7 +416,7 @@ def test_sigkill_mid_run_then_resume_matches_a_straight_run(sft_nla, tiny_store,
     proc.wait()
     assert not (killed / "av").exists()
     assert 6 <= len(log.read_text().splitlines()) < 17
-    from nlakit.cli import main
+    from nlakit.run.cli import main
 
     assert main([*args, "--out", str(killed), "--resume"]) == 0
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
@@ -438,8 +438,8 @@ def test_rollouts_sample_the_distribution_the_policy_loss_assumes(sft_nla, tiny)
     samples would not follow softmax(logits / T), whose log-probs the policy loss uses."""
     import copy
 
-    from nlakit.train.rollout import sample_rollouts
-    from nlakit.verbalizer import Verbalizer
+    from nlakit.nla.sampling import sample_rollouts
+    from nlakit.nla.verbalizer import Verbalizer
 
     base = NLA.load(sft_nla, target=tiny).av
     model = copy.deepcopy(base.model)

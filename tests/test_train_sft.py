@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from nlakit import NLAError
-from nlakit.nla import NLA
+from nlakit.nla.facade import NLA
 from nlakit.train.sft import SFTConfig, train_sft
 
 
@@ -122,7 +122,7 @@ def test_two_processes_match_one(labels_dir, tmp_path):
     """torchrun with 2 gloo processes × batch 2 takes the same steps as 1 process × batch 4,
     in float32 (in bf16 the split batch rounds differently: 3e-4 relative, measured)."""
     def run(launcher, out, batch):
-        cmd = [*launcher, "-m", "nlakit.cli", "train", "ar", "--data", str(labels_dir), "--out",
+        cmd = [*launcher, "-m", "nlakit.run.cli", "train", "ar", "--data", str(labels_dir), "--out",
                str(out), "--max-steps", "3", "--batch-size", str(batch), "--eval-every", "100",
                "--mixed-precision", "no"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -169,7 +169,7 @@ def test_a_kept_adapter_ar_reconstructs_like_its_merged_export(labels_dir, tmp_p
     assert (adapter_dir / "adapter_config.json").is_file()
     assert (adapter_dir / "value_head.safetensors").is_file()
     assert not (adapter_dir / "model.safetensors").exists()
-    from nlakit.nla import _load_ar
+    from nlakit.nla.facade import _load_ar
 
     texts = ["Kind of text: prose.", "the end of a line"]
     merged, _ = _load_ar(tmp_path / "merged" / "ar", torch.float32, torch.device("cpu"))
@@ -243,8 +243,8 @@ def test_a_checkpoint_with_the_older_full_config_hash_can_be_extended(labels_dir
 
 
 def test_decoding_settings_go_into_the_av_checkpoint(labels_dir, tmp_path):
-    from nlakit.checkpoint import read_meta
-    from nlakit.nla import _load_av
+    from nlakit.nla.checkpoint import read_meta
+    from nlakit.nla.facade import _load_av
 
     cfg = SFTConfig(batch_size=4, max_steps=2, no_repeat_ngram_size=3)
     first = train_sft("av", labels_dir, tmp_path / "nla", cfg, progress=False)
@@ -297,8 +297,8 @@ def test_an_ar_continued_from_another_starts_from_it_and_stacks_its_adapters(lab
     whose steps the fitted quote baseline's budget then adds up."""
     from types import SimpleNamespace
 
-    from nlakit.evaluate import ar_budget, ar_training_splits
-    from nlakit.nla import _load_ar
+    from nlakit.eval.evaluate import ar_budget, ar_training_splits
+    from nlakit.nla.facade import _load_ar
 
     def load(d):
         return _load_ar(d, torch.float32, torch.device("cpu"))

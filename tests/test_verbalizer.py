@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nlakit import NLAError
-from nlakit.verbalizer import (
+from nlakit.nla.verbalizer import (
     DEFAULT_AV_TEMPLATE,
     Injection,
     Verbalizer,
@@ -159,7 +159,7 @@ def test_decoding_settings_stop_repeats_and_default_to_the_checkpoint(tiny):
 
 
 def test_repeated_ngram_bans_name_the_tokens_that_would_repeat_an_ngram():
-    from nlakit.train.rollout import repeated_ngram_bans
+    from nlakit.nla.sampling import repeated_ngram_bans
 
     written = [1, 2, 3, 1, 2]
     assert repeated_ngram_bans(written, 3) == [3]  # "1 2" was followed by 3
@@ -170,7 +170,7 @@ def test_repeated_ngram_bans_name_the_tokens_that_would_repeat_an_ngram():
 
 
 def test_greedy_takes_the_fast_loop_and_writes_hfs_tokens(tiny, monkeypatch):
-    import nlakit.train.rollout as rollout
+    import nlakit.nla.sampling as rollout
 
     model, tok = tiny
     av = Verbalizer(model, tok, choose_marker(tok), 10.0)
@@ -203,7 +203,7 @@ def test_bf16_autocast_and_float32_agree_on_the_tiny_model(tiny):
     tiny model: the same greedy tokens, and the teacher-forced AV loss within 1e-3 relative
     (measured 1.4e-5). On SmolLM2 greedy tokens need not agree: bf16 *weights* kept 32 of 128
     explanations identical (docs/benchmarks.md), which is why eval and label_ar stay float32."""
-    from nlakit.nla import NLA
+    from nlakit.nla.facade import NLA
 
     nla = NLA.from_target(tiny, 2, injection_scale=10.0, dataset_stats={"rawvar": 0.5})
     v = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 3

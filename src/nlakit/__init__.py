@@ -4,25 +4,25 @@ The public API (every name loads its module on first use, so `import nlakit` sta
 
   nlakit.NLA, nlakit.load_model, nlakit.extract, nlakit.load_corpus, nlakit.ActivationStore,
   nlakit.label_store, nlakit.LabelSet, nlakit.train_sft, nlakit.train_rl, nlakit.run_pipeline,
-  nlakit.metrics (nlakit.evaluate and nlakit.audit are the modules of those stages);
+  nlakit.metrics (nlakit.eval.evaluate and nlakit.eval.audit are the modules of those stages);
   nlakit.steer (a context manager adding a vector to block K), nlakit.measure_steering and
-  nlakit.SteerConfig (steering from text, in `nlakit.steering`);
+  nlakit.SteerConfig (steering from text, in `nlakit.apps.steering`);
   the stage configs (ExtractConfig, LabelConfig, SFTConfig, RLConfig, EvalConfig, AuditConfig,
-  ReportConfig) and run functions (run_extract ... run_report, see `nlakit.stages`).
+  ReportConfig) and run functions (run_extract ... run_report, see `nlakit.run.stages`).
 """
 
 __version__ = "0.1.0"
 
-from .errors import ConfigMismatchError, NLAError
+from nlakit.errors import ConfigMismatchError, NLAError
 
 # public name -> "module:attribute" (relative to this package)
 _LAZY = {
-    "NLA": "nla:NLA",
-    "load_model": "models:load_model",
-    "extract": "activations:extract",
-    "ExtractConfig": "activations:ExtractConfig",
-    "load_corpus": "corpus:load_corpus",
-    "ActivationStore": "store:ActivationStore",
+    "NLA": "nla.facade:NLA",
+    "load_model": "model.load:load_model",
+    "extract": "extract.extraction:extract",
+    "ExtractConfig": "extract.extraction:ExtractConfig",
+    "load_corpus": "corpus.load:load_corpus",
+    "ActivationStore": "extract.store:ActivationStore",
     "label_store": "labels:label_store",
     "LabelSet": "labels:LabelSet",
     "LabelConfig": "labels:LabelConfig",
@@ -30,14 +30,14 @@ _LAZY = {
     "SFTConfig": "train.sft:SFTConfig",
     "train_rl": "train.rl:train_rl",
     "RLConfig": "train.rl:RLConfig",
-    "EvalConfig": "evaluate:EvalConfig",
-    "AuditConfig": "audit:AuditConfig",
-    "ReportConfig": "report:ReportConfig",
-    "run_pipeline": "pipeline:run_pipeline",
-    "steer": "steering:steer",
-    "measure_steering": "steering:measure_steering",
-    "SteerConfig": "steering:SteerConfig",
-    **{name: f"stages:{name}" for name in (
+    "EvalConfig": "eval.evaluate:EvalConfig",
+    "AuditConfig": "eval.audit:AuditConfig",
+    "ReportConfig": "report.render:ReportConfig",
+    "run_pipeline": "run.pipeline:run_pipeline",
+    "steer": "apps.steering:steer",
+    "measure_steering": "apps.steering:measure_steering",
+    "SteerConfig": "apps.steering:SteerConfig",
+    **{name: f"run.stages:{name}" for name in (
         "run_extract", "run_label", "run_train_av", "run_train_ar", "run_train_control",
         "run_train_rl", "run_eval", "run_audit", "run_report")},
 }

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .errors import NLAError
+from nlakit.errors import NLAError
 
 
 def _as_rows(x, name: str) -> torch.Tensor:

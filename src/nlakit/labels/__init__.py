@@ -3,13 +3,13 @@
 Modules: `format` (the prompt and the parser of a label), `cache` (rows, failures, the sqlite
 cache of raw labels), `core` (the `Labeller` base class, the registry, labeller options and the
 stage's `LabelConfig`), `labelset` (`label_store` and `LabelSet`), and one module per built-in
-labeller (`local`, `context`, `openai`). The stage's `run` is `nlakit.stages.run_label`. Add a
+labeller (`local`, `context`, `openai`). The stage's `run` is `nlakit.run.stages.run_label`. Add a
 labeller by subclassing `Labeller` and calling `register_labeller`, or with an entry point in
 the group ``nlakit.labellers``.
 """
 
-from .cache import LabelCache, LabelFailure, LabelRow
-from .core import (
+from nlakit.labels.cache import LabelCache, LabelFailure, LabelRow
+from nlakit.labels.core import (
     DEFAULT_SPLITS,
     LabelConfig,
     Labeller,
@@ -21,21 +21,21 @@ from .core import (
     make_labeller,
     register_labeller,
 )
-from .format import PROMPT_VERSION, ParsedLabel, label_messages, parse_label
-from .labelset import LabelSet, label_store
+from nlakit.labels.format import PROMPT_VERSION, ParsedLabel, label_messages, parse_label
+from nlakit.labels.labelset import LabelSet, label_store
 
 
 def __getattr__(name):  # the built-in labellers load on first use
     if name == "LocalLabeller":
-        from .local import LocalLabeller
+        from nlakit.labels.local import LocalLabeller
 
         return LocalLabeller
     if name == "ContextLabeller":
-        from .context import ContextLabeller
+        from nlakit.labels.context import ContextLabeller
 
         return ContextLabeller
     if name == "OpenAILabeller":
-        from .openai import OpenAILabeller
+        from nlakit.labels.openai import OpenAILabeller
 
         return OpenAILabeller
     raise AttributeError(name)

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NLAError
-from ..fileio import stable_hash
-from ..models import cache_dir
-from .format import ParsedLabel
+from nlakit.errors import NLAError
+from nlakit.fileio import stable_hash
+from nlakit.labels.format import ParsedLabel
+from nlakit.model.load import cache_dir
 
 # ---- rows, failures, cache ------------------------------------------------------------------
 

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
-from ..activations import tokenize_text
-from ..errors import NLAError
-from ..models import next_token_probs
-from .cache import LabelRow
-from .core import ModelLabeller, _weights_id
-from .format import ParsedLabel, parse_label
+from nlakit.errors import NLAError
+from nlakit.extract.extraction import tokenize_text
+from nlakit.labels.cache import LabelRow
+from nlakit.labels.core import ModelLabeller, _weights_id
+from nlakit.labels.format import ParsedLabel, parse_label
+from nlakit.model.lm_head import next_token_probs
 
 _CODE_LINE = re.compile(
     r"^\s*(def |class |import |from \S+ import|return\b|if .*:$|elif |else:|for .*:$|while "
@@ -111,7 +111,7 @@ class ContextLabeller(ModelLabeller):
       itself was. Newlines and tabs are written as \\n and \\t (one feature per line).
     - ``tail_only``: ``tail`` without its kind-and-predictions line: only what one vector
       carries best (the stated predictions of a tail AV are in the target's real top 5 a
-      sixth of the time, the current token nine times in ten: `nlakit.claims`, results).
+      sixth of the time, the current token nine times in ten: `nlakit.nla.claims`, results).
     - ``tail_back``: ``tail`` with a second line naming the `BACK_TOKENS` tokens before the
       current one, newest first (``Before it: ' the', ' of', ' end'.``): the previous token is
       linearly readable from the vector about half the time at layer 10, where a ``tail`` AV
@@ -166,7 +166,7 @@ class ContextLabeller(ModelLabeller):
 
     def _load(self):
         if self._loaded is None:
-            from ..models import load_model
+            from nlakit.model.load import load_model
 
             self._loaded = load_model(self.model_spec, dtype=self.dtype, device=self.device)
         return self._loaded

@@ -10,7 +10,7 @@ Built-in labellers:
                 words of the context (quoted), and the target's own top-k next-token predictions
                 (`nlakit.labels.context`).
   * ``nla``     a trained AV's own explanations of the rows' vectors: not a warm start but the
-                AR's training data (`nlakit.labels.verbalizer`; the one labeller that reads the
+                AR's training data (`nlakit.train.label_ar`; the one labeller that reads the
                 vector, through the AV).
 Add your own by subclassing `Labeller` and calling `register_labeller`, or by an entry point in
 the group ``nlakit.labellers`` that names the class.
@@ -22,11 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..errors import NLAError
-from ..models import resolve_model, weights_hash
-from ..store import AR_SFT, AV_SFT, HELDOUT
-from .cache import LabelFailure, LabelRow
-from .format import PROMPT_VERSION, ParsedLabel, parse_label
+from nlakit.errors import NLAError
+from nlakit.extract.store import AR_SFT, AV_SFT, HELDOUT
+from nlakit.labels.cache import LabelFailure, LabelRow
+from nlakit.labels.format import PROMPT_VERSION, ParsedLabel, parse_label
+from nlakit.model.load import resolve_model, weights_hash
 
 DEFAULT_SPLITS = (AV_SFT, AR_SFT, HELDOUT)  # heldout: the eval's `label` baseline
 ENTRY_POINT_GROUP = "nlakit.labellers"
@@ -192,7 +192,7 @@ _REGISTRY: dict[str, type[Labeller] | str] = {
     "local": "nlakit.labels.local:LocalLabeller",
     "context": "nlakit.labels.context:ContextLabeller",
     "openai": "nlakit.labels.openai:OpenAILabeller",
-    "nla": "nlakit.labels.verbalizer:VerbalizerLabeller",
+    "nla": "nlakit.train.label_ar:VerbalizerLabeller",
 }
 
 

@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import ConfigMismatchError, NLAError
-from ..fileio import atomic_path, read_yaml, write_yaml
-from .cache import LabelCache, LabelFailure, LabelRow
-from .core import DEFAULT_SPLITS, Labeller, make_labeller
+from nlakit.errors import ConfigMismatchError, NLAError
+from nlakit.fileio import atomic_path, read_yaml, write_yaml
+from nlakit.labels.cache import LabelCache, LabelFailure, LabelRow
+from nlakit.labels.core import DEFAULT_SPLITS, Labeller, make_labeller
 
 LABELS_KIND = "nlakit_labels"
 LABELS_FILE = "labels.parquet"
@@ -95,7 +95,7 @@ class LabelSet:
     def joined(self, store, split: str) -> pa.Table:
         """The store's rows of ``split`` that have a label, with ``label`` and ``features``
         columns added (all store columns, vector and prefix included), in row_id order."""
-        from ..store import ActivationStore
+        from nlakit.extract.store import ActivationStore
 
         if not isinstance(store, ActivationStore):
             store = ActivationStore(store)
@@ -235,8 +235,8 @@ def label_store(acts, labeller: Labeller | str, out: str | Path, *,
     not sent to the labeller again. Raises NLAError when no row survives parsing; meta.yaml is
     written last, so an interrupted or failed run never looks complete.
     """
-    from .. import __version__
-    from ..store import ActivationStore
+    from nlakit import __version__
+    from nlakit.extract.store import ActivationStore
 
     store = acts if isinstance(acts, ActivationStore) else ActivationStore(acts)
     out, splits = Path(out), list(dict.fromkeys(splits))

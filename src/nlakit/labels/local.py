@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..fileio import stable_seed
-from ..models import generate_continuations, load_model, require_chat_template
-from .cache import LabelRow
-from .core import ModelLabeller, _weights_id
-from .format import label_messages
+from nlakit.fileio import stable_seed
+from nlakit.labels.cache import LabelRow
+from nlakit.labels.core import ModelLabeller, _weights_id
+from nlakit.labels.format import label_messages
+from nlakit.model.arch import require_chat_template
+from nlakit.model.generate import generate_continuations
+from nlakit.model.load import load_model
 
 
 class LocalLabeller(ModelLabeller):

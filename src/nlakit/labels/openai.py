@@ -29,10 +29,10 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-from ..errors import NLAError
-from .cache import LabelFailure, LabelRow
-from .core import Labeller
-from .format import label_messages
+from nlakit.errors import NLAError
+from nlakit.labels.cache import LabelFailure, LabelRow
+from nlakit.labels.core import Labeller
+from nlakit.labels.format import label_messages
 
 
 class BudgetExhausted(NLAError):

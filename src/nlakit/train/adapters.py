@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..errors import NLAError
+from nlakit.errors import NLAError
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -31,8 +31,8 @@ def check_stackable(nla_dir: Path, av_rank: int, ar_rank: int) -> None:
 def stack_onto_target(spec: str, layer: int | None, sft_dir: Path, trained):
     """`stack_onto` a fresh copy of the target `spec` (truncated after `layer` for an AR body;
     None for an AV) in `trained`'s dtype: the export of an RL'd or continued NLA half."""
-    from ..models import load_model
-    from ..reconstructor import truncate_model
+    from nlakit.model.load import load_model
+    from nlakit.nla.reconstructor import truncate_model
 
     base, _ = load_model(spec, dtype=next(trained.parameters()).dtype)
     if layer is not None:

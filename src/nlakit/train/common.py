@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import write_dir_atomic
-from ..errors import ConfigMismatchError, NLAError
+from nlakit.errors import ConfigMismatchError, NLAError
+from nlakit.nla.checkpoint import write_dir_atomic
 
 
 def option(default, help: str):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NLAError
-from ..fileio import stable_seed
-from ..store import ActivationStore, vectors_from_arrow
+from nlakit.errors import NLAError
+from nlakit.extract.store import ActivationStore, vectors_from_arrow
+from nlakit.fileio import stable_seed
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Rows:
 
 def load_labelled(labels_dir: str | Path, split: str, acts: str | Path | None = None):
     """(store, Rows) of one split of a labelled set, joined with the store by row_id."""
-    from ..labels import LabelSet
+    from nlakit.labels import LabelSet
 
     labels = LabelSet(labels_dir)
     store = ActivationStore(acts or labels.meta["acts"]["path"])
@@ -50,7 +50,7 @@ def load_labelled(labels_dir: str | Path, split: str, acts: str | Path | None = 
 
 
 def has_split(labels_dir: str | Path, split: str) -> bool:
-    from ..labels import LabelSet
+    from nlakit.labels import LabelSet
 
     return split in (LabelSet(labels_dir).meta.get("splits") or [])
 

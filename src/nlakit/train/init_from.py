@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import NLAError
-from ..fileio import file_sha256, stable_hash
-from .adapters import ADAPTER_CONFIG
+from nlakit.errors import NLAError
+from nlakit.fileio import file_sha256, stable_hash
+from nlakit.train.adapters import ADAPTER_CONFIG
 
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "value_head.safetensors")
 
@@ -22,8 +22,8 @@ WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "value_head.sa
 def resolve_half(spec: str | Path, role: str) -> Path:
     """The `role` ("av"/"ar") directory named by `spec`: a shipped NLA's name, an NLA directory
     (holding av/ and ar/), or the half's directory itself."""
-    from ..checkpoint import read_meta
-    from ..shipped import resolve
+    from nlakit.nla.checkpoint import read_meta
+    from nlakit.nla.pretrained import resolve
 
     root = resolve(spec) or Path(spec)
     for candidate in (root / role, root):
@@ -46,7 +46,7 @@ def fingerprint(half_dir: Path) -> str:
 def load_start(role: str, half_dir: Path, store, cfg, dtype, device):
     """The AV (Verbalizer) or AR (Reconstructor) of `half_dir`, adapters merged, checked against
     the store and the run's settings; returns (it, its nla_meta)."""
-    from ..nla import _load_ar, _load_av
+    from nlakit.nla.facade import _load_ar, _load_av
 
     half, meta = (_load_av if role == "av" else _load_ar)(half_dir, dtype, device)
     layer = meta.get("extraction", {}).get("layer")

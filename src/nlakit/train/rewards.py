@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import metrics
-from ..errors import NLAError
+from nlakit import metrics
+from nlakit.errors import NLAError
 
 REWARDS = ("negmse", "neglog", "contrastive")
 KL_ESTIMATORS = ("k1", "k3")

@@ -45,15 +45,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__, metrics
-from ..errors import NLAError
-from ..fileio import stable_hash, stable_seed, write_json
-from ..reconstructor import Reconstructor
-from ..store import HELDOUT, RL, ActivationStore, vectors_from_arrow
-from ..verbalizer import Explanation, Verbalizer
-from . import rewards as R
-from .adapters import check_stackable, stack_onto_target
-from .common import (
+from nlakit import __version__, metrics
+from nlakit.errors import NLAError
+from nlakit.extract.store import HELDOUT, RL, ActivationStore, vectors_from_arrow
+from nlakit.fileio import stable_hash, stable_seed, write_json
+from nlakit.nla.reconstructor import Reconstructor
+from nlakit.nla.sampling import pad_responses, response_logprobs, sample_rollouts, token_prefixes
+from nlakit.nla.verbalizer import Explanation, Verbalizer
+from nlakit.train import rewards as R
+from nlakit.train.adapters import check_stackable, stack_onto_target
+from nlakit.train.common import (
     Checkpoint,
     MetricsLog,
     all_finite,
@@ -67,8 +68,7 @@ from .common import (
     resolve_mixed_precision,
     trainable_params,
 )
-from .data import epoch_order
-from .rollout import pad_responses, response_logprobs, sample_rollouts, token_prefixes
+from nlakit.train.data import epoch_order
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class RLTrainer:
         return self._finish(start, last, t_start, export)
 
     def _load_nla(self) -> None:
-        from ..nla import NLA
+        from nlakit.nla.facade import NLA
 
         store = self.store
         self.nla = nla = NLA.load(self.nla_dir, device=str(self.acc.device), dtype=self.cfg.dtype)
@@ -621,7 +621,7 @@ def _export(nla, policy, ar: Reconstructor, av: Verbalizer, out_dir: Path,
             adapters_from: Path | None, provenance: dict) -> None:
     """Write OUT/av, OUT/ar (+ nla.yaml), a normal NLA directory: the RL adapters merged, or,
     with `adapters_from` (the SFT NLA directory), stacked onto its adapters."""
-    from ..nla import NLA
+    from nlakit.nla.facade import NLA
 
     av_meta, ar_meta = copy.deepcopy(nla.av_meta), copy.deepcopy(nla.ar_meta)
     for meta in (av_meta, ar_meta):

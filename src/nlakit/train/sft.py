@@ -1,7 +1,7 @@
 """Supervised warm start of the AV (response-only cross-entropy) and the AR (normalised MSE).
 
 Runs through `accelerate`: the same code trains on one CPU, several processes (gloo) or GPUs
-(`accelerate launch -m nlakit.cli train ...`). Data parallelism is done by hand over a fixed,
+(`accelerate launch -m nlakit.run.cli train ...`). Data parallelism is done by hand over a fixed,
 seeded order of rows (`data.epoch_order`): step s, micro-batch a, process r reads a fixed slice,
 so a resumed run — or a run on more processes with the same global batch — sees the same rows;
 accelerate accumulates the gradients of the micro-batches (all-reduced on the last one only).
@@ -23,16 +23,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__, metrics
-from ..checkpoint import ar_meta, av_meta, save_ar_dir, save_av_dir
-from ..errors import NLAError
-from ..fileio import stable_hash, write_json
-from ..models import load_model, resolve_device, resolve_dtype
-from ..reconstructor import DEFAULT_AR_TEMPLATE, Reconstructor
-from ..store import AR_SFT, AV_SFT, HELDOUT, VAL
-from ..verbalizer import DEFAULT_AV_TEMPLATE, Verbalizer, choose_marker, nice_injection_scale
-from .adapters import stack_onto_target
-from .common import (
+from nlakit import __version__, metrics
+from nlakit.errors import NLAError
+from nlakit.extract.store import AR_SFT, AV_SFT, HELDOUT, VAL
+from nlakit.fileio import stable_hash, write_json
+from nlakit.model.load import load_model, resolve_device, resolve_dtype
+from nlakit.nla.checkpoint import ar_meta, av_meta, save_ar_dir, save_av_dir
+from nlakit.nla.reconstructor import DEFAULT_AR_TEMPLATE, Reconstructor
+from nlakit.nla.verbalizer import (
+    DEFAULT_AV_TEMPLATE,
+    Verbalizer,
+    choose_marker,
+    nice_injection_scale,
+)
+from nlakit.train.adapters import stack_onto_target
+from nlakit.train.common import (
     Checkpoint,
     MetricsLog,
     all_finite,
@@ -46,8 +51,8 @@ from .common import (
     resolve_mixed_precision,
     trainable_params,
 )
-from .data import Rows, epoch_order, has_split, load_labelled, split_by_document
-from .init_from import fingerprint, load_start, resolve_half
+from nlakit.train.data import Rows, epoch_order, has_split, load_labelled, split_by_document
+from nlakit.train.init_from import fingerprint, load_start, resolve_half
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Documents: the readers of files/folders/datasets and the built-in corpus."""

@@ -1,0 +1,1 @@
+"""Measurement: eval (baselines with document-level CIs), splice, audit, SAE ladder."""

@@ -1,0 +1,1 @@
+"""The activation store and the extract stage that fills it."""

@@ -1,0 +1,1 @@
+"""Reports: HTML and Markdown from eval/audit/ladder JSON, and plots."""

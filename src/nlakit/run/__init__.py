@@ -1,0 +1,1 @@
+"""Orchestration: the stage table, the pipeline, and the CLI generated from the configs."""
