@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from nlakit.corpus.load import load_corpus
 
 from nlakit import NLAError
 from nlakit.corpus.documents import Corpus, Document, render_chat
+from nlakit.corpus.load import load_corpus
 
 PARAS = ["First paragraph about apples.", "Second paragraph\nabout pears.", "Third: plums."]
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from nlakit import __version__, metrics
+
 # re-exported: the auditing game loads its model organism with these
 from nlakit.apps.finetuned import (
     ModelFacts,
