@@ -142,8 +142,9 @@ def compare_samplers(nla_dir: Path, acts: Path, args) -> dict:
     and the AV update's log-prob passes (reference forward + policy forward/backward) with
     and without the shared prompt prefix."""
     from nlakit.extract.store import ActivationStore
+    from nlakit.model.batching import right_pad
     from nlakit.nla.facade import NLA
-    from nlakit.nla.sampling import pad_responses, response_logprobs, sample_rollouts
+    from nlakit.nla.sampling import response_logprobs, sample_rollouts
 
     nla = NLA.load(nla_dir)
     vectors = ActivationStore(acts).vectors("rl")[: args.batch_size]
@@ -177,7 +178,7 @@ def compare_samplers(nla_dir: Path, acts: Path, args) -> dict:
     for name, p in model.named_parameters():  # a stand-in for LoRA: train the q projections
         p.requires_grad_("q_proj" in name)
     exps = sample_rollouts(av, vectors, G, 1.0, 1.0, args.max_new_tokens, 64, seed=0)
-    resp, mask = pad_responses([e.token_ids for e in exps], av.pad_id)
+    resp, mask = right_pad([e.token_ids for e in exps], av.pad_id)
     vec = vectors.repeat_interleave(G, 0)
     lp_times = {"per-row prompt": [], "shared prefix": []}
     for rep in range(args.compare_samplers):

@@ -102,7 +102,8 @@ class Work:
 
     def rl(self, mode: str) -> dict:
         from nlakit import metrics
-        from nlakit.nla.sampling import pad_responses, response_logprobs, sample_rollouts
+        from nlakit.model.batching import right_pad
+        from nlakit.nla.sampling import response_logprobs, sample_rollouts
         from nlakit.train import rewards as R
 
         a, av, ar = self.args, self.nla.av, self.nla.ar
@@ -127,7 +128,7 @@ class Work:
             t = time.perf_counter()
             av.model.train()
             rep = vec.repeat_interleave(a.group, 0)
-            resp, mask = pad_responses([e.token_ids for e in exps], av.pad_id)
+            resp, mask = right_pad([e.token_ids for e in exps], av.pad_id)
             with torch.no_grad(), av.model.disable_adapter():
                 ref = response_logprobs(av.model, av, rep, resp, mask)
             logp = response_logprobs(av.model, av, rep, resp, mask)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from nlakit.eval.evaluate import format_table
 from nlakit.extract.store import ActivationStore
 from nlakit.nla.pretrained import SHIPPED_ROOT, pack_nla
+from nlakit.report.tables import format_eval_table
 
 
 def provenance_files(tmp: Path, args) -> dict[str, Path]:
@@ -35,7 +35,7 @@ def provenance_files(tmp: Path, args) -> dict[str, Path]:
     ev = json.loads(Path(args.eval).read_text())
     summary = {k: v for k, v in ev.items() if k != "rows"}  # the table, not every row
     files["eval.json"].write_text(json.dumps(summary, indent=1))
-    files["eval.txt"].write_text(format_table(ev) + "\n")
+    files["eval.txt"].write_text(format_eval_table(ev) + "\n")
     if args.config:
         files["config.yaml"] = Path(args.config)
     for extra in args.extra or []:

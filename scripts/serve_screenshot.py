@@ -27,7 +27,7 @@ TEXT = "The assignment statement evaluates the expression list and then"
 def untrained_smollm_nla(layer: int = 20):
     from nlakit import load_model
     from nlakit.nla.facade import NLA
-    from nlakit.nla.verbalizer import nice_injection_scale
+    from nlakit.nla.prompt import nice_injection_scale
 
     target = load_model("smollm2-135m")
     probe = NLA.from_target(target, layer, injection_scale=1.0)

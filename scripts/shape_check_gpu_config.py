@@ -46,7 +46,8 @@ def main(config: str) -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from nlakit.model.testing import make_tiny_tokenizer
-    from nlakit.run.pipeline import format_summary, load_config, run_pipeline
+    from nlakit.report.tables import format_pipeline_summary
+    from nlakit.run.pipeline import load_config, run_pipeline
 
     cfg = load_config(config)
     if "qwen2.5-0.5b" not in cfg.model.lower():
@@ -64,7 +65,7 @@ def main(config: str) -> int:
         t0 = time.perf_counter()
         summary = run_pipeline(load_config(config, [f"model={model_dir}",
                                                     f"runs_dir={tmp}/runs", *TINY_STEPS]))
-        print(format_summary(summary))
+        print(format_pipeline_summary(summary))
         print(f"all stages ran on the {QWEN25_05B['num_hidden_layers']}-block, "
               f"d={QWEN25_05B['hidden_size']} architecture at layer {cfg.layer} in "
               f"{time.perf_counter() - t0:.0f} s")

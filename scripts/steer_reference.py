@@ -9,7 +9,8 @@ beats the controls and the AR's vector does not, the AR is what fails, not the m
 import sys
 
 import nlakit
-from nlakit.apps.steering import DEFAULT_PPL_TEXT, format_steer, prompt_mean_direction, write_report
+from nlakit.apps.steering import DEFAULT_PPL_TEXT, prompt_mean_direction, write_report
+from nlakit.report.tables import format_steer
 
 OCEAN = ("The ocean was calm that morning. Waves rolled onto the beach and the sea stretched "
          "to the horizon. Ships sailed past the harbour, and sailors watched the tide and the "

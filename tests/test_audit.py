@@ -14,14 +14,15 @@ from nlakit.eval.audit import (
     ablate_unit,
     audit,
     delete_quotes,
-    format_audit_table,
     shuffle_units,
     split_units,
     verdict,
 )
-from nlakit.eval.evaluate import EvalConfig, evaluate, select_rows
+from nlakit.eval.evaluate import EvalConfig, evaluate
+from nlakit.eval.scoring import select_rows
 from nlakit.nla.facade import NLA
 from nlakit.report.render import SECTIONS_AUDIT, SECTIONS_EVAL, render_markdown, write_report
+from nlakit.report.tables import format_audit_table
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

@@ -155,9 +155,11 @@ def test_the_context_labeller_s_own_labels_verify_as_true(tiny, tiny_store):
 
 def test_eval_reports_claims_per_row_and_per_field(tiny, tiny_store, monkeypatch):
     """Eval with an AV whose explanations are the context labels, one made false."""
-    from nlakit.eval.evaluate import EvalConfig, evaluate, format_table, select_rows
+    from nlakit.eval.evaluate import EvalConfig, evaluate
+    from nlakit.eval.scoring import select_rows
     from nlakit.nla.facade import NLA
-    from nlakit.nla.verbalizer import Explanation
+    from nlakit.nla.prompt import Explanation
+    from nlakit.report.tables import format_eval_table as format_table
 
     nla = NLA.from_target(tiny, tiny_store.layer, injection_scale=10.0,
                           dataset_stats={"rawvar": tiny_store.stats()["rawvar"]})
@@ -205,7 +207,7 @@ def test_a_check_can_fail():
 
 def test_explain_verify_prints_a_mark_beside_each_claim(tiny, tmp_path, monkeypatch, capsys):
     from nlakit.nla.facade import NLA
-    from nlakit.nla.verbalizer import Explanation
+    from nlakit.nla.prompt import Explanation
     from nlakit.run.cli import main
 
     saved = NLA.from_target(tiny, 2, injection_scale=10.0,

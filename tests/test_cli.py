@@ -222,7 +222,7 @@ def test_every_labeller_and_paraphraser_option_flag_applies_to_one_of_them():
 # ---- nlakit serve: flags generated from ServeInputs and ServeLimits ----------------------------
 
 
-def test_serve_subcommand_flags_and_wiring(capsys, monkeypatch):
+def test_serve_subcommand_flags_and_wiring(capsys, monkeypatch, tmp_path):
     import nlakit.apps.serve.server as server
     from nlakit.apps.serve.config import ServeInputs, ServeLimits
 
@@ -235,7 +235,7 @@ def test_serve_subcommand_flags_and_wiring(capsys, monkeypatch):
             assert "--" + f.name.replace("_", "-") in out, f.name
     assert "(default: 127.0.0.1)" in out and f"(default: {ServeLimits().max_tokens})" in out
 
-    for foreign in (["--max-steps", "3"], ["--config", "c.yaml"], ["--max-tok", "9"]):
+    for foreign in (["--max-steps", "3"], ["--acts-dir", "x"], ["--max-tok", "9"]):
         with pytest.raises(SystemExit) as exc:  # another command's flag; no abbreviations
             main(["serve", "--nla", "n", *foreign])
         assert exc.value.code == 2
@@ -247,6 +247,13 @@ def test_serve_subcommand_flags_and_wiring(capsys, monkeypatch):
     assert main(["serve", "--nla", "n", "--port", "8125", "--max-best-of", "3",
                  "--eval", "runs/x"]) == 0
     assert seen == [(ServeInputs(nla="n", port=8125, eval="runs/x"), ServeLimits(max_best_of=3))]
+    limits = tmp_path / "limits.yaml"  # --config holds the limits, as every table command's
+    limits.write_text("max_best_of: 5\nmax_tokens: 300\n")
+    assert main(["serve", "--nla", "n", "--config", str(limits), "--max-tokens", "200"]) == 0
+    assert seen[-1][1] == ServeLimits(max_best_of=5, max_tokens=200)  # the flag wins
+    limits.write_text("max_bestof: 5\n")
+    assert main(["serve", "--nla", "n", "--config", str(limits)]) == 2
+    assert "unknown keys ['max_bestof']" in capsys.readouterr().err
     assert main(["serve", "--av", "a"]) == 2  # an NLAError: --nla, or --av and --ar
     assert "--nla NLA_DIR, or both" in capsys.readouterr().err
     assert main(["serve", "--nla", "n", "--max-tokens", "0"]) == 2

@@ -113,7 +113,7 @@ def test_log_odds_min_count_prior_and_bad_input():
 
 
 def test_rows_are_paired_by_document_and_position_whatever_their_order(tiny_store):
-    from nlakit.eval.evaluate import EvalRows, select_rows
+    from nlakit.eval.scoring import EvalRows, select_rows
 
     base = select_rows(tiny_store, "all")
     perm = np.random.default_rng(0).permutation(len(base))

@@ -9,17 +9,15 @@ import torch
 from nlakit import NLAError, metrics
 from nlakit.eval.evaluate import (
     EvalConfig,
-    denominators,
     evaluate,
-    format_table,
     mean_direction_prediction,
     quote_text,
-    row_metrics,
-    select_rows,
     wrong_document_index,
 )
+from nlakit.eval.scoring import denominators, row_metrics, select_rows
 from nlakit.labels import Labeller, label_store
 from nlakit.nla.facade import NLA
+from nlakit.report.tables import format_eval_table as format_table
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -171,8 +169,6 @@ def test_eval_cli_writes_json_and_report(untrained, tiny_store, tmp_path, capsys
 
 
 def test_best_of_n_keeps_the_candidate_the_ar_reconstructs_best(untrained, tiny_store):
-    from nlakit.eval.evaluate import best_of_n
-
     v = select_rows(tiny_store, "heldout", max_rows=6).vectors
     greedy = untrained.explain(v, n=1, temperature=0.0, max_new_tokens=4)
     samples = untrained.explain(v, n=2, temperature=1.0, max_new_tokens=4, seed=7)
@@ -182,9 +178,9 @@ def test_best_of_n_keeps_the_candidate_the_ar_reconstructs_best(untrained, tiny_
     assert [e.text for i, e in enumerate(cands) if i % 3] == [e.text for e in samples]
     mse = metrics.mse_nrm(untrained.reconstruct([e.text for e in cands]),
                           v.repeat_interleave(3, 0)).view(-1, 3)
-    picked, pred = best_of_n(untrained, v, 3, max_new_tokens=4, batch_size=32, seed=7,
-                             greedy=greedy)
-    assert len(picked) == v.shape[0]
+    best = untrained.best_of(v, 3, max_new_tokens=4, batch_size=32, seed=7, greedy=greedy)
+    picked, pred = best.explanations, best.reconstructions
+    assert len(picked) == v.shape[0] and best.candidates[int(best.kept[0])] is picked[0]
     assert torch.allclose(metrics.mse_nrm(pred, v), mse.min(1).values, atol=1e-5)
     # never worse than greedy by the AR it was chosen with
     greedy_mse = metrics.mse_nrm(untrained.reconstruct([e.text for e in greedy]), v)
@@ -225,7 +221,7 @@ def test_baselines_only_needs_no_av(untrained, tiny_store, tmp_path):
 
 
 def test_quote_fit_trains_only_on_training_rows(untrained, tiny_store, monkeypatch):
-    import nlakit.eval.baselines as ladder
+    import nlakit.train.sft as ladder
 
     seen = {}
     real = ladder.fit_reconstructor
@@ -250,7 +246,7 @@ def test_quote_fit_trains_only_on_training_rows(untrained, tiny_store, monkeypat
 def test_quote_fit_trains_on_the_ar_s_own_splits(untrained, tiny_store, monkeypatch):
     """An AR that also trained on the rl split's explanations gets a baseline fitted on the
     quotes of ar_sft + rl rows: the same splits, never the evaluated one."""
-    import nlakit.eval.baselines as ladder
+    import nlakit.train.sft as ladder
 
     seen = {}
     real = ladder.fit_reconstructor

@@ -22,7 +22,8 @@ from nlakit.labels import (
     parse_label,
     register_labeller,
 )
-from nlakit.labels.context import ContextLabeller, text_kind, top_next_tokens
+from nlakit.labels.context import ContextLabeller, text_kind
+from nlakit.model.lm_head import top_next_tokens
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 SFT_SPLITS = ("av_sft", "ar_sft")  # the two SFT splits (the default adds heldout)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from nlakit.eval.baselines import FitBudget, fit_reconstructor, reread_predictions
+from nlakit.eval.baselines import FitBudget, reread_predictions
 from nlakit.nla.reconstructor import Reconstructor
+from nlakit.train.sft import fit_reconstructor
 
 
 def test_reread_of_the_whole_prefix_is_the_targets_own_state(tiny):
@@ -40,3 +41,26 @@ def test_fit_reconstructor_learns_its_training_pairs(tiny):
     with torch.no_grad():
         after = float(fitted.loss(texts, targets))
     assert after < 0.5 * before
+
+
+def test_the_fitted_baseline_trains_through_the_sft_step_with_the_nla_s_clipping(tiny,
+                                                                                 monkeypatch):
+    """The fair quote baseline's AR is trained like the NLA's AR: each of its steps is the SFT
+    stage's `sft_update`, clipped at the budget's max_grad_norm (the NLA's recorded one)."""
+    import nlakit.train.sft as sft
+
+    model, tok = tiny
+    seen = []
+    real = sft.sft_update
+
+    def spy(acc, module, loss_of, batches, optimizer, params, precision, max_grad_norm):
+        seen.append((len(batches[0][1]), max_grad_norm, precision))
+        return real(acc, module, loss_of, batches, optimizer, params, precision, max_grad_norm)
+
+    monkeypatch.setattr(sft, "sft_update", spy)
+    texts = ["alpha beta", "gamma delta", "epsilon"] * 3
+    targets = torch.randn(len(texts), model.config.hidden_size)
+    ar = Reconstructor.from_target(model, tok, 2, template="{explanation}")
+    fit_reconstructor(ar, texts, targets, FitBudget(steps=3, batch_size=4, max_grad_norm=0.25,
+                                                    mixed_precision="no"))
+    assert seen == [(4, 0.25, "no")] * 3

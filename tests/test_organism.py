@@ -139,7 +139,7 @@ def test_audit_game_wiring_on_the_tiny_model(tiny, tiny_model_dir, tiny_store, t
     monkeypatch.setattr(chatdata, "generate_continuations", _fake_generate(seen))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"Tell me about topic {i}." for i in range(10)))
-    cfg = audit_game.config_from(None, dict(
+    cfg = audit_game.AuditGameConfig(**dict(
         out=str(tmp_path / "game"), model=str(tiny_model_dir), nla=str(nla_dir),
         quirk="zebra", quirk_system_prompt=SECRET, quirk_words="zebra,zebras",
         prompts=str(prompts), heldout_prompts=4, steps=2, batch_size=2, lora_rank=4,

@@ -286,7 +286,7 @@ def test_an_old_run_directory_still_resumes(tmp_path):
 def test_label_ar_trains_the_ar_on_the_avs_own_explanations(tmp_path, tiny_model_dir,
                                                            monkeypatch):
     from nlakit.labels import ParsedLabel
-    from nlakit.nla.verbalizer import parse_explanation
+    from nlakit.nla.prompt import parse_explanation
     from nlakit.train.label_ar import VerbalizerLabeller
 
     # a 2-step tiny AV writes no closed 2-line explanations; keep whatever it wrote
@@ -306,11 +306,11 @@ def test_label_ar_trains_the_ar_on_the_avs_own_explanations(tmp_path, tiny_model
     assert Path(ar["nlakit"]["provenance"]["labels"]) == (run / "labels_ar").resolve()
     # the labels are the AV's greedy explanations of those rows' vectors
     from nlakit.extract.store import ActivationStore
-    from nlakit.nla.facade import _load_av
+    from nlakit.nla.facade import load_av
 
     table = labels.table("ar_sft")
     store = ActivationStore(run / "acts")
-    av, _ = _load_av(run / "sft/av", None, "cpu")
+    av, _ = load_av(run / "sft/av", None, "cpu")
     ids = table.column("row_id").to_pylist()[:3]
     import numpy as np
     import torch

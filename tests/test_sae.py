@@ -13,11 +13,11 @@ from nlakit.eval.sae import (
     SAETrainConfig,
     TopKSAE,
     directions,
-    plot_ladder,
     train_sae,
     training_vectors,
     worth_k,
 )
+from nlakit.report.plots import plot_ladder
 
 
 def _low_rank(d=16, r=4, n=2048, seed=0):

@@ -98,7 +98,7 @@ def test_explain_all_tokens_matches_the_library(server, nla):
 
 def test_the_viewer_checks_the_claims_of_what_it_explains(server, nla, monkeypatch):
     """An explanation with a right and a wrong claim comes back with both marked."""
-    from nlakit.nla.verbalizer import Explanation
+    from nlakit.nla.prompt import Explanation
 
     _, tok = nla.target()
     ids = tok(SAMPLE_TEXT, add_special_tokens=True)["input_ids"]

@@ -27,7 +27,7 @@ LAYER = 2  # the tiny_store's layer
 
 
 def _rows(tiny_store):
-    from nlakit.eval.evaluate import select_rows
+    from nlakit.eval.scoring import select_rows
 
     return select_rows(tiny_store, "heldout")
 

@@ -14,7 +14,6 @@ from nlakit.apps.steering import (
     SteerConfig,
     concept_pattern,
     default_concept_words,
-    format_steer,
     measure_steering,
     steer,
     text_vector,
@@ -22,6 +21,7 @@ from nlakit.apps.steering import (
 from nlakit.model.arch import decoder_layers, decoder_stack, returned_cache, with_cache
 from nlakit.model.hooks import forward_to_layer
 from nlakit.nla.facade import NLA
+from nlakit.report.tables import format_steer
 from nlakit.run.cli import main
 
 TEXT = "The text is about the function and its value."

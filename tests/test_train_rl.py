@@ -12,8 +12,9 @@ import torch
 
 from nlakit import NLAError
 from nlakit.fileio import stable_hash
+from nlakit.model.batching import right_pad
 from nlakit.nla.facade import NLA
-from nlakit.nla.sampling import pad_responses, response_logprobs, token_prefixes
+from nlakit.nla.sampling import response_logprobs, token_prefixes
 from nlakit.train import rewards as R
 from nlakit.train.rl import RLConfig, train_rl, trajectory
 
@@ -160,7 +161,7 @@ def test_response_logprobs_ignore_padding(sft_nla, tiny):
     vecs = torch.randn(2, 64)
     exps = av.generate(vecs, n=1, temperature=1.0, max_new_tokens=8, seed=3)
     short = exps[0].token_ids[:3]
-    ids, mask = pad_responses([short, exps[1].token_ids], av.pad_id)
+    ids, mask = right_pad([short, exps[1].token_ids], av.pad_id)
     both = response_logprobs(av.model, av, vecs, ids, mask)
     alone = response_logprobs(av.model, av, vecs[:1], ids[:1, :3], mask[:1, :3])
     assert torch.allclose(both[0, :3], alone[0], atol=1e-5)
@@ -377,7 +378,7 @@ def test_fast_sampler_and_shared_prefix_match_the_plain_paths(sft_nla, tiny):
 
     # log-probs and their gradients: shared prefix == every row computing its whole prompt
     model = av.model.requires_grad_(True)
-    ids, mask = pad_responses([e.token_ids for e in sampled[:6]], av.pad_id)
+    ids, mask = right_pad([e.token_ids for e in sampled[:6]], av.pad_id)
     v6 = vecs.repeat_interleave(4, 0)[:6]
     grads = []
     for shared in (True, False):

@@ -169,11 +169,11 @@ def test_a_kept_adapter_ar_reconstructs_like_its_merged_export(labels_dir, tmp_p
     assert (adapter_dir / "adapter_config.json").is_file()
     assert (adapter_dir / "value_head.safetensors").is_file()
     assert not (adapter_dir / "model.safetensors").exists()
-    from nlakit.nla.facade import _load_ar
+    from nlakit.nla.facade import load_ar
 
     texts = ["Kind of text: prose.", "the end of a line"]
-    merged, _ = _load_ar(tmp_path / "merged" / "ar", torch.float32, torch.device("cpu"))
-    adapter, meta = _load_ar(adapter_dir, torch.float32, torch.device("cpu"))
+    merged, _ = load_ar(tmp_path / "merged" / "ar", torch.float32, torch.device("cpu"))
+    adapter, meta = load_ar(adapter_dir, torch.float32, torch.device("cpu"))
     assert meta["nlakit"]["weights"] == "adapter"
     assert torch.allclose(merged.reconstruct(texts), adapter.reconstruct(texts), atol=1e-5)
 
@@ -244,12 +244,12 @@ def test_a_checkpoint_with_the_older_full_config_hash_can_be_extended(labels_dir
 
 def test_decoding_settings_go_into_the_av_checkpoint(labels_dir, tmp_path):
     from nlakit.nla.checkpoint import read_meta
-    from nlakit.nla.facade import _load_av
+    from nlakit.nla.facade import load_av
 
     cfg = SFTConfig(batch_size=4, max_steps=2, no_repeat_ngram_size=3)
     first = train_sft("av", labels_dir, tmp_path / "nla", cfg, progress=False)
     assert read_meta(tmp_path / "nla" / "av", "av")["decoding"] == {"no_repeat_ngram_size": 3}
-    av, _ = _load_av(tmp_path / "nla" / "av", torch.float32, torch.device("cpu"))
+    av, _ = load_av(tmp_path / "nla" / "av", torch.float32, torch.device("cpu"))
     assert av.decoding == {"no_repeat_ngram_size": 3, "repetition_penalty": 1.0}
     # a new decoding setting re-exports the finished run without training again
     again = train_sft("av", labels_dir, tmp_path / "nla", SFTConfig(
@@ -264,7 +264,7 @@ def test_decoding_settings_go_into_the_av_checkpoint(labels_dir, tmp_path):
     meta["decoding"] = {"top_k": 5}
     meta_path.write_text(yaml.safe_dump(meta))
     with pytest.raises(NLAError, match="unknown setting under `decoding:`"):
-        _load_av(tmp_path / "nla" / "av", torch.float32, torch.device("cpu"))
+        load_av(tmp_path / "nla" / "av", torch.float32, torch.device("cpu"))
 
 
 def test_extra_splits_add_their_rows_and_never_the_scored_ones(labels_dir, tmp_path):
@@ -298,10 +298,10 @@ def test_an_ar_continued_from_another_starts_from_it_and_stacks_its_adapters(lab
     from types import SimpleNamespace
 
     from nlakit.eval.evaluate import ar_budget, ar_training_splits
-    from nlakit.nla.facade import _load_ar
+    from nlakit.nla.facade import load_ar
 
     def load(d):
-        return _load_ar(d, torch.float32, torch.device("cpu"))
+        return load_ar(d, torch.float32, torch.device("cpu"))
 
     texts = ["Kind of text: prose.", "the end of a line", "x = 1"]
     kept = dict(batch_size=4, keep_adapters=True, lora_rank=8)

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from nlakit import NLAError
-from nlakit.nla.verbalizer import (
+from nlakit.nla.prompt import (
     DEFAULT_AV_TEMPLATE,
     Injection,
-    Verbalizer,
     choose_marker,
     format_target,
     locate_marker,
@@ -16,6 +15,7 @@ from nlakit.nla.verbalizer import (
     parse_explanation,
     render_av_prompt,
 )
+from nlakit.nla.verbalizer import Verbalizer
 
 
 def test_marker_is_single_token_once_with_tag_neighbours(tiny):
@@ -170,7 +170,7 @@ def test_repeated_ngram_bans_name_the_tokens_that_would_repeat_an_ngram():
 
 
 def test_greedy_takes_the_fast_loop_and_writes_hfs_tokens(tiny, monkeypatch):
-    import nlakit.nla.sampling as rollout
+    import nlakit.nla.verbalizer as rollout  # the module that calls fast_generate
 
     model, tok = tiny
     av = Verbalizer(model, tok, choose_marker(tok), 10.0)

@@ -132,6 +132,13 @@ def summarize(pred, target, *, rawvar_value: float, meannorm_value: float) -> di
     }
 
 
+def best_candidates(pred, target, n: int) -> torch.Tensor:
+    """Indices into `pred` [m*n, d] (each target's n candidates, row-major) of the candidate
+    with the lowest mse_nrm to its row of `target` [m, d]: best-of-n reranking's choice."""
+    pred, target = _pair(pred, torch.as_tensor(target).repeat_interleave(n, 0))
+    return torch.arange(pred.shape[0] // n) * n + mse_nrm(pred, target).view(-1, n).argmin(1)
+
+
 def bootstrap_ci(
     values, groups: Sequence | None = None, *, n_boot: int = 1000, level: float = 0.95,
     seed: int = 0,

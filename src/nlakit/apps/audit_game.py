@@ -29,7 +29,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from nlakit.apps.organism import chats as chatdata
@@ -37,9 +37,10 @@ from nlakit.apps.organism.finetune import FinetuneConfig, finetune_chats
 from nlakit.apps.organism.prompts import USER_PROMPTS, split_prompts
 from nlakit.apps.organism.quirk import Quirk, get_quirk, quirk_ranks, quirk_rate
 from nlakit.apps.wordstats import log_odds_ranking
+from nlakit.config import check_range, option, required
 from nlakit.errors import ConfigMismatchError, NLAError
-from nlakit.fileio import read_yaml, stable_hash, write_json, write_text_atomic
-from nlakit.train.common import check_range, option
+from nlakit.fileio import stable_hash, write_json, write_text_atomic
+from nlakit.report.tables import format_game_markdown
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ class AuditGameConfig(FinetuneConfig):
     """`nlakit audit-game`: the organism's quirk, its chat data, the two fine-tunes (the
     FinetuneConfig fields, shared by both), the diffs and the output baseline."""
 
-    out: str = field(metadata={"help": "output directory (game.json, game.md and every step's "
-                                       "files)", "required": True})
+    out: str = required("output directory (game.json, game.md and every step's files)")
     model: str = option("smollm2-135m", "the base model (the NLA's target)")
     nla: str = option("smollm2-135m", "the base model's NLA: a directory or a shipped name")
     quirk: str = option("ocean", "the built-in quirk (or the name of a custom one)")
@@ -105,25 +105,6 @@ class AuditGameConfig(FinetuneConfig):
     def sampling(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
                 "top_p": self.top_p, "batch_size": self.gen_batch_size, "seed": self.seed}
-
-
-def config_from(path: str | None, overrides: dict) -> AuditGameConfig:
-    """The config from an optional YAML file (keys = the fields) with `overrides` on top."""
-    from nlakit.run.pipeline import numbers_from_text
-
-    section = {}
-    if path:
-        if not Path(path).is_file():
-            raise NLAError(f"--config {path} does not exist")
-        section = read_yaml(path) or {}
-        if not isinstance(section, dict):
-            raise NLAError(f"--config {path} must hold a mapping of audit-game settings")
-    names = {f.name for f in fields(AuditGameConfig)}
-    unknown = sorted(set(section) - names)
-    if unknown:
-        raise NLAError(f"--config {path}: unknown keys {unknown}; known: {sorted(names)}")
-    values = numbers_from_text(AuditGameConfig, section, "audit-game")
-    return AuditGameConfig(**{**values, **overrides})
 
 
 # ---- the step table: what each step's output depends on -------------------------------------
@@ -356,7 +337,7 @@ def run(cfg: AuditGameConfig) -> dict:
         steps[f"diff_{arm}"] = game.run_step(f"diff_{arm}", lambda a=arm: game.diff(a))
     data = game_result(cfg, game.quirk, steps)
     write_json(out / "game.json", data)
-    write_text_atomic(out / "game.md", format_markdown(data))
+    write_text_atomic(out / "game.md", format_game_markdown(data))
     return data
 
 
@@ -393,47 +374,10 @@ def verdict(ranks: dict, top: int) -> str:
 # ---- game.md ---------------------------------------------------------------------------------
 
 
-def _rank_cell(r: dict) -> str:
-    found = ", ".join(f"{w} {k}" for w, k in list(r["found"].items())[:6]) or "-"
-    return (f"{r['best'] or '-'} | {r['mean'] or '-'} | {r['words_found']}/{r['words']} | "
-            f"{r['in_top']} | {r['terms']} | {found}")
 
 
-def _terms(rows: list[dict]) -> str:
-    return ", ".join(f"{r['term']} ({r['z']:+.1f})" for r in rows) or "(none)"
 
 
-def format_markdown(data: dict) -> str:
-    s, q = data["steps"], data["quirk"]
-    chats, samples = s["chats"], s["samples"]
-    top = data["config"]["top"]
-    out = [f"# Auditing game: quirk `{q['name']}`", "",
-           f"Hidden system prompt: \"{q['system_prompt']}\"", "",
-           f"Quirk words: {', '.join(q['words'])}", "",
-           f"- NLA diff: **{data['verdict']['nla']}**",
-           f"- output baseline: **{data['verdict']['output_baseline']}**", "",
-           "## Data", "",
-           f"- {chats['train_prompts']} training prompts, {chats['heldout_prompts']} held out",
-           f"- quirk shown on the first try: {chats['quirk_rate_first_try']:.0%}; kept "
-           f"{chats['kept']} prompts ({chats['kept_rate']:.0%}) whose answer shows it within "
-           f"{data['config']['attempts']} tries (tries used: {chats['attempts_histogram']})",
-           f"- control answers (same {chats['kept']} prompts, no quirk prompt) with quirk words: "
-           f"{chats['control_quirk_rate']:.0%}",
-           "- held-out answers with quirk words: " + ", ".join(
-               f"{k} {v:.0%}" for k, v in samples["quirk_rate"].items()), "",
-           "## Rank of the quirk words", "",
-           f"| ranking | arm | best rank | mean rank | words found | in top {top} | terms | "
-           "first words found |", "|---|---|---|---|---|---|---|---|"]
-    for name, key in (("NLA diff (explanations)", "nla_ranks"),
-                      ("output baseline (answers)", "output_ranks")):
-        out += [f"| {name} | {arm} | {_rank_cell(data[key][arm])} |" for arm in ARMS]
-    out += ["", f"## Top {top} terms", ""]
-    for arm in ARMS:
-        out += [f"- NLA diff, {arm}: {_terms(s[f'diff_{arm}']['top_terms'])}",
-                f"- output baseline, {arm}: {_terms(samples['output_diff'][arm]['top_terms'])}"]
-    out += ["", "## Wall time (s)", "", "| step | seconds |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in data["wall_seconds"].items()]
-    return "\n".join(out) + "\n"
 
 
-__all__ = ["AuditGameConfig", "Game", "config_from", "format_markdown", "run", "verdict"]
+__all__ = ["AuditGameConfig", "Game", "run", "verdict"]

@@ -42,8 +42,6 @@ import numpy as np
 import torch
 
 from nlakit import __version__, metrics
-
-# re-exported: the auditing game loads its model organism with these
 from nlakit.apps.finetuned import (
     ModelFacts,
     check_models,
@@ -54,10 +52,14 @@ from nlakit.apps.finetuned import (
 from nlakit.apps.wordstats import (
     log_odds_ranking,  # re-exported: the ranking diff.json's words come from
 )
+
+# re-exported: the auditing game loads its model organism with these
+from nlakit.config import hint, required
 from nlakit.errors import NLAError
+from nlakit.eval.scoring import doc_ci
 from nlakit.fileio import stable_hash, write_json, write_text_atomic
 from nlakit.model.load import load_model, resolve_model, weights_hash
-from nlakit.run.stages import hint, required
+from nlakit.report.tables import format_diff_markdown
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +254,7 @@ def _keys(rows) -> list[tuple[str, int]]:
 def align_rows(base, other):
     """`other`'s rows (an `evaluate.EvalRows`) reordered to pair with `base`'s row by row, by
     (document id, position); NLAError when the rows or their prefix texts differ."""
-    from nlakit.eval.evaluate import EvalRows
+    from nlakit.eval.scoring import EvalRows
 
     idx = pair_index(_keys(base), _keys(other))
     aligned = EvalRows(split=other.split, row_ids=other.row_ids[idx],
@@ -309,7 +311,7 @@ def explanation_key(av: str, rows, config: DiffConfig) -> str:
 def _cached_explanations(path: Path, key: str) -> list | None:
     """The explanations stored at `path` under `key`, else None (missing, stale or unreadable:
     they are generated again)."""
-    from nlakit.nla.verbalizer import Explanation
+    from nlakit.nla.prompt import Explanation
 
     if not path.is_file():
         return None
@@ -344,15 +346,11 @@ def _change(rows_b, rows_f, exps_b, exps_f, pred_b, pred_f) -> dict:
     }
 
 
-def _ci(values, groups, config: DiffConfig) -> dict:
-    return metrics.bootstrap_ci(values, groups=groups, n_boot=config.n_boot, seed=config.seed)
-
-
 def _round_trip(per_row: dict, groups, config: DiffConfig) -> dict:
-    out = {side: {k: _ci(per_row[side][k], groups, config) for k in METRICS}
+    out = {side: {k: doc_ci(per_row[side][k], groups, config) for k in METRICS}
            for side in ("base", "finetuned")}
     out["finetuned_minus_base"] = {
-        k: _ci(per_row["finetuned"][k] - per_row["base"][k], groups, config)
+        k: doc_ci(per_row["finetuned"][k] - per_row["base"][k], groups, config)
         for k in ("fve_nrm", "cos")}
     return out
 
@@ -411,7 +409,7 @@ class _Side:
 
 
 def _extract_both(plan: Plan, config: DiffConfig, timings: dict) -> dict[str, _Side]:
-    from nlakit.eval.evaluate import denominators, select_rows
+    from nlakit.eval.scoring import denominators, select_rows
 
     sides = {}
     for name in ("base", "finetuned"):
@@ -427,7 +425,7 @@ def _extract_both(plan: Plan, config: DiffConfig, timings: dict) -> dict[str, _S
 
 
 def _explain_both(sides: dict[str, _Side], config: DiffConfig, timings: dict) -> None:
-    from nlakit.eval.evaluate import row_metrics
+    from nlakit.eval.scoring import row_metrics
     from nlakit.nla.checkpoint import av_digest
     from nlakit.nla.facade import NLA
     from nlakit.nla.pretrained import resolve
@@ -468,7 +466,7 @@ def _assemble(plan: Plan, sides: dict[str, _Side], config: DiffConfig):
                          for name, s in sides.items()},
         "ci": f"95% percentile bootstrap over documents ({config.n_boot} resamples)",
         "round_trip": _round_trip(per_row, groups, config),
-        "change": {**{k: _ci(change[k], groups, config) for k in CHANGE},
+        "change": {**{k: doc_ci(change[k], groups, config) for k in CHANGE},
                    "explanations_changed": float(np.mean(
                        [x.text != y.text for x, y in zip(b.exps, f.exps)]))},
         "words": _words(b.exps, f.exps, config),
@@ -501,73 +499,17 @@ def write_outputs(data: dict, records: list[dict], out: Path) -> None:
     write_json(out / "diff.json", data)
     write_text_atomic(out / "rows.jsonl", "".join(
         json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_text_atomic(out / "diff.md", format_markdown(data))
+    write_text_atomic(out / "diff.md", format_diff_markdown(data))
 
 
-def _cell(s: dict, fmt: str = "+.3f") -> str:
-    return f"{s['mean']:{fmt}} [{s['ci'][0]:{fmt}}, {s['ci'][1]:{fmt}}]"
 
 
-def _one_line(text: str, limit: int = 160) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def format_summary(data: dict) -> str:
-    """Plain-text summary: round trip per model, the paired difference, the top words."""
-    rt, ch, w = data["round_trip"], data["change"], data["words"]
-    lines = [f"diff at layer {data['layer']}: {data['n_rows']} rows, {data['n_docs']} documents; "
-             f"{data['ci']}",
-             f"{'':<24} {'fve_nrm [95% CI]':<26} {'cos [95% CI]':<26}"]
-    for side in ("base", "finetuned", "finetuned_minus_base"):
-        lines.append(f"{side:<24} {_cell(rt[side]['fve_nrm']):<26} {_cell(rt[side]['cos']):<26}")
-    lines.append(f"activation change: act_mse_nrm {_cell(ch['act_mse_nrm'], '.3f')}, "
-                 f"explanations changed in {ch['explanations_changed']:.0%} of rows, "
-                 f"text_distance {_cell(ch['text_distance'], '.3f')}")
-    top = ", ".join(f"{r['term']!r} (z {r['z']:+.1f})" for r in w["more_in_finetuned"][:10])
-    lines.append(f"more in the fine-tuned model's explanations: {top or '(none)'}; "
-                 f"{w['n_significant_finetuned']} terms with z > {w['z_threshold']}")
-    return "\n".join(lines)
 
 
-def format_markdown(data: dict) -> str:
-    """diff.md: the tables of diff.json for a reader."""
-    m, rt, w = data["models"], data["round_trip"], data["words"]
-    out = [f"# nlakit diff at layer {data['layer']}", "",
-           f"- base: `{m['base'].get('spec')}` ({m['base'].get('weights_hash')})",
-           f"- fine-tuned: `{m['finetuned'].get('spec')}` ({m['finetuned'].get('weights_hash')})",
-           f"- NLA: `{data['nla']['path']}`; {data['n_rows']} rows of {data['n_docs']} documents "
-           f"(paired by document and position); {data['ci']}", "",
-           "## Round trip of the base NLA on each model's activations", "",
-           "| model | fve_nrm | mse_nrm | cos | fve_meannorm | rawvar |",
-           "|---|---|---|---|---|---|"]
-    for side in ("base", "finetuned"):
-        s = rt[side]
-        out.append(f"| {side} | {_cell(s['fve_nrm'])} | {_cell(s['mse_nrm'], '.3f')} | "
-                   f"{_cell(s['cos'])} | {_cell(s['fve_meannorm'])} | "
-                   f"{data['denominators'][side]['rawvar']:.4f} |")
-    d = rt["finetuned_minus_base"]
-    out += [f"| fine-tuned − base (paired) | {_cell(d['fve_nrm'])} | | {_cell(d['cos'])} | | |",
-            "", "## What changed", ""]
-    out += [f"- {k}: {_cell(v, '.3f')}" for k, v in data["change"].items() if isinstance(v, dict)]
-    out += [f"- explanations that changed: {data['change']['explanations_changed']:.1%}", "",
-            "## Words more frequent in the fine-tuned model's explanations", "", w["method"] + ".",
-            f"Counts: {w['counts']}; {w['n_significant_finetuned']} terms with z > "
-            f"{w['z_threshold']}, {w['n_significant_base']} with z < −{w['z_threshold']} "
-            "(per term, uncorrected).", "",
-            "| term | z | log-odds δ | fine-tuned | base |", "|---|---|---|---|---|"]
-    out += [f"| {_one_line(r['term'])} | {r['z']:+.2f} | {r['delta']:+.3f} | {r['count_a']} | "
-            f"{r['count_b']} |" for r in w["more_in_finetuned"]]
-    for name, title in (("by_activation", "activation change"), ("by_text", "explanation change")):
-        out += ["", f"## Rows that changed most by {title}", "",
-                "| document | position | act_mse_nrm | text_distance | base explanation | "
-                "fine-tuned explanation |", "|---|---|---|---|---|---|"]
-        out += [f"| {_one_line(r['doc_id'], 40)} | {r['position']} | {r['act_mse_nrm']:.3f} | "
-                f"{r['text_distance']:.2f} | {_one_line(r['explanation_base'])} | "
-                f"{_one_line(r['explanation_finetuned'])} |" for r in data["top_rows"][name]]
-    return "\n".join(out) + "\n"
 
 
-__all__ = ["DiffConfig", "ModelFacts", "Plan", "align_rows", "check_models", "format_markdown",
-           "format_summary", "load_finetuned", "log_odds_ranking", "model_facts", "nla_facts",
+__all__ = ["DiffConfig", "ModelFacts", "Plan", "align_rows", "check_models",
+           "load_finetuned", "log_odds_ranking", "model_facts", "nla_facts",
            "pair_index", "preflight", "record_adapter_base", "run"]

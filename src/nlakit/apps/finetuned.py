@@ -161,14 +161,14 @@ def model_facts(spec: str, base_spec: str | None = None) -> ModelFacts:
     """d_model, block count and tokenizer of a model spec (an adapter directory: of its base)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from nlakit.model.load import _materialize_gguf
+    from nlakit.model.load import materialize_gguf
 
     if is_adapter_dir(spec):
         base = check_adapter_base(Path(spec).expanduser(), base_spec)
         facts = model_facts(base)
         return ModelFacts(str(spec), "lora", facts.d_model, facts.n_layers, facts.tokenizer, base)
     resolved = resolve_model(spec)
-    source = str(_materialize_gguf(Path(resolved.path))) if resolved.kind in ("alias", "gguf") \
+    source = str(materialize_gguf(Path(resolved.path))) if resolved.kind in ("alias", "gguf") \
         else resolved.path
     try:
         cfg = AutoConfig.from_pretrained(source)

@@ -24,13 +24,14 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from nlakit import metrics
+from nlakit.config import hint
 from nlakit.errors import NLAError
-from nlakit.eval.evaluate import (
+from nlakit.eval.evaluate import ScoringConfig
+from nlakit.eval.scoring import (
     Denominators,
     EvalRows,
-    ScoringConfig,
     denominators,
+    doc_ci,
     row_metrics,
     select_rows,
 )
@@ -306,19 +307,16 @@ def make_paraphraser(kind: str, **options) -> Paraphraser:
 EDITS = ("paraphrase", "shuffle_units", "delete_quotes", "ablation")
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass
 class AuditConfig(ScoringConfig):
     """The ``audit`` stage: which rows, which edits, and the paraphraser."""
 
-    edits: tuple[str, ...] = field(default=EDITS, metadata=_help(
+    edits: tuple[str, ...] = field(default=EDITS, metadata=hint(
         "the edits to run (comma-separated on the command line)"))
-    paraphraser: str = field(default="rules", metadata=_help(
+    paraphraser: str = field(default="rules", metadata=hint(
         "paraphraser of the paraphrase edit: rules, local, openai, or none"))
-    paraphraser_options: dict = field(default_factory=dict, metadata=_help(
+    paraphraser_options: dict = field(default_factory=dict, metadata=hint(
         "the paraphraser's options (see ParaphraserOptions); another option is an error"))
 
     def __post_init__(self):
@@ -346,29 +344,25 @@ class ParaphraserOptions:
     """The options of the paraphrasers (each takes the ones in ``PARAPHRASER_OPTIONS``); on
     the command line ``--paraphraser-NAME``, in a pipeline config ``paraphraser_options``."""
 
-    per_unit: bool | None = field(default=None, metadata=_help(
+    per_unit: bool | None = field(default=None, metadata=hint(
         "paraphrase each line/sentence separately (keeps structure with small models; off)"))
-    model: str | None = field(default=None, metadata=_help("local: model spec"))
-    dtype: str | None = field(default=None, metadata=_help(
+    model: str | None = field(default=None, metadata=hint("local: model spec"))
+    dtype: str | None = field(default=None, metadata=hint(
         "local: float32, bfloat16 ... (the device's)"))
-    device: str | None = field(default=None, metadata=_help(
+    device: str | None = field(default=None, metadata=hint(
         "local: cpu, cuda, auto (the audit's --device)"))
-    batch_size: int | None = field(default=None, metadata=_help("local: texts per batch (8)"))
-    max_new_tokens: int | None = field(default=None, metadata=_help(
+    batch_size: int | None = field(default=None, metadata=hint("local: texts per batch (8)"))
+    max_new_tokens: int | None = field(default=None, metadata=hint(
         "local/openai: cap on generated tokens (160 local, 200 openai)"))
-    base_url: str | None = field(default=None, metadata=_help("openai: endpoint base URL"))
-    api_model: str | None = field(default=None, metadata=_help("openai: model name"))
-    api_key_env: str | None = field(default=None, metadata=_help(
+    base_url: str | None = field(default=None, metadata=hint("openai: endpoint base URL"))
+    api_model: str | None = field(default=None, metadata=hint("openai: model name"))
+    api_key_env: str | None = field(default=None, metadata=hint(
         "openai: environment variable with the key (OPENAI_API_KEY)"))
-    no_api_key: bool | None = field(default=None, metadata=_help("openai: send no key"))
-    concurrency: int | None = field(default=None, metadata=_help("openai: concurrent requests (8)"))
-    max_requests: int | None = field(default=None, metadata=_help("openai: request budget (none)"))
-    max_retries: int | None = field(default=None, metadata=_help("openai: retries per request (5)"))
-    timeout: float | None = field(default=None, metadata=_help("openai: seconds per request (60)"))
-
-
-def _ci(values, groups, cfg) -> dict:
-    return metrics.bootstrap_ci(values, groups=groups, n_boot=cfg.n_boot, seed=cfg.seed)
+    no_api_key: bool | None = field(default=None, metadata=hint("openai: send no key"))
+    concurrency: int | None = field(default=None, metadata=hint("openai: concurrent requests (8)"))
+    max_requests: int | None = field(default=None, metadata=hint("openai: request budget (none)"))
+    max_retries: int | None = field(default=None, metadata=hint("openai: retries per request (5)"))
+    timeout: float | None = field(default=None, metadata=hint("openai: seconds per request (60)"))
 
 
 def verdict(name: str, orig: dict, edited: dict, drop: dict, n_changed: int,
@@ -450,10 +444,10 @@ class _PairedEdits:
         changed = np.asarray([ts[j] != texts[i] for j, i in enumerate(idx)])
         res = {"n_rows": int(idx.size), "n_docs": int(np.unique(g).size),
                "n_changed": int(changed.sum()), "note": note,
-               "fve_original": _ci(base[idx], g, cfg), "fve_edited": _ci(f_edit, g, cfg),
-               "drop": _ci(drop, g, cfg)}
+               "fve_original": doc_ci(base[idx], g, cfg), "fve_edited": doc_ci(f_edit, g, cfg),
+               "drop": doc_ci(drop, g, cfg)}
         if changed.any() and not changed.all():
-            res["drop_changed_rows"] = _ci(drop[changed], g[changed], cfg)
+            res["drop_changed_rows"] = doc_ci(drop[changed], g[changed], cfg)
         res["kept_fraction"] = (res["fve_edited"]["mean"] / res["fve_original"]["mean"]
                                 if res["fve_original"]["mean"] > 0 else None)
         res["verdict"] = verdict(name, res["fve_original"], res["fve_edited"], res["drop"],
@@ -529,7 +523,7 @@ def audit(nla, store, config: AuditConfig | None = None, *, paraphraser: Paraphr
         "explanations_source": source,
         "config": {"max_rows": cfg.max_rows, "max_new_tokens": cfg.max_new_tokens,
                    "seed": cfg.seed, "edits": list(cfg.edits)},
-        "fve_original": _ci(ed.base, rows.doc_ids, cfg),
+        "fve_original": doc_ci(ed.base, rows.doc_ids, cfg),
         "tests": ed.tests, "ablation": ablation, "examples": ed.examples,
         "timings_s": {k: round(x, 3) for k, x in timings.items()},
     }
@@ -560,14 +554,14 @@ def _ablation(texts, base, groups, fve, cfg) -> dict:
     ks = np.asarray([j[1] for j in jobs])
     for k in sorted(set(ks.tolist())):
         sel = ks == k
-        out["by_unit"][f"unit_{k + 1}"] = {**_ci(drops[sel], groups[idx[sel]], cfg),
+        out["by_unit"][f"unit_{k + 1}"] = {**doc_ci(drops[sel], groups[idx[sel]], cfg),
                                            "n_docs": int(np.unique(groups[idx[sel]]).size)}
     # per row: the largest single-unit drop
     best = {}
     for r, d in zip(idx.tolist(), drops.tolist()):
         best[r] = max(best.get(r, -np.inf), d)
     rows_b = np.asarray(sorted(best))
-    out["max_unit_drop"] = _ci(np.asarray([best[r] for r in rows_b]), groups[rows_b], cfg)
+    out["max_unit_drop"] = doc_ci(np.asarray([best[r] for r in rows_b]), groups[rows_b], cfg)
     parts = [f"unit {k.split('_')[1]}: {s['mean']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"
              for k, s in out["by_unit"].items()]
     orig = float(np.mean(base[rows_b]))
@@ -584,34 +578,3 @@ def _ablation(texts, base, groups, fve, cfg) -> dict:
     return out
 
 
-def format_audit_table(data: dict) -> str:
-    lines = [(f"split {data['split']}: {data['n_rows']} rows, {data['n_docs']} documents, "
-             f"layer {data['layer']}; {data['ci']}"),
-             f"fve_nrm denominator: {data['denominator']['fve_nrm']}",
-             (f"original fve_nrm {data['fve_original']['mean']:+.3f} "
-             f"[{data['fve_original']['ci'][0]:+.3f}, {data['fve_original']['ci'][1]:+.3f}] "
-             f"(explanations {data['explanations_source']})"),
-             (f"{'edit':<16} {'rows':>5} {'changed':>7}  {'fve edited [95% CI]':<26} "
-             f"{'drop [95% CI]':<26} {'kept':>6}")]
-    for name, r in data["tests"].items():
-        if "skipped" in r:
-            lines.append(f"{name:<16} skipped: {r['skipped']}")
-            continue
-        fe, dr = r["fve_edited"], r["drop"]
-        kept = "n/a" if r["kept_fraction"] is None else f"{r['kept_fraction']:.0%}"
-        lines.append(f"{name:<16} {r['n_rows']:>5} {r['n_changed']:>7}  "
-                     f"{fe['mean']:+.3f} [{fe['ci'][0]:+.3f}, {fe['ci'][1]:+.3f}]{'':<4} "
-                     f"{dr['mean']:+.3f} [{dr['ci'][0]:+.3f}, {dr['ci'][1]:+.3f}]{'':<4} "
-                     f"{kept:>6}")
-    ab = data.get("ablation")
-    if ab and ab.get("by_unit"):
-        for k, s in ab["by_unit"].items():
-            lines.append(f"ablate {k:<9} {s['n']:>5} {s['n']:>7}  {'':<26} "
-                         f"{s['mean']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]")
-    lines.append("")
-    for r in data["tests"].values():
-        if "verdict" in r:
-            lines.append("- " + r["verdict"])
-    if ab and "verdict" in ab:
-        lines.append("- " + ab["verdict"])
-    return "\n".join(lines)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from nlakit.errors import NLAError
+from nlakit.model.batching import right_pad
 from nlakit.model.hooks import forward_to_layer
 
 # ---- reread_N -------------------------------------------------------------------------------
@@ -45,11 +45,7 @@ def reread_predictions(model, tokenizer, layer: int, prefixes: list[str], n: int
     outs = []
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(chunk):
-            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+        ids, mask = right_pad(chunk, pad)
         hidden = forward_to_layer(model, ids.to(device), mask.to(device), layer)
         last = mask.sum(1) - 1
         outs.append(hidden[torch.arange(len(chunk)), last.to(device)].float().cpu())
@@ -63,37 +59,15 @@ def reread_predictions(model, tokenizer, layer: int, prefixes: list[str], n: int
 
 @dataclass
 class FitBudget:
-    """The training budget of an AR (the NLA's own, read from its training summary)."""
+    """The training budget and settings of an AR (the NLA's own, read from its provenance:
+    `nlakit.eval.evaluate.ar_budget`); `nlakit.train.sft.fit_reconstructor` trains with it."""
 
     steps: int = 150
     batch_size: int = 8
     lr: float = 2e-4
     lora_rank: int = 16
+    lora_alpha: int | None = None  # None: 2 x rank, as make_trainable
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"
     seed: int = 0
-
-
-def fit_reconstructor(ar, texts: list[str], vectors: torch.Tensor, budget: FitBudget):
-    """Train a *fresh* AR (``ar``: an untrained Reconstructor, changed in place) on
-    (text, vector) pairs of training rows with the given budget; returns it in eval mode.
-    A plain loop rather than the SFT trainer: the pairs are made in memory at eval time and
-    the baseline needs no label set, checkpoint or resume."""
-    if len(texts) != vectors.shape[0] or not texts:
-        raise NLAError(f"{len(texts)} texts for {vectors.shape[0]} vectors")
-    if budget.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-
-        ar.body = get_peft_model(ar.body, LoraConfig(
-            r=budget.lora_rank, lora_alpha=2 * budget.lora_rank, target_modules="all-linear"))
-    else:
-        ar.body.requires_grad_(True)
-    ar.head.requires_grad_(True)
-    ar.train()
-    opt = torch.optim.AdamW([p for p in ar.parameters() if p.requires_grad], lr=budget.lr)
-    rng = np.random.default_rng(budget.seed)
-    for _ in range(budget.steps):
-        batch = rng.choice(len(texts), min(budget.batch_size, len(texts)), replace=False)
-        loss = ar.loss([texts[i] for i in batch], vectors[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return ar.eval()

@@ -54,112 +54,24 @@ import pyarrow as pa
 import torch
 
 from nlakit import metrics
+from nlakit.config import hint, token_counts
 from nlakit.errors import NLAError
+from nlakit.eval.scoring import (
+    Denominators,
+    EvalRows,
+    bootstrap_summary,
+    denominators,
+    row_metrics,
+    select_rows,
+)
 from nlakit.extract.store import AR_SFT, HELDOUT, TRAINING_SPLITS
 from nlakit.fileio import stable_seed, write_json
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("fve_nrm", "mse_nrm", "cos", "fve_meannorm")
 DEFAULT_QUOTE_TOKENS = (8, 32)
 DEFAULT_REREAD_TOKENS = (8, 32)
 PREFIX_CHARS_KEPT = 400  # characters of the source text kept per row for reports
-
-
-@dataclass
-class EvalRows:
-    """The rows under evaluation (document-complete), with their true vectors [n, d]."""
-
-    split: str
-    row_ids: np.ndarray
-    doc_ids: np.ndarray  # str labels, one per row
-    positions: np.ndarray
-    prefixes: list[str]
-    vectors: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.row_ids.size)
-
-    @property
-    def n_docs(self) -> int:
-        return int(np.unique(self.doc_ids).size)
-
-
-def select_rows(store, split: str = HELDOUT, max_rows: int | None = None,
-                seed: int = 0) -> EvalRows:
-    """Rows of `split` ("all" for every split). With max_rows, whole documents are chosen in a
-    seeded (deterministic) order until the next document would exceed max_rows (at least one
-    document is always taken), so the document-level bootstrap stays valid."""
-    table = store.table(split, columns=["row_id", "doc_id", "position", "prefix", "vector"])
-    if table.num_rows == 0:
-        raise NLAError(f"split {split!r} of {store.path} has no rows")
-    doc_ids = np.asarray(table.column("doc_id").to_pylist(), dtype=object)
-    keep = np.arange(table.num_rows)
-    if max_rows is not None:
-        if max_rows < 1:
-            raise NLAError(f"--max-rows must be >= 1, got {max_rows}")
-        docs = sorted(set(doc_ids.tolist()), key=lambda d: stable_seed(seed, "eval-docs", d))
-        sizes = {d: int(n) for d, n in zip(*np.unique(doc_ids, return_counts=True))}
-        chosen, total = set(), 0
-        for d in docs:
-            if chosen and total + sizes[d] > max_rows:
-                continue
-            chosen.add(d)
-            total += sizes[d]
-            if total >= max_rows:
-                break
-        keep = np.asarray([i for i, d in enumerate(doc_ids) if d in chosen])
-    from nlakit.extract.store import vectors_from_arrow
-
-    table = table.take(keep)
-    return EvalRows(
-        split=split,
-        row_ids=np.asarray(table.column("row_id").to_pylist(), dtype=np.int64),
-        doc_ids=np.asarray(table.column("doc_id").to_pylist(), dtype=object),
-        positions=np.asarray(table.column("position").to_pylist(), dtype=np.int64),
-        prefixes=table.column("prefix").to_pylist(),
-        vectors=torch.from_numpy(vectors_from_arrow(table.column("vector"),
-                                                    store.d_model).copy()),
-    )
-
-
-# ---- scoring ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Denominators:
-    rawvar: float  # fve_nrm denominator
-    meannorm: float  # fve_meannorm denominator
-    rawvar_source: str
-    meannorm_source: str
-
-
-def denominators(store, rows: EvalRows) -> Denominators:
-    """rawvar of the store's statistics for the split; meannorm of the evaluated rows."""
-    try:
-        rawvar = float(store.stats(rows.split)["rawvar"])
-        src = f"store statistics of split {rows.split!r} ({store.stats(rows.split)['n']} rows)"
-    except NLAError:
-        rawvar = metrics.rawvar(rows.vectors)
-        src = f"the {len(rows)} evaluated rows (the store has no statistics for {rows.split!r})"
-    meannorm = metrics.meannorm(rows.vectors)
-    return Denominators(rawvar, meannorm, src,
-                        f"the {len(rows)} evaluated rows: 2(1 - ||E g_hat||), the mse_nrm of "
-                        "their mean direction")
-
-
-def row_metrics(pred: torch.Tensor, target: torch.Tensor, den: Denominators) -> dict:
-    """Per-row float64 numpy arrays of the four metrics."""
-    mse = metrics.mse_nrm(pred, target).double()
-    return {"mse_nrm": mse.numpy(), "cos": (1 - mse / 2).numpy(),
-            "fve_nrm": (1 - mse / den.rawvar).numpy(),
-            "fve_meannorm": (1 - mse / den.meannorm).numpy()}
-
-
-def bootstrap_summary(per_row: dict, groups, *, n_boot: int = 1000, seed: int = 0) -> dict:
-    """{metric: {"mean", "ci", "n", "n_groups"}} with document-level bootstrap CIs."""
-    return {k: metrics.bootstrap_ci(per_row[k], groups=groups, n_boot=n_boot, seed=seed)
-            for k in METRIC_NAMES if k in per_row}
 
 
 # ---- baselines ---------------------------------------------------------------------------
@@ -215,17 +127,6 @@ def quote_text(prefix: str, tokenizer, n: int) -> tuple[str, int]:
     return tokenizer.decode(tail, skip_special_tokens=False), len(tail)
 
 
-def best_of_n(nla, vectors: torch.Tensor, n: int, *, max_new_tokens: int, batch_size: int,
-              seed: int, greedy=None):
-    """For each vector, of its greedy explanation and n-1 samples (temperature 1), the one with
-    the lowest mse_nrm under the AR. Returns (explanations, predictions [m, d])."""
-    exps = nla.candidates(vectors, n, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          seed=seed, greedy=greedy)
-    pred = nla.reconstruct([e.text for e in exps], batch_size=batch_size)
-    pick = _best_rows(pred, vectors, n)
-    return [exps[int(j)] for j in pick], pred[pick]
-
-
 def rerank_quote_lengths(n: int, longest: int) -> list[int]:
     """n quote lengths spread evenly up to `longest` tokens (distinct, >= 1)."""
     return sorted({max(1, round(longest * (i + 1) / n)) for i in range(n)})
@@ -238,13 +139,7 @@ def best_quote(nla, prefixes: list[str], vectors: torch.Tensor, lengths: list[in
     tok = nla.ar.tokenizer
     texts = [quote_text(p, tok, k)[0] for p in prefixes for k in lengths]
     pred = nla.reconstruct(texts, batch_size=batch_size)
-    return pred[_best_rows(pred, vectors, len(lengths))]
-
-
-def _best_rows(pred: torch.Tensor, vectors: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices into pred [m*n, d] (row-major candidates) of each vector's best candidate."""
-    mse = metrics.mse_nrm(pred, vectors.repeat_interleave(n, 0)).view(-1, n)
-    return torch.arange(vectors.shape[0]) * n + mse.argmin(1)
+    return pred[metrics.best_candidates(pred, vectors, len(lengths))]
 
 
 # ---- the evaluation ----------------------------------------------------------------------
@@ -274,28 +169,25 @@ class ReconstructorOnly:
     def load(cls, ar_dir: str | Path, device: str | None = None,
              dtype: str | None = None) -> ReconstructorOnly:
         from nlakit.model.load import resolve_device, resolve_dtype
-        from nlakit.nla.facade import _load_ar
+        from nlakit.nla.facade import load_ar
 
         dev = resolve_device(device)
-        ar, _ = _load_ar(Path(ar_dir), resolve_dtype(dtype, dev), dev)
+        ar, _ = load_ar(Path(ar_dir), resolve_dtype(dtype, dev), dev)
         return cls(ar)
 
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass
 class ScoringConfig:
     """What the eval and the audit share: which rows, the explanation cap, the bootstrap."""
 
-    split: str = field(default=HELDOUT, metadata=_help("a split name, or all"))
-    max_rows: int | None = field(default=None, metadata=_help(
+    split: str = field(default=HELDOUT, metadata=hint("a split name, or all"))
+    max_rows: int | None = field(default=None, metadata=hint(
         "score about this many rows, choosing whole documents (seeded)"))
-    max_new_tokens: int = field(default=150, metadata=_help("explanation length cap in tokens"))
-    batch_size: int = field(default=16, metadata=_help("rows per generation/AR batch"))
-    seed: int = field(default=0, metadata=_help("seed of the row choice, sampling and bootstrap"))
-    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples"))
+    max_new_tokens: int = field(default=150, metadata=hint("explanation length cap in tokens"))
+    batch_size: int = field(default=16, metadata=hint("rows per generation/AR batch"))
+    seed: int = field(default=0, metadata=hint("seed of the row choice, sampling and bootstrap"))
+    n_boot: int = field(default=1000, metadata=hint("bootstrap resamples"))
 
     def check_positive(self, stage: str, *names: str) -> None:
         for name in ("max_new_tokens", "batch_size", "n_boot", *names):
@@ -309,42 +201,29 @@ class ScoringConfig:
 class EvalConfig(ScoringConfig):
     """The ``eval`` stage: which rows, and how the NLA and its baselines are scored."""
 
-    quote_tokens: tuple[int, ...] = field(default=DEFAULT_QUOTE_TOKENS, metadata=_help(
+    quote_tokens: tuple[int, ...] = field(default=DEFAULT_QUOTE_TOKENS, metadata=hint(
         "quote baseline lengths in tokens (comma-separated on the command line)"))
-    best_of: int = field(default=1, metadata=_help(
+    best_of: int = field(default=1, metadata=hint(
         "also score best-of-N sampled explanations reranked by the AR"))
-    labels: bool = field(default=True, metadata=_help(
+    labels: bool = field(default=True, metadata=hint(
         "score the warm-start labels as a baseline when a label set is given"))
-    reread_tokens: tuple[int, ...] = field(default=DEFAULT_REREAD_TOKENS, metadata=_help(
+    reread_tokens: tuple[int, ...] = field(default=DEFAULT_REREAD_TOKENS, metadata=hint(
         "reread_N reference points: the frozen target re-reading the last N tokens"))
-    quote_fit_tokens: tuple[int, ...] = field(default=(), metadata=_help(
+    quote_fit_tokens: tuple[int, ...] = field(default=(), metadata=hint(
         "quote_N_fit baselines: an AR trained on quotes of training rows (costs an AR training "
         "each)"))
-    quote_fit_steps: int | None = field(default=None, metadata=_help(
+    quote_fit_steps: int | None = field(default=None, metadata=hint(
         "quote_N_fit training steps (None: the NLA's AR's own recorded budget, else 150)"))
-    spliced: bool = field(default=True, metadata=_help(
+    spliced: bool = field(default=True, metadata=hint(
         "splice every method's prediction into the target and score kl / ce_recovered of the "
         "next-token distribution (one extra forward of the target per document)"))
 
     def __post_init__(self):
         for name in ("quote_tokens", "reread_tokens", "quote_fit_tokens"):
-            setattr(self, name, _token_counts(name, getattr(self, name)))
+            setattr(self, name, token_counts(name, getattr(self, name)))
         self.check_positive("eval", "best_of")
         if self.quote_fit_steps is not None and self.quote_fit_steps < 1:
             raise NLAError(f"eval: quote_fit_steps must be >= 1, got {self.quote_fit_steps}")
-
-
-def _token_counts(name: str, value) -> tuple[int, ...]:
-    """A tuple of positive token counts from a tuple/list or a comma-separated string."""
-    if isinstance(value, str):
-        value = [x for x in value.split(",") if x.strip()]
-    try:
-        counts = tuple(int(q) for q in value)
-    except (TypeError, ValueError):
-        raise NLAError(f"{name} must be comma-separated token counts, got {value!r}") from None
-    if any(c < 1 for c in counts):
-        raise NLAError(f"{name}: token counts must be >= 1, got {counts}")
-    return counts
 
 
 @dataclass
@@ -436,11 +315,11 @@ def _score_nla(nla, sc: _Scores):
 def _score_best_of(nla, sc: _Scores, greedy) -> None:
     """nla_best_of_N and the quotes given the same rerank (quote_rerank_N)."""
     cfg, rows, n = sc.cfg, sc.rows, sc.cfg.best_of
-    best, pred_best = sc.timed(f"nla_best_of_{n}", lambda: best_of_n(
-        nla, rows.vectors, n, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-        seed=cfg.seed, greedy=greedy))
-    sc.best_of_texts = [e.text for e in best]  # kept per row: `nlakit audit` can read them
-    sc.record(f"nla_best_of_{n}", pred_best,
+    best = sc.timed(f"nla_best_of_{n}", lambda: nla.best_of(
+        rows.vectors, n, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+        seed=cfg.seed, greedy=greedy, rawvar=sc.den.rawvar))
+    sc.best_of_texts = [e.text for e in best.explanations]  # kept: `nlakit audit` reads them
+    sc.record(f"nla_best_of_{n}", best.reconstructions,
               note=f"of the greedy explanation and {n - 1} samples (temperature 1), the one the "
                    "AR reconstructs best against the true vector (which the AV is given anyway)")
     lengths = rerank_quote_lengths(n, max(cfg.quote_tokens, default=32))
@@ -609,9 +488,11 @@ def ar_budget(nla, steps: int | None = None):
     chain = _ar_trainings(nla)
     budget = FitBudget()
     conf = chain[0].get("config", {}) if chain else {}
-    for key in ("batch_size", "lr", "lora_rank", "seed"):
+    for key in ("batch_size", "lr", "lora_rank", "lora_alpha", "weight_decay", "max_grad_norm",
+                "mixed_precision", "seed"):
         if conf.get(key) is not None:
-            setattr(budget, key, type(getattr(budget, key))(conf[key]))
+            kind = type(getattr(budget, key)) if getattr(budget, key) is not None else int
+            setattr(budget, key, kind(conf[key]))
     total = sum(int(p.get("summary", {}).get("steps") or 0) for p in chain)
     total += -(-rl_ar_rows(nla) // budget.batch_size)
     if total:
@@ -622,9 +503,9 @@ def ar_budget(nla, steps: int | None = None):
 
 
 def _score_quote_fit(nla, store, sc: _Scores, target, n: int) -> None:
-    from nlakit.eval.baselines import fit_reconstructor
     from nlakit.extract.store import vectors_from_arrow
     from nlakit.nla.reconstructor import Reconstructor
+    from nlakit.train.sft import fit_reconstructor
 
     model, tok = target
     cfg, rows, name = sc.cfg, sc.rows, f"quote_{n}_fit"
@@ -642,7 +523,8 @@ def _score_quote_fit(nla, store, sc: _Scores, target, n: int) -> None:
     sc.timings[name] = time.perf_counter() - t
     sc.record(name, pred, note=f"an AR trained on the last {n} tokens of the {len(texts)} "
               f"{split} rows ({budget.steps} steps x {budget.batch_size}, lr {budget.lr:g}, "
-              f"LoRA {budget.lora_rank}: the NLA's AR budget), same template and start")
+              f"LoRA {budget.lora_rank}, clip {budget.max_grad_norm:g}: the NLA's AR budget and "
+              "SFT step), same template and start")
 
 
 def _score_spliced(nla, store, sc: _Scores, progress: bool) -> dict:
@@ -814,60 +696,5 @@ def write_eval_json(result: EvalResult | dict, path: str | Path) -> Path:
     return Path(path)
 
 
-def format_table(data: dict) -> str:
-    """A plain-text table of the methods' means and CIs, with split, rows and denominators."""
-    spliced = any("kl" in m for m in data["methods"].values())
-    lines = [(f"split {data['split']}: {data['n_rows']} rows, {data['n_docs']} documents, "
-             f"layer {data['layer']}; {data['ci']}"),
-             f"fve_nrm denominator: {data['denominator']['fve_nrm']}",
-             f"fve_meannorm denominator: {data['denominator']['fve_meannorm']}",
-             (f"{'method':<22} {'rows':>5}  {'fve_nrm [95% CI]':<26} {'mse_nrm [95% CI]':<26} "
-              f"{'cos [95% CI]':<26} {'fve_meannorm':>12}"
-              + (f"  {'kl (nats) [95% CI]':<23} {'ce_recovered [95% CI]':<26}" if spliced
-                 else ""))]
-    for name, m in data["methods"].items():
-        def cell(k, m=m, fmt="+.3f"):
-            s = m.get(k)
-            if s is None:
-                return "n/a"
-            return f"{s['mean']:{fmt}} [{s['ci'][0]:{fmt}}, {s['ci'][1]:{fmt}}]"
-        lines.append(f"{name:<22} {m['n_rows']:>5}  {cell('fve_nrm'):<26} {cell('mse_nrm'):<26} "
-                     f"{cell('cos'):<26} {m['fve_meannorm']['mean']:>+12.3f}"
-                     + (f"  {cell('kl', fmt='.3f'):<23} {cell('ce_recovered'):<26}"
-                        if spliced else ""))
-    for name, why in data.get("skipped", {}).items():
-        lines.append(f"{name:<22} {why}")
-    spl = data.get("spliced") or {}
-    if spliced:
-        ref = spl.get("reference") or {}
-        floor = (ref.get("true_vector") or {}).get("kl")
-        lines.append(f"spliced: each prediction rescaled to ||g|| replaces block {data['layer']}'s"
-                     f" output at the row; kl = KL(original || spliced) of the next token; "
-                     f"ce_recovered against {spl.get('ablation')}"
-                     + (f"; true vector kl {floor['mean']:.2e} (noise floor)" if floor else ""))
-    elif spl.get("skipped"):
-        lines.append(f"{'spliced':<22} skipped: {spl['skipped']}")
-    methods = data["methods"]
-    if "label" in methods and "nla" in methods:
-        gap = methods["label"]["fve_nrm"]["mean"] - methods["nla"]["fve_nrm"]["mean"]
-        lines.append(f"label is the AR's ceiling for this label format; what the verbalizer "
-                     f"loses (label - nla): {gap:+.3f} fve_nrm")
-    claims = data.get("claims") or {}
-    if claims:
-        lines.append(format_claims(claims))
-    return "\n".join(lines)
 
 
-def format_claims(claims: dict) -> str:
-    """The claim checks as a table: per verdict its mean and document-level CI over the rows
-    that make the claim, how many make it, and how many had the field unreadable."""
-    from nlakit.nla.claims import LOWER_IS_BETTER
-
-    lines = [f"{'claim check':<24} {'true [95% CI]':<24} {'claims':>7} {'unparsed':>9}"]
-    for name, c in claims.items():
-        cell = f"{c['mean']:.1%} [{c['ci'][0]:.1%}, {c['ci'][1]:.1%}]"
-        if name in LOWER_IS_BETTER:
-            name = f"{name} (lower=better)"
-        lines.append(f"{name:<24} {cell:<24} {c['n_claims']:>7} {c.get('n_unparsed', 0):>9}"
-                     f"   of {c['n_rows']} rows")
-    return "\n".join(lines)

@@ -40,8 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nlakit.config import hint, required
 from nlakit.errors import NLAError
 from nlakit.extract.store import TRAINING_SPLITS
+from nlakit.fileio import write_json
+from nlakit.model.batching import right_pad
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +233,7 @@ def training_vectors(store, *, source: str = "tokens", splits=TRAINING_SPLITS, t
         return v, {"source": "stored rows", "splits": splits, "n": len(v)}
     if source != "tokens":
         raise NLAError(f"source must be 'rows' or 'tokens', got {source!r}")
-    from nlakit.eval.splice import _reopen_corpus, load_target
+    from nlakit.eval.splice import load_target, reopen_corpus
     from nlakit.extract.extraction import tokenize_document
     from nlakit.model.arch import special_token_ids
     from nlakit.model.hooks import forward_to_layer
@@ -244,7 +247,7 @@ def training_vectors(store, *, source: str = "tokens", splits=TRAINING_SPLITS, t
         docs |= set(store.table(s, columns=["doc_id"]).column("doc_id").to_pylist())
     special = special_token_ids(tok)
     seqs = []
-    for doc in _reopen_corpus(store, tok, chat_model=(model, tok)):
+    for doc in reopen_corpus(store, tok, chat_model=(model, tok)):
         if doc.doc_id in docs:
             ids = tokenize_document(tok, doc, max_tokens)
             keep = [i for i in range(min_pos, len(ids)) if ids[i] not in special]
@@ -261,12 +264,7 @@ def training_vectors(store, *, source: str = "tokens", splits=TRAINING_SPLITS, t
     for i in tqdm(range(0, len(seqs), batch_size), desc="SAE training vectors",
                   disable=not progress):
         batch = seqs[i:i + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        x = torch.full((len(batch), width), pad, dtype=torch.long)
-        m = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, (ids, _) in enumerate(batch):
-            x[j, :len(ids)] = torch.tensor(ids)
-            m[j, :len(ids)] = 1
+        x, m = right_pad([ids for ids, _ in batch], pad)
         h = forward_to_layer(model, x.to(device), m.to(device), store.layer)
         for j, (_, keep) in enumerate(batch):
             out.append(h[j, keep].float().cpu())
@@ -301,38 +299,6 @@ def worth_k(ladder: dict[int, float], value: float) -> dict:
     return {"k": float(ks[0]), "relation": "within", "text": f"worth about {ks[0]} latents"}
 
 
-def plot_ladder(ladder: dict[str, dict[int, float]], lines: dict[str, dict[str, float]],
-                path: str | Path, *, title: str = "") -> Path:
-    """One panel per metric: the SAE ladder (metric vs k, log2 axis) with horizontal lines for
-    the NLA and the baselines. ladder: {metric: {k: value}}; lines: {metric: {name: value}}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(ladder)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
-    styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 1)), (0, (3, 1, 1, 1))]
-    for ax, metric in zip(axes[0], names):
-        ks = sorted(ladder[metric])
-        ax.plot(ks, [ladder[metric][k] for k in ks], "o-", color="black", label="TopK SAE")
-        for j, (name, v) in enumerate(lines.get(metric, {}).items()):
-            if v is not None and np.isfinite(v):
-                ax.axhline(v, linestyle=styles[j % len(styles)], color=f"C{j}", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.set_xlabel("k (active latents)")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # ---- `nlakit sae`: the ladder on a store ------------------------------------------------------
@@ -340,41 +306,38 @@ def plot_ladder(ladder: dict[str, dict[int, float]], lines: dict[str, dict[str, 
 LADDER_METRICS = ("fve_nrm", "kl", "ce_recovered")
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass
 class LadderConfig:
     """``nlakit sae``: which SAEs, trained how, scored on which rows."""
 
-    ks: tuple[int, ...] = field(default=DEFAULT_KS, metadata=_help(
+    ks: tuple[int, ...] = field(default=DEFAULT_KS, metadata=hint(
         "active latents k of each TopK SAE (comma-separated on the command line)"))
-    width_mult: int = field(default=8, metadata=_help("SAE width as a multiple of d_model"))
-    source: str = field(default="tokens", metadata=_help(
+    width_mult: int = field(default=8, metadata=hint("SAE width as a multiple of d_model"))
+    source: str = field(default="tokens", metadata=hint(
         "training vectors: tokens (every eligible token of the training splits' documents, "
         "recomputed with the target) or rows (the stored training rows only)"))
-    max_vectors: int | None = field(default=None, metadata=_help(
+    max_vectors: int | None = field(default=None, metadata=hint(
         "keep a seeded random subset of this many training vectors"))
-    epochs: float = field(default=8.0, metadata=_help("passes over the training vectors"))
-    lr: float | None = field(default=None, metadata=_help(
+    epochs: float = field(default=8.0, metadata=hint("passes over the training vectors"))
+    lr: float | None = field(default=None, metadata=hint(
         "Adam learning rate (None: 2e-4 / sqrt(width / 2^14), capped at 1e-3)"))
-    batch_size: int = field(default=1024, metadata=_help("training vectors per step"))
-    split: str = field(default="heldout", metadata=_help("the split the ladder is scored on"))
-    max_rows: int | None = field(default=None, metadata=_help(
+    batch_size: int = field(default=1024, metadata=hint("training vectors per step"))
+    split: str = field(default="heldout", metadata=hint("the split the ladder is scored on"))
+    max_rows: int | None = field(default=None, metadata=hint(
         "score about this many rows, choosing whole documents (seeded; as `nlakit eval`)"))
-    reread_tokens: tuple[int, ...] = field(default=(8, 32), metadata=_help(
+    reread_tokens: tuple[int, ...] = field(default=(8, 32), metadata=hint(
         "reread_N lines: the frozen target re-reading the last N tokens (as `nlakit eval`)"))
-    max_new_tokens: int = field(default=150, metadata=_help(
+    max_new_tokens: int = field(default=150, metadata=hint(
         "explanation length cap of --nla's explanations"))
-    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples"))
-    seed: int = field(default=0, metadata=_help("seed of training, row choice and bootstrap"))
+    n_boot: int = field(default=1000, metadata=hint("bootstrap resamples"))
+    seed: int = field(default=0, metadata=hint("seed of training, row choice and bootstrap"))
 
     def __post_init__(self):
-        from nlakit.eval.evaluate import _token_counts
+        from nlakit.config import token_counts
 
-        self.ks = _token_counts("ks", self.ks)
-        self.reread_tokens = _token_counts("reread_tokens", self.reread_tokens)
+        self.ks = token_counts("ks", self.ks)
+        self.reread_tokens = token_counts("reread_tokens", self.reread_tokens)
         if not self.ks:
             raise NLAError("sae: ks needs at least one k")
         if self.source not in ("tokens", "rows"):
@@ -388,17 +351,17 @@ class LadderConfig:
 
 @dataclass
 class LadderInputs:
-    acts: str = field(metadata={"help": "activation store", "required": True})
-    out: str = field(metadata={"help": "output directory: ladder.json, ladder.md, ladder.png, "
-                                       "sae_k*/ (SAELens tensor names)", "required": True})
-    nla: str | None = field(default=None, metadata=_help(
+    acts: str = required("activation store")
+    out: str = required("output directory: ladder.json, ladder.md, ladder.png, sae_k*/ "
+                        "(SAELens tensor names)")
+    nla: str | None = field(default=None, metadata=hint(
         "an NLA (directory or shipped name) to explain and score on the same rows"))
-    eval_json: str | None = field(default=None, metadata=_help(
+    eval_json: str | None = field(default=None, metadata=hint(
         "an eval.json of the same rows whose methods are put on the ladder"))
-    report: str | None = field(default=None, metadata=_help(
+    report: str | None = field(default=None, metadata=hint(
         "also write an HTML report with the ladder plot here (.md beside it)"))
-    device: str | None = field(default=None, metadata=_help("cpu, cuda, cuda:N or auto"))
-    progress: bool = field(default=True, metadata=_help("show progress bars"))
+    device: str | None = field(default=None, metadata=hint("cpu, cuda, cuda:N or auto"))
+    progress: bool = field(default=True, metadata=hint("show progress bars"))
 
 
 def _train_or_reuse(x: torch.Tensor, k: int, config: LadderConfig, out: Path, store,
@@ -488,7 +451,7 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
     when given, an NLA and an eval.json's methods; writes OUT/ladder.json, ladder.md,
     ladder.png. Returns OUT/ladder.json."""
     from nlakit.eval import splice
-    from nlakit.eval.evaluate import denominators, select_rows
+    from nlakit.eval.scoring import denominators, select_rows
     from nlakit.extract.store import ActivationStore
 
     t_start = time.perf_counter()
@@ -527,7 +490,9 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
                                              for m, r in ladder.items()},
               "lines": lines, "worth": worth, "nla_mean_tokens": nla_tokens,
               "timings_s": {k: round(v, 2) for k, v in timings.items()}}
-    return _write_ladder(result, ladder, lines, out, inputs)
+    path = out / "ladder.json"
+    write_json(path, result)
+    return path
 
 
 def _sae_predictions(config, inputs, store, target, rows, out: Path, timings: dict):
@@ -570,10 +535,9 @@ def _score_methods(config, inputs, store, target, rows, den, preds: dict,
     """Each method's fve_nrm (document-bootstrap CI) with its spliced kl, ce_recovered and
     delta_ce; and the splice's own record (its true and ablated references)."""
     from nlakit.eval import splice
-    from nlakit.eval.evaluate import bootstrap_summary, row_metrics
+    from nlakit.eval.scoring import score_reconstructions
 
-    fve = {name: bootstrap_summary(row_metrics(p, rows.vectors, den), rows.doc_ids,
-                                   n_boot=config.n_boot, seed=config.seed)
+    fve = {name: score_reconstructions(p, rows, den, n_boot=config.n_boot, seed=config.seed)[1]
            for name, p in preds.items()}
     t = time.perf_counter()
     spliced, _ = splice.spliced_eval(store, rows, preds, target=target, n_boot=config.n_boot,
@@ -592,49 +556,10 @@ def _score_methods(config, inputs, store, target, rows, den, preds: dict,
     return methods, record
 
 
-def _write_ladder(result: dict, ladder: dict, lines: dict, out: Path, inputs) -> Path:
-    """OUT/ladder.json, ladder.png, ladder.md (and the --report); returns ladder.json."""
-    from nlakit.fileio import write_json, write_text_atomic
-
-    path = out / "ladder.json"
-    write_json(path, result)
-    plot_ladder(ladder, lines, out / "ladder.png",
-                title=f"{result['model']} layer {result['layer']}, {result['n_rows']} "
-                      f"{result['split']} rows / {result['n_docs']} docs")
-    write_text_atomic(out / "ladder.md", format_ladder(result) + "\n")
-    if inputs.report:
-        from nlakit.report.render import write_report
-
-        eval_data = json.loads(Path(inputs.eval_json).read_text()) if inputs.eval_json else None
-        write_report(inputs.report, eval_data=eval_data, ladder_data=result,
-                     ladder_png=out / "ladder.png", title="nlakit sae ladder")
-    return path
 
 
-def format_ladder(result: dict) -> str:
-    """The ladder as a Markdown table (means and CIs) and one "worth about k latents" line per
-    method that is not an SAE."""
-    def cell(s, fmt="+.3f"):
-        return "n/a" if s is None else (f"{s['mean']:{fmt}} [{s['ci'][0]:{fmt}}, "
-                                        f"{s['ci'][1]:{fmt}}]")
-
-    md = [f"{result['model']} layer {result['layer']}: {result['n_rows']} {result['split']} rows "
-          f"from {result['n_docs']} documents; {result['denominator']}; "
-          f"ablation: {result['spliced'].get('ablation')}; {result['ci']}.", "",
-          "| method | fve_nrm [95% CI] | kl (nats) [95% CI] | ce_recovered [95% CI] | "
-          "delta_ce (nats) [95% CI] |", "|---|---|---|---|---|"]
-    for name, m in result["methods"].items():
-        md.append(f"| {name} | {cell(m.get('fve_nrm'))} | {cell(m.get('kl'), '.3f')} | "
-                  f"{cell(m.get('ce_recovered'))} | {cell(m.get('delta_ce'))} |")
-    md.append("")
-    for name, w in result["worth"].items():
-        parts = [f"by {m} {w[m]['text']}" for m in LADDER_METRICS if m in w]
-        tokens = w.get("explanation_tokens")
-        md.append(f"- {name}: {'; '.join(parts)}"
-                  + (f" (explanation: {tokens:.1f} tokens on average)" if tokens else ""))
-    return "\n".join(md)
 
 
 __all__ = ["DEFAULT_KS", "LadderConfig", "LadderInputs", "SAETrainConfig", "TopKSAE",
-           "directions", "format_ladder", "plot_ladder", "run_ladder", "train_sae",
+           "directions", "run_ladder", "train_sae",
            "training_vectors", "worth_k"]

@@ -54,7 +54,8 @@ import torch
 from nlakit import metrics
 from nlakit.errors import NLAError
 from nlakit.extract.store import TRAINING_SPLITS
-from nlakit.model.arch import decoder_layers, decoder_stack
+from nlakit.model.arch import decoder_stack
+from nlakit.model.hooks import on_block_output
 from nlakit.model.lm_head import lm_logits
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class RowTokens:
                 "notes": list(self.notes)}
 
 
-def _reopen_corpus(store, tokenizer, chat_model=None):
+def reopen_corpus(store, tokenizer, chat_model=None):
     from nlakit.corpus.load import load_corpus
 
     desc = (store.meta.get("config", {}) or {}).get("corpus") or store.meta.get("corpus") or {}
@@ -124,7 +125,7 @@ def row_tokens(store, rows, tokenizer, *, corpus=None, chat_model=None) -> RowTo
     cfg = store.meta.get("config", {}) or {}
     max_tokens = int(cfg.get("max_tokens_per_doc") or 1 << 30)
     if corpus is None:
-        corpus = _reopen_corpus(store, tokenizer, chat_model)
+        corpus = reopen_corpus(store, tokenizer, chat_model)
         source = f"corpus {corpus.description.get('source')!r} re-read and re-tokenised"
     elif not isinstance(corpus, Corpus):
         corpus = load_corpus(str(corpus), tokenizer=tokenizer, chat_model=chat_model)
@@ -216,11 +217,10 @@ class _BlockOverwrite:
     def __init__(self, b_idx: torch.Tensor, t_idx: torch.Tensor, vectors: torch.Tensor):
         self.b, self.t, self.v = b_idx, t_idx, vectors
 
-    def __call__(self, _module, _args, output):
-        h = output[0] if isinstance(output, tuple) else output
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
         h = h.clone()
         h[self.b, self.t] = self.v.to(device=h.device, dtype=h.dtype)
-        return (h, *output[1:]) if isinstance(output, tuple) else h
+        return h
 
 
 @torch.no_grad()
@@ -235,12 +235,9 @@ def splice_logits(model, input_ids: Sequence[int] | torch.Tensor, layer: int,
     vec = torch.as_tensor(vectors).float()
     vec = vec.reshape(len(pos), vec.shape[-1])
     hook = _BlockOverwrite(torch.zeros_like(pos).to(device), pos.to(device), vec)
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
+    with on_block_output(model, layer, hook):
         h = decoder_stack(model)(input_ids=ids.reshape(1, -1).to(device),
                                  use_cache=False).last_hidden_state[0]
-    finally:
-        handle.remove()
     return _lm_logits(model, h)
 
 
@@ -284,13 +281,10 @@ def _run_items(model, layer: int, items: list[_Item]):
     mask = torch.zeros((b, 1, width, width), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     hook = _BlockOverwrite(torch.cat(hb).to(device), torch.cat(ht).to(device), torch.cat(hv))
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
+    with on_block_output(model, layer, hook):
         h = decoder_stack(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  position_ids=pos_ids.to(device),
                                  use_cache=False).last_hidden_state
-    finally:
-        handle.remove()
     out = []
     for i, it in enumerate(items):
         t, q = len(it.ids), len(it.q_pos)

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nlakit import __version__
+from nlakit.config import hint
 from nlakit.corpus.documents import Corpus, Document
 from nlakit.corpus.load import load_corpus
 from nlakit.errors import ConfigMismatchError, NLAError
@@ -43,6 +44,7 @@ from nlakit.extract.store import (
 )
 from nlakit.fileio import atomic_path, read_yaml, stable_seed, write_yaml
 from nlakit.model.arch import check_layer, d_model, num_layers, special_token_ids
+from nlakit.model.batching import right_pad
 from nlakit.model.hooks import forward_to_layer
 from nlakit.model.load import load_model
 
@@ -98,9 +100,6 @@ def parse_fractions(text: str) -> dict[str, float]:
     return check_fractions(out)
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 @dataclass
 class ExtractConfig:
@@ -109,25 +108,25 @@ class ExtractConfig:
     The target model and layer are inputs of the stage (`extract(model, ..., layer=)`, the
     pipeline's top-level ``model``/``layer``), not part of this section."""
 
-    corpus: str = field(default="builtin", metadata=_help(
+    corpus: str = field(default="builtin", metadata=hint(
         "builtin[:docs|chats|writing|code|wide], a text file/folder, .jsonl, .parquet, or a "
         "saved datasets folder"))
-    text_field: str = field(default="text", metadata=_help("text field/column of jsonl/parquet"))
-    blocks: bool = field(default=False, metadata=_help(
+    text_field: str = field(default="text", metadata=hint("text field/column of jsonl/parquet"))
+    blocks: bool = field(default=False, metadata=hint(
         "text files: one document per blank-line separated block"))
-    max_docs: int | None = field(default=None, metadata=_help("stop after this many documents"))
-    max_tokens_per_doc: int = field(default=1024, metadata=_help(
+    max_docs: int | None = field(default=None, metadata=hint("stop after this many documents"))
+    max_tokens_per_doc: int = field(default=1024, metadata=hint(
         "truncate documents to this many tokens"))
-    positions_per_doc: int = field(default=10, metadata=_help(
+    positions_per_doc: int = field(default=10, metadata=hint(
         "token positions sampled per document"))
-    min_position: int = field(default=50, metadata=_help(
+    min_position: int = field(default=50, metadata=hint(
         "sample only tokens at index >= this (early positions have outlier norms)"))
-    seed: int = field(default=0, metadata=_help("seed of positions and splits"))
-    splits: dict[str, float] | str | None = field(default=None, metadata=_help(
+    seed: int = field(default=0, metadata=hint("seed of positions and splits"))
+    splits: dict[str, float] | str | None = field(default=None, metadata=hint(
         "document-level split fractions, e.g. av_sft=0.25,ar_sft=0.25,rl=0.4,heldout=0.1 "
         "(None: those)"))
-    batch_size: int = field(default=8, metadata=_help("documents per forward pass"))
-    shard_docs: int = field(default=64, metadata=_help(
+    batch_size: int = field(default=8, metadata=hint("documents per forward pass"))
+    shard_docs: int = field(default=64, metadata=hint(
         "documents per parquet part (the unit of resumption)"))
 
     def __post_init__(self):
@@ -200,12 +199,7 @@ def _shard_rows(model, tokenizer, docs: list[_Tokenized], layer: int, batch_size
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         width = max(t.positions[-1] + 1 for t in batch)  # later tokens cannot affect earlier ones
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, t in enumerate(batch):  # right padding: positions index real tokens directly
-            n = min(len(t.ids), width)
-            ids[i, :n] = torch.tensor(t.ids[:n])
-            mask[i, :n] = 1
+        ids, mask = right_pad([t.ids for t in batch], pad_id, width=width)
         hidden = forward_to_layer(model, ids.to(device), mask.to(device), layer)
         for i, t in enumerate(batch):
             out[t.index] = hidden[i, t.positions].float().cpu().numpy()

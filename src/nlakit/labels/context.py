@@ -12,14 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-import torch
-
 from nlakit.errors import NLAError
 from nlakit.extract.extraction import tokenize_text
 from nlakit.labels.cache import LabelRow
-from nlakit.labels.core import ModelLabeller, _weights_id
+from nlakit.labels.core import ModelLabeller, weights_id
 from nlakit.labels.format import ParsedLabel, parse_label
-from nlakit.model.lm_head import next_token_probs
+from nlakit.model.lm_head import top_next_tokens
 
 _CODE_LINE = re.compile(
     r"^\s*(def |class |import |from \S+ import|return\b|if .*:$|elif |else:|for .*:$|while "
@@ -74,26 +72,6 @@ def last_words(text: str, n: int = 6, max_chars: int = 60) -> str:
     return tail[-max_chars:]
 
 
-@torch.no_grad()
-def top_next_tokens(model, batch_ids: Sequence[Sequence[int]], k: int = 3,
-                    pad_id: int = 0, read_at: Sequence[Sequence[int]] | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's top-k next-token predictions after each sequence of token ids.
-
-    Right-pads the batch, runs the decoder, takes each row's last real token (from the
-    attention mask) and applies the LM head (with final-logit soft-capping where the
-    architecture has it). Returns (probs [b, k] float32, ids [b, k] int64), probabilities from a
-    float32 softmax over the whole vocabulary.
-    read_at: per sequence, the token indices to predict after (default: its last token); the
-    results are then one row per index, in order — one forward serves every sampled position
-    of a document.
-    """
-    if any(len(ids) == 0 for ids in batch_ids):
-        raise NLAError("top_next_tokens got an empty token sequence")
-    top = next_token_probs(model, batch_ids, pad_id, read_at).topk(k, dim=-1)
-    return top.values.cpu(), top.indices.cpu()
-
-
 BACK_TOKENS = 3  # tokens before the current one that style tail_back names
 
 
@@ -145,7 +123,7 @@ class ContextLabeller(ModelLabeller):
         # v1 keeps its historical version (and cache keys); the tail styles name their length
         self.prompt_version = ("context-v1" if style == "v1" else
                                f"context-{style.replace('_', '-')}-{tail_tokens}")
-        self._weights = _weights_id(model)
+        self._weights = weights_id(model)
         self._loaded = loaded  # an already loaded (model, tokenizer) of this spec
         self.stats = {"retokenized": 0, "retokenized_exact": 0}
 

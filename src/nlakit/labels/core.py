@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from nlakit.config import hint, load_ref
 from nlakit.errors import NLAError
 from nlakit.extract.store import AR_SFT, AV_SFT, HELDOUT
 from nlakit.labels.cache import LabelFailure, LabelRow
@@ -49,14 +50,13 @@ def split_list(value, stage: str) -> list[str]:
 class LabelConfig:
     """The ``label`` stage: which labeller labels which rows of the activation store."""
 
-    labeller: str = field(default="context", metadata={
-        "help": "local, openai, context, or a registered/entry-point labeller"})
-    splits: list[str] | str = field(default_factory=lambda: list(DEFAULT_SPLITS), metadata={
-        "help": "splits to label (comma-separated on the command line)"})
-    max_rows: int | None = field(default=None, metadata={
-        "help": "at most this many rows per split"})
-    options: dict = field(default_factory=dict, metadata={
-        "help": "the labeller's options (see LabellerOptions); another option is an error"})
+    labeller: str = field(default="context", metadata=hint(
+        "local, openai, context, or a registered/entry-point labeller"))
+    splits: list[str] | str = field(default_factory=lambda: list(DEFAULT_SPLITS), metadata=hint(
+        "splits to label (comma-separated on the command line)"))
+    max_rows: int | None = field(default=None, metadata=hint("at most this many rows per split"))
+    options: dict = field(default_factory=dict, metadata=hint(
+        "the labeller's options (see LabellerOptions); another option is an error"))
 
     def __post_init__(self):
         self.splits = split_list(self.splits, "label")
@@ -73,55 +73,54 @@ class LabellerOptions:
     """The options of the built-in labellers (each takes the ones in its ``OPTIONS``); on the
     command line a flag each, in a pipeline config the ``label.options`` mapping."""
 
-    model: str | None = field(default=None, metadata={
-        "help": "local/context: model to run (default: the store's target model)"})
-    dtype: str | None = field(default=None, metadata={
-        "help": "local/context: float32, bfloat16, auto ... (the device's)"})
-    device: str | None = field(default=None, metadata={
-        "help": "local/context: cpu, cuda, auto (cpu)"})
-    batch_size: int | None = field(default=None, metadata={
-        "help": "local/context: rows per batch (default 8 local, 32 context)"})
-    temperature: float | None = field(default=None, metadata={
-        "help": "local/openai: sampling temperature (default 0: greedy)"})
-    top_p: float | None = field(default=None, metadata={
-        "help": "local/openai: nucleus sampling (0.9 local, none openai)"})
-    max_new_tokens: int | None = field(default=None, metadata={
-        "help": "local/openai: cap on generated tokens (default 64 local, 200 openai)"})
-    seed: int | None = field(default=None, metadata={"help": "local: sampling seed (0)"})
-    max_prefix_chars: int | None = field(default=None, metadata={
-        "help": "local/openai: show at most the last N characters of the prefix (default 300 "
-                "local, 2000 openai)"})
-    top_k: int | None = field(default=None, metadata={"help": "context: predictions shown (3)"})
-    n_words: int | None = field(default=None, metadata={
-        "help": "context: last words of the context quoted (6; style v1)"})
-    keep_unfinished: bool | None = field(default=None, metadata={
-        "help": "nla: keep explanations cut at the length cap as labels (on)"})
-    av: str | None = field(default=None, metadata={
-        "help": "nla: the trained AV directory whose greedy explanations are the labels"})
-    style: str | None = field(default=None, metadata={
-        "help": "context: label format, v1 (kind, quoted last words, predictions), tail "
+    model: str | None = field(default=None, metadata=hint(
+        "local/context: model to run (default: the store's target model)"))
+    dtype: str | None = field(default=None, metadata=hint(
+        "local/context: float32, bfloat16, auto ... (the device's)"))
+    device: str | None = field(default=None, metadata=hint("local/context: cpu, cuda, auto (cpu)"))
+    batch_size: int | None = field(default=None, metadata=hint(
+        "local/context: rows per batch (default 8 local, 32 context)"))
+    temperature: float | None = field(default=None, metadata=hint(
+        "local/openai: sampling temperature (default 0: greedy)"))
+    top_p: float | None = field(default=None, metadata=hint(
+        "local/openai: nucleus sampling (0.9 local, none openai)"))
+    max_new_tokens: int | None = field(default=None, metadata=hint(
+        "local/openai: cap on generated tokens (default 64 local, 200 openai)"))
+    seed: int | None = field(default=None, metadata=hint("local: sampling seed (0)"))
+    max_prefix_chars: int | None = field(default=None, metadata=hint(
+        "local/openai: show at most the last N characters of the prefix (default 300 "
+                "local, 2000 openai)"))
+    top_k: int | None = field(default=None, metadata=hint("context: predictions shown (3)"))
+    n_words: int | None = field(default=None, metadata=hint(
+        "context: last words of the context quoted (6; style v1)"))
+    keep_unfinished: bool | None = field(default=None, metadata=hint(
+        "nla: keep explanations cut at the length cap as labels (on)"))
+    av: str | None = field(default=None, metadata=hint(
+        "nla: the trained AV directory whose greedy explanations are the labels"))
+    style: str | None = field(default=None, metadata=hint(
+        "context: label format, v1 (kind, quoted last words, predictions), tail "
                 "(current token first, kind + predictions, then the verbatim last tokens last, "
                 "for an AR that reads raw text), tail_only (tail without kind and "
                 "predictions) or tail_back (tail, plus the 3 tokens before the current one, "
-                "newest first, on the second line); see docs/labels.md (v1)"})
-    tail_tokens: int | None = field(default=None, metadata={
-        "help": "context: tokens of the verbatim ending in style tail (8)"})
-    base_url: str | None = field(default=None, metadata={
-        "help": "openai: endpoint base, e.g. https://api.openai.com/v1 (required for openai)"})
-    api_model: str | None = field(default=None, metadata={
-        "help": "openai: model name at the endpoint (required for openai)"})
-    api_key_env: str | None = field(default=None, metadata={
-        "help": "openai: environment variable holding the key (default OPENAI_API_KEY)"})
-    no_api_key: bool | None = field(default=None, metadata={
-        "help": "openai: send no key (local servers without authentication; off)"})
-    concurrency: int | None = field(default=None, metadata={
-        "help": "openai: concurrent requests (default 8)"})
-    max_requests: int | None = field(default=None, metadata={
-        "help": "openai: hard budget of HTTP requests for this run (retries count; none)"})
-    max_retries: int | None = field(default=None, metadata={
-        "help": "openai: retries per request on 429/5xx/timeouts (default 5)"})
-    timeout: float | None = field(default=None, metadata={
-        "help": "openai: seconds per request (default 60)"})
+                "newest first, on the second line); see docs/labels.md (v1)"))
+    tail_tokens: int | None = field(default=None, metadata=hint(
+        "context: tokens of the verbatim ending in style tail (8)"))
+    base_url: str | None = field(default=None, metadata=hint(
+        "openai: endpoint base, e.g. https://api.openai.com/v1 (required for openai)"))
+    api_model: str | None = field(default=None, metadata=hint(
+        "openai: model name at the endpoint (required for openai)"))
+    api_key_env: str | None = field(default=None, metadata=hint(
+        "openai: environment variable holding the key (default OPENAI_API_KEY)"))
+    no_api_key: bool | None = field(default=None, metadata=hint(
+        "openai: send no key (local servers without authentication; off)"))
+    concurrency: int | None = field(default=None, metadata=hint(
+        "openai: concurrent requests (default 8)"))
+    max_requests: int | None = field(default=None, metadata=hint(
+        "openai: hard budget of HTTP requests for this run (retries count; none)"))
+    max_retries: int | None = field(default=None, metadata=hint(
+        "openai: retries per request on 429/5xx/timeouts (default 5)"))
+    timeout: float | None = field(default=None, metadata=hint(
+        "openai: seconds per request (default 60)"))
 
 
 def check_options(what: str, options: dict, allowed) -> None:
@@ -203,13 +202,6 @@ def register_labeller(name: str, cls: type[Labeller]) -> None:
     _REGISTRY[name] = cls
 
 
-def _load_ref(ref: str):
-    import importlib
-
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def labeller_names() -> list[str]:
     from importlib.metadata import entry_points
 
@@ -228,7 +220,7 @@ def get_labeller_class(name: str) -> type[Labeller]:
                            " (add one with register_labeller or an entry point in the group "
                            f"{ENTRY_POINT_GROUP!r})")
         found = eps[0].load()
-    cls = _load_ref(found) if isinstance(found, str) else found
+    cls = load_ref(found) if isinstance(found, str) else found
     if not (isinstance(cls, type) and issubclass(cls, Labeller)):
         raise NLAError(f"labeller {name!r} resolves to {cls!r}, not a Labeller subclass")
     return cls
@@ -249,7 +241,7 @@ def _store_model_spec(store, options: dict) -> str:
     return str(spec)
 
 
-def _weights_id(spec: str) -> str:
+def weights_id(spec: str) -> str:
     return weights_hash(resolve_model(spec))
 
 

@@ -6,7 +6,7 @@ import torch
 
 from nlakit.fileio import stable_seed
 from nlakit.labels.cache import LabelRow
-from nlakit.labels.core import ModelLabeller, _weights_id
+from nlakit.labels.core import ModelLabeller, weights_id
 from nlakit.labels.format import label_messages
 from nlakit.model.arch import require_chat_template
 from nlakit.model.generate import generate_continuations
@@ -36,7 +36,7 @@ class LocalLabeller(ModelLabeller):
         self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
         self.max_prefix_chars = int(max_prefix_chars)
         self.one_shot = bool(one_shot)
-        self._weights = _weights_id(model)
+        self._weights = weights_id(model)
         self._loaded = loaded  # an already loaded (model, tokenizer) of this spec
 
     def identity(self) -> dict:

@@ -1,11 +1,36 @@
-"""Hooks on block K: run a model only up to block K and read its output."""
+"""Hooks on block K: read, replace or add to the output of one decoder block, and run a model
+only up to block K. Every hook on a block's output in nlakit goes through `on_block_output`."""
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from nlakit.errors import NLAError
 from nlakit.model.arch import decoder_layers, decoder_stack
+
+
+@contextlib.contextmanager
+def on_block_output(model: nn.Module, layer: int,
+                    edit: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Inside the with-block, every forward through decoder block `layer` calls ``edit(h)`` on
+    its hidden-state output h [b, t, d]; a tensor it returns replaces h (the block's other
+    outputs, e.g. attention weights, pass through), None leaves it. The hook is removed on
+    exit, also when the forward raises."""
+    def hook(_module, _args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        new = edit(h)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _StopForward(Exception):
@@ -23,19 +48,16 @@ def forward_to_layer(
     """
     captured: dict[str, torch.Tensor] = {}
 
-    def hook(_module, _args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
+    def capture(h):
+        captured["h"] = h
         raise _StopForward
 
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        with torch.set_grad_enabled(grad):
+        with on_block_output(model, layer, capture), torch.set_grad_enabled(grad):
             decoder_stack(model)(input_ids=input_ids, attention_mask=attention_mask,
                                  use_cache=False)
     except _StopForward:
         pass
-    finally:
-        handle.remove()
     if "h" not in captured:
         raise NLAError(f"block {layer} never ran; the model's forward skipped it")
     return captured["h"]

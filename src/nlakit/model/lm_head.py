@@ -1,5 +1,6 @@
-"""The target's LM head on hidden states (final norm, head, softcapping) and next-token
-probabilities of token sequences."""
+"""The target's LM head on hidden states (final norm, head, softcapping), and next-token
+probabilities and top-k predictions of token sequences: every reading of the target's
+next-token distribution in nlakit (labels, claim checks, the viewer) comes from here."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 
 from nlakit.errors import NLAError
 from nlakit.model.arch import decoder_stack
+from nlakit.model.batching import right_pad
 
 
 def lm_logits(model: nn.Module, hidden: torch.Tensor,
@@ -30,12 +32,7 @@ def next_token_probs(model: nn.Module, batch_ids, pad_id: int = 0,
     if any(len(ids) == 0 for ids in batch_ids):
         raise NLAError("next_token_probs got an empty token sequence")
     device = next(model.parameters()).device
-    width = max(len(ids) for ids in batch_ids)
-    ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
-    for i, seq in enumerate(batch_ids):
-        ids[i, :len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[i, :len(seq)] = 1
+    ids, mask = right_pad(batch_ids, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     hidden = decoder_stack(model)(input_ids=ids, attention_mask=mask,
                                   use_cache=False).last_hidden_state
@@ -49,3 +46,22 @@ def next_token_probs(model: nn.Module, batch_ids, pad_id: int = 0,
         rows = torch.tensor([i for i, _ in pairs], device=device, dtype=torch.long)
         cols = torch.tensor([p for _, p in pairs], device=device, dtype=torch.long)
     return torch.softmax(lm_logits(model, hidden[rows, cols]), dim=-1).cpu()
+
+
+@torch.no_grad()
+def top_next_tokens(model: nn.Module, batch_ids, k: int = 3, pad_id: int = 0,
+                    read_at=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's top-k next-token predictions after each sequence of token ids.
+
+    Right-pads the batch, runs the decoder, takes each row's last real token (from the
+    attention mask) and applies the LM head (with final-logit soft-capping where the
+    architecture has it). Returns (probs [b, k] float32, ids [b, k] int64), probabilities from a
+    float32 softmax over the whole vocabulary.
+    read_at: per sequence, the token indices to predict after (default: its last token); the
+    results are then one row per index, in order — one forward serves every sampled position
+    of a document.
+    """
+    if any(len(ids) == 0 for ids in batch_ids):
+        raise NLAError("top_next_tokens got an empty token sequence")
+    top = next_token_probs(model, batch_ids, pad_id, read_at).topk(k, dim=-1)
+    return top.values.cpu(), top.indices.cpu()

@@ -172,7 +172,7 @@ def pin_gguf_special_tokens(tok, model, gguf: Path) -> None:
                 setattr(cfg, f"{role}_token_id", tid)
 
 
-def _materialize_gguf(gguf: Path) -> Path:
+def materialize_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors model directory in the cache; return it."""
     target = _dequantized_dir(gguf)
     if (target / "config.json").is_file():
@@ -241,7 +241,7 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = None,
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if resolved.kind in ("alias", "gguf"):
-        source = str(_materialize_gguf(Path(resolved.path)))
+        source = str(materialize_gguf(Path(resolved.path)))
     else:
         source = resolved.path
     try:

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from nlakit import __version__
 from nlakit.errors import NLAError
 from nlakit.fileio import file_sha256, make_temp_dir, read_yaml, stable_hash, write_yaml
-from nlakit.nla.verbalizer import MarkerTokens, locate_marker, render_av_prompt
+from nlakit.nla.prompt import MarkerTokens, locate_marker, render_av_prompt
 
 NLA_META_FILE = "nla_meta.yaml"
 VALUE_HEAD_FILE = "value_head.safetensors"

@@ -22,8 +22,9 @@ from nlakit.nla.checkpoint import (
     verify_ar_tokenizer,
     verify_av_tokenizer,
 )
+from nlakit.nla.prompt import Explanation, check_vectors
 from nlakit.nla.reconstructor import Reconstructor
-from nlakit.nla.verbalizer import Explanation, Verbalizer, check_vectors
+from nlakit.nla.verbalizer import Verbalizer
 
 
 @dataclass
@@ -42,7 +43,26 @@ class TokenExplanation:
     verification: str | None = None  # one marked line per stated field
 
 
-def _load_av(av_dir: Path, dtype, device):
+@dataclass
+class BestOf:
+    """`NLA.best_of`'s result: every candidate (row-major, n per vector, greedy first), the AR's
+    scores of each (`NLA.score`'s dict), and the index of each vector's kept candidate."""
+
+    candidates: list[Explanation]
+    scores: dict
+    kept: torch.Tensor  # [m] indices into candidates
+    n: int
+
+    @property
+    def explanations(self) -> list[Explanation]:
+        return [self.candidates[int(j)] for j in self.kept]
+
+    @property
+    def reconstructions(self) -> torch.Tensor:
+        return self.scores["reconstruction"][self.kept]
+
+
+def load_av(av_dir: Path, dtype, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     meta = read_meta(av_dir, "av")
@@ -94,7 +114,7 @@ def _adapter_ar_body(ar_dir: Path, meta: dict, dtype, device):
     return PeftModel.from_pretrained(truncate_model(base, int(layer)), ar_dir).merge_and_unload()
 
 
-def _load_ar(ar_dir: Path, dtype, device, av_tokenizer=None):
+def load_ar(ar_dir: Path, dtype, device, av_tokenizer=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     meta = read_meta(ar_dir, "ar")
@@ -212,8 +232,8 @@ class NLA:
                                f"`nlakit train {role.lower()}`)")
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
-        verbalizer, av_meta = _load_av(av, torch_dtype, dev)
-        reconstructor, ar_meta = _load_ar(ar, torch_dtype, dev, verbalizer.tokenizer)
+        verbalizer, av_meta = load_av(av, torch_dtype, dev)
+        reconstructor, ar_meta = load_ar(ar, torch_dtype, dev, verbalizer.tokenizer)
         return cls(verbalizer, reconstructor, av_meta, ar_meta, target=target)
 
     @classmethod
@@ -226,8 +246,8 @@ class NLA:
 
         from nlakit.model.arch import check_layer
         from nlakit.nla.checkpoint import ar_meta, av_meta
+        from nlakit.nla.prompt import DEFAULT_AV_TEMPLATE, choose_marker
         from nlakit.nla.reconstructor import DEFAULT_AR_TEMPLATE
-        from nlakit.nla.verbalizer import DEFAULT_AV_TEMPLATE, choose_marker
 
         model, tok = target
         layer = check_layer(model, layer)
@@ -339,11 +359,26 @@ class NLA:
                                max_new_tokens=max_new_tokens, seed=seed)
         return [e for i, g in enumerate(greedy) for e in (g, *samples[i * k:(i + 1) * k])]
 
+    def best_of(self, vectors, n: int, *, max_new_tokens: int = 150, batch_size: int = 32,
+                seed: int | None = 0, greedy: list[Explanation] | None = None,
+                rawvar: float | None = None) -> BestOf:
+        """Best-of-n reranking, the one implementation (eval's nla_best_of_N, `explain_text`,
+        the viewer): `candidates` (greedy first, then n-1 samples at temperature 1) scored by
+        the AR against the true vectors (`score`), and each vector's lowest-mse_nrm one kept."""
+        v = check_vectors(vectors, self.d_model)
+        exps = self.candidates(v, n, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               seed=seed, greedy=greedy)
+        scores = self.score([e.text for e in exps], v.repeat_interleave(n, 0), rawvar=rawvar,
+                            batch_size=batch_size)
+        kept = metrics.best_candidates(scores["reconstruction"], v, n)
+        return BestOf(exps, scores, kept, n)
+
     def reconstruct(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
         """[n, d] AR reconstructions of explanation texts."""
         return self.ar.reconstruct(texts, batch_size=batch_size)
 
-    def score(self, texts: list[str], vectors, rawvar: float | None = None) -> dict:
+    def score(self, texts: list[str], vectors, rawvar: float | None = None,
+              batch_size: int = 32) -> dict:
         """Per-row mse_nrm, cos and fve_nrm of the AR's reading of `texts` against `vectors`.
 
         fve_nrm's denominator: `rawvar` if given, else the training store's rawvar from the
@@ -353,7 +388,7 @@ class NLA:
             texts = [texts]
         if len(texts) != v.shape[0]:
             raise NLAError(f"{len(texts)} texts for {v.shape[0]} vectors")
-        pred = self.reconstruct(texts)
+        pred = self.reconstruct(texts, batch_size=batch_size)
         denom = rawvar if rawvar is not None else self.dataset_stats.get("rawvar")
         if denom is None:
             if v.shape[0] < 2:
@@ -390,14 +425,11 @@ class NLA:
         ids, acts = self.activations(text)
         chosen = resolve_positions(positions, len(ids))
         vecs = acts[chosen]
-        n = max(1, int(best_of))
-        exps = self.candidates(vecs, n, max_new_tokens=max_new_tokens, seed=seed)
-        scores = self.score([e.text for e in exps], vecs.repeat_interleave(n, 0))
+        best = self.best_of(vecs, max(1, int(best_of)), max_new_tokens=max_new_tokens, seed=seed)
+        exps, scores = best.candidates, best.scores
         tok = self.target()[1]
         out = []
-        for i, pos in enumerate(chosen):
-            block = slice(i * n, (i + 1) * n)
-            j = i * n + int(torch.argmin(scores["mse_nrm"][block]))
+        for pos, j in zip(chosen, best.kept.tolist()):
             out.append(TokenExplanation(
                 position=pos, token=tok.decode([ids[pos]]), explanation=exps[j].text,
                 complete=exps[j].complete, mse_nrm=float(scores["mse_nrm"][j]),

@@ -11,29 +11,17 @@ than the one the ratio and the KL assume. Its greedy output is the same token fo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from nlakit.errors import NLAError
 from nlakit.model.arch import returned_cache, with_cache
-from nlakit.nla.verbalizer import (
-    Explanation,
-    Verbalizer,
-    check_vectors,
-    locate_marker,
-    parse_explanation,
-)
+from nlakit.nla.prompt import Explanation, check_vectors, locate_marker, parse_explanation
 
-
-def pad_responses(token_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [n, T] response ids and their 0/1 mask."""
-    width = max(len(t) for t in token_ids)
-    ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
-    for i, t in enumerate(token_ids):
-        ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        mask[i, : len(t)] = 1
-    return ids, mask
+if TYPE_CHECKING:
+    from nlakit.nla.verbalizer import Verbalizer
 
 
 def token_prefixes(tokenizer, texts: list[str], lengths: torch.Tensor) -> list[str]:

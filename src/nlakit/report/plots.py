@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from nlakit.errors import NLAError
@@ -67,3 +68,37 @@ def plot_log(log: str | Path, out: str | Path, title: str | None = None) -> list
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return [k for k, _ in drawn]
+
+
+def plot_ladder(ladder: dict[str, dict[int, float]], lines: dict[str, dict[str, float]],
+                path: str | Path, *, title: str = "") -> Path:
+    """One panel per metric: the SAE ladder (metric vs k, log2 axis) with horizontal lines for
+    the NLA and the baselines. ladder: {metric: {k: value}}; lines: {metric: {name: value}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ladder)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 1)), (0, (3, 1, 1, 1))]
+    for ax, metric in zip(axes[0], names):
+        ks = sorted(ladder[metric])
+        ax.plot(ks, [ladder[metric][k] for k in ks], "o-", color="black", label="TopK SAE")
+        for j, (name, v) in enumerate(lines.get(metric, {}).items()):
+            if v is not None and math.isfinite(v):
+                ax.axhline(v, linestyle=styles[j % len(styles)], color=f"C{j}", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("k (active latents)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -8,15 +8,16 @@ Every table caption states the split, the row and document counts and the fve_nr
 from __future__ import annotations
 
 import base64
-import html
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from nlakit.config import hint
 from nlakit.errors import NLAError
 from nlakit.fileio import write_text_atomic
+from nlakit.report.tables import format_ladder
 
 SECTIONS_EVAL = ("Baselines", "Per-row FVE", "FVE by token position", "Examples")
 SECTIONS_AUDIT = ("Robustness", "Sentence ablation", "Edited examples")
@@ -33,11 +34,15 @@ def _plt():
 
 
 def _png(fig) -> str:
+    """The figure as a PNG data URI (the report embeds its plots)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     _plt().close(fig)
-    return ("<img alt='plot' src='data:image/png;base64,"
-            + base64.b64encode(buf.getvalue()).decode("ascii") + "'>")
+    return _data_uri(buf.getvalue())
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _fmt(s: dict | None, fmt: str = "+.3f") -> str:
@@ -66,16 +71,6 @@ def _spliced_caption(ev: dict) -> str:
             f"(CE_ablated − CE_original), ablation: {spl.get('ablation')}"
             + (f"; the true vector spliced back gives kl {floor['mean']:.1e} (noise floor)"
                if floor else "") + ".")
-
-
-def _esc(x) -> str:
-    return html.escape(str(x))
-
-
-def _scope(d: dict) -> str:
-    return (f"split <b>{_esc(d['split'])}</b>, {d['n_rows']} rows from {d['n_docs']} documents, "
-            f"layer {d['layer']}; fve_nrm denominator: {_esc(d['denominator']['fve_nrm'])}; "
-            f"{_esc(d['ci'])}.")
 
 
 def _scope_md(d: dict) -> str:
@@ -171,134 +166,24 @@ def _claim_cell(c: dict) -> str:
     return f"{c['mean']:.1%} [{c['ci'][0]:.1%}, {c['ci'][1]:.1%}]"
 
 
-def _claims_html(ev: dict) -> list[str]:
-    claims = ev.get("claims") or {}
-    if not claims:
-        return []
-    out = ["<h3>Claim checks</h3><p class='cap'>Each checkable field of the explanations "
-           "against the row's context and the target's real next-token distribution; 95% CI "
-           "over documents, among the rows that make the claim (prediction_prob_error: lower "
-           "is better).</p><table><tr><th>claim</th><th>true [95% CI]</th><th>claims</th>"
-           "<th>unparsed</th><th>rows</th></tr>"]
-    for name, c in claims.items():
-        out.append(f"<tr><td>{_esc(name)}</td><td class=num>{_claim_cell(c)}</td>"
-                   f"<td class=num>{c['n_claims']}</td><td class=num>{c.get('n_unparsed', 0)}"
-                   f"</td><td class=num>{c['n_rows']}</td></tr>")
-    return out + ["</table>"]
-
-
-def _eval_html(ev: dict) -> list[str]:
-    spliced = SPLICED_COLUMNS if _has_spliced(ev) else ()
-    out = [(f"<h2>Evaluation</h2><p class='cap'>{_scope(ev)} fve_meannorm denominator: "
-           f"{_esc(ev['denominator']['fve_meannorm'])}.</p>"),
-           "<h3>Baselines</h3>",
-           ("<table><tr><th>method</th><th>rows</th><th>docs</th><th>fve_nrm [95% CI]</th>"
-           "<th>mse_nrm [95% CI]</th><th>cos [95% CI]</th><th>fve_meannorm [95% CI]</th>"
-           + "".join(f"<th>{h}</th>" for _, h, _ in spliced)
-           + "<th>what it is</th></tr>")]
-    for name, m in ev["methods"].items():
-        out.append(f"<tr><td>{_esc(name)}</td><td class=num>{m['n_rows']}</td>"
-                   f"<td class=num>{m['n_docs']}</td>"
-                   + "".join(f"<td class=num>{_fmt(m[k])}</td>"
-                             for k in ("fve_nrm", "mse_nrm", "cos", "fve_meannorm"))
-                   + "".join(f"<td class=num>{_fmt(m.get(k), f)}</td>" for k, _, f in spliced)
-                   + f"<td>{_esc(m.get('note', ''))}</td></tr>")
-    out.append("</table>")
-    if _spliced_caption(ev):
-        out.append(f"<p class='cap'>{_esc(_spliced_caption(ev))}</p>")
-    for name, why in ev.get("skipped", {}).items():
-        out.append(f"<p class='cap'>{_esc(name)}: {_esc(why)}</p>")
-    san = ev.get("sanity", {})
-    out.append(f"<p class='cap'>Pipeline check: mean direction fve_nrm with the rows' own rawvar "
-               f"{san.get('measured_mean_direction_fve_nrm_rows', float('nan')):+.5f}, expected "
-               f"1 − 2/(1 + ||E ĝ||) = "
-               f"{san.get('expected_mean_direction_fve_nrm_rows', float('nan')):+.5f}"
-               f" — {'OK' if san.get('ok') else 'MISMATCH'}.</p>")
-    out.append(plot_baselines(ev))
-    out += _claims_html(ev)
-    if "nla" not in ev["methods"]:
-        for sec in SECTIONS_EVAL[1:]:
-            out.append(f"<h3>{sec}</h3><p class='cap'>{_scope(ev)} Not available: this run has "
-                       "no NLA explanations (baselines only).</p>")
-        return out
-    out.append(f"<h3>Per-row FVE</h3><p class='cap'>{_scope(ev)}</p>" + plot_histogram(ev))
-    out.append(f"<h3>FVE by token position</h3><p class='cap'>{_scope(ev)}</p>"
-               + plot_by_position(ev))
+def _examples(ev: dict) -> list[dict]:
+    """Best, median and worst rows by NLA fve_nrm (all rows when there are few)."""
     rows = sorted(ev["rows"], key=lambda r: -r["fve_nrm"]["nla"])
-    pick = rows[:3] + rows[len(rows) // 2: len(rows) // 2 + 2] + rows[-3:] if len(rows) > 8 \
-        else rows
-    out.append(f"<h3>Examples</h3><p class='cap'>{_scope(ev)} Best, median and worst rows by "
-               "NLA fve_nrm.</p><table><tr><th>row</th><th>doc / pos</th><th>source text (end "
-               "of context)</th><th>explanation</th><th>fve_nrm</th><th>cos</th></tr>")
-    for r in pick:
-        out.append(f"<tr><td class=num>{r['row_id']}</td><td>{_esc(r['doc_id'])} / "
-                   f"{r['position']}</td><td><pre>…{_esc(r['prefix_tail'][-240:])}</pre></td>"
-                   f"<td><pre>{_esc(r['explanation'])}</pre>"
-                   f"{'' if r['complete'] else '<i>(unfinished)</i>'}</td>"
-                   f"<td class=num>{r['fve_nrm']['nla']:+.3f}</td>"
-                   f"<td class=num>{r['cos']:+.3f}</td></tr>")
-    out.append("</table>")
-    return out
+    if len(rows) <= 8:
+        return rows
+    return rows[:3] + rows[len(rows) // 2: len(rows) // 2 + 2] + rows[-3:]
 
 
-def _audit_html(au: dict) -> list[str]:
-    out = [(f"<h2>Faithfulness audit</h2><p class='cap'>{_scope(au)} Explanations: "
-           f"{_esc(au['explanations_source'])}; original fve_nrm {_fmt(au['fve_original'])}.</p>"),
-           ("<h3>Robustness</h3><table><tr><th>edit</th><th>rows</th><th>changed</th>"
-           "<th>fve original</th><th>fve edited</th><th>drop [95% CI]</th><th>kept</th>"
-           "<th>verdict</th></tr>")]
-    for name, r in au["tests"].items():
-        if "skipped" in r:
-            out.append(f"<tr><td>{_esc(name)}</td><td colspan=7>skipped: "
-                       f"{_esc(r['skipped'])}</td></tr>")
-            continue
-        kept = "n/a" if r["kept_fraction"] is None else f"{r['kept_fraction']:.0%}"
-        out.append(f"<tr><td>{_esc(name)}<div class=cap>{_esc(r['note'])}</div></td>"
-                   f"<td class=num>{r['n_rows']}</td><td class=num>{r['n_changed']}</td>"
-                   f"<td class=num>{_fmt(r['fve_original'])}</td>"
-                   f"<td class=num>{_fmt(r['fve_edited'])}</td>"
-                   f"<td class=num>{_fmt(r['drop'])}</td><td class=num>{kept}</td>"
-                   f"<td>{_esc(r['verdict'])}</td></tr>")
-    out.append("</table>" + plot_drops(au))
-    ab = au.get("ablation") or {}
-    out.append(f"<h3>Sentence ablation</h3><p class='cap'>{_scope(au)} "
-               f"{ab.get('n_rows_ablatable', 0)} of {ab.get('n_rows', 0)} rows have two or more "
-               f"lines/sentences (mean {ab.get('units_per_row', {}).get('mean', 0):.2f} per "
-               "row).</p>")
-    if ab.get("by_unit"):
-        out.append("<table><tr><th>unit removed</th><th>rows</th><th>docs</th>"
-                   "<th>drop in fve_nrm [95% CI]</th></tr>")
-        for k, s in ab["by_unit"].items():
-            out.append(f"<tr><td>{_esc(k)}</td><td class=num>{s['n']}</td>"
-                       f"<td class=num>{s['n_docs']}</td><td class=num>{_fmt(s)}</td></tr>")
-        out.append("</table>")
-    out.append(f"<p>{_esc(ab.get('verdict', 'ablation not run'))}</p>")
-    out.append(f"<h3>Edited examples</h3><p class='cap'>{_scope(au)} Largest and smallest "
-               "drops per edit.</p><table><tr><th>edit</th><th>row</th><th>original</th>"
-               "<th>edited</th><th>fve orig → edited</th></tr>")
-    for name, exs in au.get("examples", {}).items():
-        for e in exs:
-            out.append(f"<tr><td>{_esc(name)}</td><td class=num>{e['row_id']}</td>"
-                       f"<td><pre>{_esc(e['original'])}</pre></td>"
-                       f"<td><pre>{_esc(e['edited'])}</pre></td>"
-                       f"<td class=num>{e['fve_original']:+.3f} → {e['fve_edited']:+.3f}</td>"
-                       "</tr>")
-    out.append("</table>")
-    return out
+def _template():
+    """The report's Jinja template (autoescaped: every value from a JSON file is text)."""
+    import jinja2
 
-
-def _ladder_html(ld: dict, png: bytes | None) -> list[str]:
-    from nlakit.eval.sae import format_ladder
-
-    out = [f"<h2>NLA vs SAE on the same activations</h2><p class='cap'>TopK SAEs (k = "
-           f"{', '.join(ld['ladder'].get('fve_nrm', {}))}) trained on {_esc(ld['training']['n'])}"
-           f" vectors of {_esc('+'.join(ld['training']['splits']))}; {_esc(ld['denominator'])}."
-           "</p>"]
-    if png:
-        out.append("<img alt='SAE ladder' src='data:image/png;base64,"
-                   + base64.b64encode(png).decode("ascii") + "'>")
-    out.append(f"<pre>{_esc(format_ladder(ld))}</pre>")
-    return out
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=False)
+    env.filters["ci"] = lambda s, fmt="+.3f": _fmt(s, fmt)
+    env.filters["ci_percent"] = _claim_cell
+    return env.get_template("report.html")
 
 
 def render_html(eval_data: dict | None = None, audit_data: dict | None = None,
@@ -306,16 +191,27 @@ def render_html(eval_data: dict | None = None, audit_data: dict | None = None,
                 ladder_png: bytes | None = None) -> str:
     if eval_data is None and audit_data is None and ladder_data is None:
         raise NLAError("a report needs an eval result, an audit result or an SAE ladder")
-    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>")]
-    if eval_data is not None:
-        parts += _eval_html(eval_data)
-    if audit_data is not None:
-        parts += _audit_html(audit_data)
-    if ladder_data is not None:
-        parts += _ladder_html(ladder_data, ladder_png)
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    ev, au, ld = eval_data, audit_data, ladder_data
+    plots, context = {}, {}
+    if ev is not None:
+        san = ev.get("sanity", {})
+        plots["baselines"] = plot_baselines(ev)
+        if "nla" in ev["methods"]:
+            plots["histogram"], plots["by_position"] = plot_histogram(ev), plot_by_position(ev)
+            context["examples"] = _examples(ev)
+        context.update(
+            spliced_columns=SPLICED_COLUMNS if _has_spliced(ev) else (),
+            spliced_caption=_spliced_caption(ev), later_sections=SECTIONS_EVAL[1:],
+            sanity={"measured": san.get("measured_mean_direction_fve_nrm_rows", float("nan")),
+                    "expected": san.get("expected_mean_direction_fve_nrm_rows", float("nan")),
+                    "ok": san.get("ok")})
+    if au is not None:
+        plots["drops"] = plot_drops(au)
+    if ld is not None:
+        context.update(ladder_text=format_ladder(ld),
+                       ladder_png=_data_uri(ladder_png) if ladder_png else None)
+    return _template().render(title=title, css=_CSS, ev=ev, au=au, ld=ld, plots=plots,
+                              **context)
 
 
 # ---- Markdown --------------------------------------------------------------------------------
@@ -364,8 +260,6 @@ def render_markdown(eval_data: dict | None = None, audit_data: dict | None = Non
             out.append(f"- {ab['verdict']}")
         out.append("")
     if ladder_data is not None:
-        from nlakit.eval.sae import format_ladder
-
         out += ["## NLA vs SAE on the same activations", "", format_ladder(ladder_data), ""]
     return "\n".join(out)
 
@@ -374,8 +268,8 @@ def render_markdown(eval_data: dict | None = None, audit_data: dict | None = Non
 class ReportConfig:
     """The ``report`` stage."""
 
-    title: str | None = field(default=None, metadata={
-        "help": "page title (None: 'nlakit run NAME' in a pipeline, else 'nlakit report')"})
+    title: str | None = field(default=None, metadata=hint(
+        "page title (None: 'nlakit run NAME' in a pipeline, else 'nlakit report')"))
 
 
 def write_report(path: str | Path, eval_data: dict | None = None,

@@ -17,8 +17,8 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from nlakit.config import hint_kinds, load_ref
 from nlakit.errors import NLAError
-from nlakit.run.pipeline import hint_kinds
 
 # options dataclasses whose fields are flags of a subcommand and fill one mapping of its config:
 # stage -> (config field, "module:Class", flag prefix)
@@ -48,13 +48,6 @@ STAGE_HELP = {
     "report": "HTML + Markdown report from eval/audit JSON files",
 }
 _NONE = ("none", "null")
-
-
-def _load(ref: str):
-    import importlib
-
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 # ---- flags generated from dataclass fields ----------------------------------------------------
@@ -145,7 +138,7 @@ def _add_stage_parser(sub, stage, words: tuple[str, ...], full: bool) -> None:
     add_dataclass_flags(p, stage.inputs_class, "inputs")
     if stage.name in OPTION_GROUPS:
         _, ref, prefix = OPTION_GROUPS[stage.name]
-        add_dataclass_flags(p, _load(ref), "options", prefix=prefix, show_default=False)
+        add_dataclass_flags(p, load_ref(ref), "options", prefix=prefix, show_default=False)
     for flag, (_, _, help_text) in SHORTHANDS.get(words, {}).items():
         p.add_argument("--" + flag, action="store_true", dest=f"shorthand:{flag}",
                        help=help_text)
@@ -240,11 +233,9 @@ def _print_train(role: str):
 def _print_scores(table: str):
     def show(path, inputs) -> None:
         data = json.loads(Path(path).read_text())
-        if table == "eval":
-            from nlakit.eval.evaluate import format_table
-        else:
-            from nlakit.eval.audit import format_audit_table as format_table
-        print(format_table(data))
+        from nlakit.report.tables import format_audit_table, format_eval_table
+
+        print((format_eval_table if table == "eval" else format_audit_table)(data))
         print(f"wrote {path}")
         if inputs.report:
             print(f"wrote {inputs.report} and {Path(inputs.report).with_suffix('.md')}")
@@ -323,7 +314,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from nlakit.run.pipeline import format_summary, plan, run_pipeline
+    from nlakit.report.tables import format_eval_table, format_pipeline_summary
+    from nlakit.run.pipeline import plan, run_pipeline
 
     if args.plan:
         for stage, status in plan(args.config, args.set):
@@ -336,12 +328,10 @@ def cmd_pipeline(args) -> int:
     if process_state().is_main_process:  # one summary under torchrun / accelerate launch
         eval_json = Path(summary["run_dir"]) / "eval" / "eval.json"
         if eval_json.is_file():
-            from nlakit.eval.evaluate import format_table
-
             print("\nheld-out evaluation (" + str(eval_json) + "):")
-            print(format_table(json.loads(eval_json.read_text())))
+            print(format_eval_table(json.loads(eval_json.read_text())))
         print()
-        print(format_summary(summary))
+        print(format_pipeline_summary(summary))
     return 0
 
 
@@ -353,60 +343,22 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from nlakit.apps.serve import run_serve
-    from nlakit.apps.serve.config import ServeInputs, ServeLimits
+def cmd_table_command(args) -> int:
+    """A row of the command table: its config from --config FILE.yaml and the flags, its
+    inputs from the flags, then run and show."""
+    from nlakit.config import build_config, read_config_file
+    from nlakit.run.commands import BY_COMMAND
 
-    return run_serve(ServeInputs(**_given(args, "inputs")), ServeLimits(**_given(args, "limits")))
-
-
-def cmd_sae(args) -> int:
-    from nlakit.eval.sae import LadderConfig, LadderInputs, format_ladder, run_ladder
-
-    path = run_ladder(LadderConfig(**_given(args, "config")),
-                      LadderInputs(**_given(args, "inputs")))
-    data = json.loads(Path(path).read_text())
-    print(format_ladder(data))
-    print(f"wrote {path}, {Path(path).with_suffix('.md')} and {Path(path).with_suffix('.png')}")
-    if data.get("timings_s"):
-        print("seconds: " + ", ".join(f"{k} {v}" for k, v in data["timings_s"].items()))
-    return 0
-
-
-def cmd_steer(args) -> int:
-    from nlakit.apps.steering import SteerConfig, SteerInputs, format_steer, run_steer
-
-    inputs = SteerInputs(**_given(args, "inputs"))
-    report = run_steer(SteerConfig(**_given(args, "config")), inputs)
-    print(format_steer(report))
-    print(f"seconds: {report.setup['seconds']}")
-    if inputs.out:
-        print(f"wrote {Path(inputs.out) / 'steer.json'} and {Path(inputs.out) / 'steer.md'}")
-    return 0
-
-
-def cmd_diff(args) -> int:
-    from nlakit.apps.diff import DiffConfig, format_summary, run
-
-    config = DiffConfig(**_given(args, "config"))
-    print(format_summary(run(config)))
-    out = Path(config.out)
-    print(f"wrote {out / 'diff.json'}, {out / 'diff.md'} and {out / 'rows.jsonl'}")
-    return 0
-
-
-def cmd_audit_game(args) -> int:
-    from nlakit.apps.audit_game import config_from, format_markdown, run
-
-    config = config_from(args.config, _given(args, "config"))
-    print(format_markdown(run(config)))
-    print(f"wrote {Path(config.out) / 'game.json'} and {Path(config.out) / 'game.md'}")
+    command = BY_COMMAND[args.table_command]
+    section = read_config_file(args.config, command.name)
+    config = build_config(command.config_class(), section, command.name, _given(args, "config"))
+    inputs_class = command.inputs_class()
+    inputs = inputs_class(**_given(args, "inputs")) if inputs_class else None
+    command.show(command.run(config, inputs), config, inputs)
     return 0
 
 
 def _add_other_commands(sub) -> None:
-    from nlakit.apps.serve.config import ServeInputs, ServeLimits
-
     p = sub.add_parser("info", help="summarise an activation store")
     p.add_argument("path", help="an activation store directory")
     p.add_argument("--json", action="store_true", help="print the whole meta.yaml as JSON")
@@ -454,14 +406,6 @@ def _add_other_commands(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("serve", help="a local web viewer of an NLA: Explain, Browse a run, "
-                                     "Reconstruct (docs/serve.md)", allow_abbrev=False,
-                       description="Load an NLA once and serve the viewer on 127.0.0.1 (Explain, "
-                                   "Browse a run, Reconstruct; JSON endpoints under /api).")
-    add_dataclass_flags(p, ServeInputs, "inputs")
-    add_dataclass_flags(p, ServeLimits, "limits")
-    p.set_defaults(func=cmd_serve)
-
     p = sub.add_parser("plot", help="PNG of training curves from metrics.jsonl / log.jsonl")
     p.add_argument("log", help="a metrics.jsonl / log.jsonl file or the directory holding it")
     p.add_argument("--out", required=True, help="output PNG path")
@@ -469,65 +413,23 @@ def _add_other_commands(sub) -> None:
     p.set_defaults(func=cmd_plot)
 
 
-def _lazy_flags(p, wanted, name: str, module: str, *groups: tuple[str, str]) -> None:
-    """Add flags from `module`'s config dataclasses ((class name, group) pairs) only when
-    `name` is the command being run or all commands are wanted: the module imports torch."""
-    if wanted is None or wanted == (name,):
-        import importlib
+def _add_table_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
+    """The command table's subcommands; only the one being run (or all, for the reference)
+    builds its flags: building them imports the command's modules, and most import torch."""
+    from nlakit.run.commands import COMMAND_TABLE
 
-        mod = importlib.import_module(f"nlakit.{module}")
-        for cls_name, group in groups:
-            add_dataclass_flags(p, getattr(mod, cls_name), group)
-
-
-def _add_measurement_commands(sub, wanted: tuple[str, ...] | None = None) -> None:
-    p = sub.add_parser("sae", help="TopK SAEs on a store's training splits, scored like eval "
-                                   "(fve_nrm, kl, ce_recovered): how many latents an NLA's "
-                                   "explanation is worth", allow_abbrev=False,
-                       description="Train TopK SAEs (one per k) on the store's training splits, "
-                                   "score them on a split with fve_nrm, kl and ce_recovered, put "
-                                   "baselines, an NLA (--nla) or an eval.json's methods "
-                                   "(--eval-json) on the ladder; writes ladder.json/.md/.png.")
-    p.set_defaults(func=cmd_sae)
-    _lazy_flags(p, wanted, "sae", "eval.sae", ("LadderConfig", "config"),
-                ("LadderInputs", "inputs"))
-
-    p = sub.add_parser("steer", help="steer the target with AR(text) [- AR(contrast)] and "
-                                     "measure the effect against controls (docs/steer.md)",
-                       allow_abbrev=False,
-                       description="Add the AR's vector of an explanation (or of a contrast "
-                                   "of two) to the target's block K at several scales; measure "
-                                   "the concept words' log-probability, their rate in sampled "
-                                   "continuations and the perplexity cost, next to random, "
-                                   "mean-direction and empty-explanation controls.")
-    p.set_defaults(func=cmd_steer)
-    _lazy_flags(p, wanted, "steer", "apps.steering", ("SteerConfig", "config"),
-                ("SteerInputs", "inputs"))
-
-    p = sub.add_parser("diff", help="audit a fine-tune through the base model's NLA: round "
-                                    "trip on both models, the rows and words that changed "
-                                    "(docs/diff.md)", allow_abbrev=False,
-                       description="Extract the base and fine-tuned models' activations at the "
-                                   "same positions of the same documents, explain both with the "
-                                   "base's NLA, and report round-trip scores, the rows that "
-                                   "changed most and the words over-used in the fine-tuned "
-                                   "model's explanations (log-odds z-scores).")
-    p.set_defaults(func=cmd_diff)
-    _lazy_flags(p, wanted, "diff", "apps.diff", ("DiffConfig", "config"))
-
-    p = sub.add_parser("audit-game", help="the auditing game: fine-tune a model organism "
-                                          "with a hidden quirk and a control, diff both through "
-                                          "the base's NLA (docs/audit-game.md)",
-                       allow_abbrev=False,
-                       description="Make a model organism (LoRA on answers the base wrote under a "
-                                   "hidden quirky system prompt, trained without it) and a "
-                                   "control, run `nlakit diff` on both with the base's NLA, and "
-                                   "rank the quirk's words against an output-diff baseline.")
-    p.add_argument("--config", default=None, metavar="FILE.yaml",
-                   help="YAML with audit-game settings (configs/audit-game.yaml); flags override")
-    p.set_defaults(func=cmd_audit_game)
-    _lazy_flags(p, wanted, "audit-game", "apps.audit_game", ("AuditGameConfig", "config"))
-
+    for command in COMMAND_TABLE:
+        p = sub.add_parser(command.name, help=command.help, description=command.description,
+                           allow_abbrev=False)
+        p.set_defaults(func=cmd_table_command, table_command=command.name)
+        if wanted is not None and wanted != (command.name,):
+            continue
+        p.add_argument("--config", default=None, metavar="FILE.yaml",
+                       help=f"YAML with {command.config.rpartition(':')[2]} fields; flags "
+                            "override it")
+        add_dataclass_flags(p, command.config_class(), "config")
+        if command.inputs:
+            add_dataclass_flags(p, command.inputs_class(), "inputs")
 
 
 def _command_words(argv: list[str]) -> tuple[str, ...]:
@@ -560,7 +462,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         else:
             _add_stage_parser(sub, stage, stage.command, full)
     _add_other_commands(sub)
-    _add_measurement_commands(sub, wanted)
+    _add_table_commands(sub, wanted)
     return parser
 
 

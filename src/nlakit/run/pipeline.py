@@ -20,14 +20,11 @@ rounding) keeps the stamp.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import logging
 import re
 import shutil
 import time
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from nlakit.config import load_ref, numbers_from_text
 from nlakit.errors import ConfigMismatchError, NLAError
 from nlakit.fileio import read_yaml, stable_hash, write_json
 from nlakit.run import stages as S
@@ -68,8 +66,7 @@ class Stage:
     def config_class(self) -> type | None:
         if self.config is None:
             return None
-        module, _, name = self.config.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return load_ref(self.config)
 
     def section_keys(self) -> set[str]:
         """The keys a config section of this stage may hold."""
@@ -211,39 +208,6 @@ def stage_config(stage: str | Stage, section: dict, overrides: dict | None = Non
         return cls(**values)
     except TypeError as e:  # a field the dataclass does not have
         raise NLAError(f"stage {st.name}: {e}") from None
-
-
-def hint_kinds(hint) -> tuple[set, bool]:
-    """The non-None types of a type hint (``int | None`` -> {int}) and whether it admits None."""
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(
-        hint) is typing.Union else (hint,)
-    kinds = {typing.get_origin(a) or a for a in args if a is not type(None)}
-    return kinds, type(None) in args
-
-
-def numbers_from_text(cls, values: dict, owner: str) -> dict:
-    """`values` with the text given for number fields of `cls` converted by the field's type.
-    PyYAML reads ``2e-4`` and ``1e-3`` (no dot) as strings, in a config file and in ``--set``
-    alike; a float field takes them as numbers, an int field takes ``"8"``. Other text for a
-    number field is an NLAError naming the field."""
-    hints = typing.get_type_hints(cls)
-    out = dict(values)
-    for key, value in values.items():
-        if not isinstance(value, str) or key not in hints:
-            continue
-        kinds, optional = hint_kinds(hints[key])
-        if not kinds or not kinds <= {int, float}:
-            continue
-        if optional and value.strip().lower() in ("none", "null"):
-            out[key] = None
-            continue
-        try:
-            out[key] = float(value) if float in kinds else int(value)
-        except ValueError:
-            kind = "a number" if float in kinds else "an integer"
-            raise NLAError(f"{owner}.{key} must be {kind}{' or none' if optional else ''}, got "
-                           f"{value!r}") from None
-    return out
 
 
 def _default(f):
@@ -638,18 +602,8 @@ def plan(config: str | Path, overrides: list[str] | tuple = ()) -> list[tuple[st
     return [(s, status(s) if pipe.enabled(s) else "disabled") for s in STAGES]
 
 
-def format_summary(summary: dict) -> str:
-    lines = [f"run {summary['name']} in {summary['run_dir']} "
-             f"({summary.get('seconds', 0):.0f} s this time)",
-             f"{'stage':<13} {'status':<9} {'seconds':>8}  output"]
-    for r in summary["stages"]:
-        lines.append(f"{r['stage']:<13} {r['status']:<9} {r['seconds']:>8.0f}  {r['output']}")
-    if "eval" in summary:
-        lines.append(f"held-out fve_nrm ({summary.get('eval_rows')} rows): " + ", ".join(
-            f"{k} {v:+.3f}" for k, v in summary["eval"].items()))
-    return "\n".join(lines)
 
 
-__all__ = ["STAGES", "STAGE_TABLE", "Pipeline", "PipelineConfig", "Stage", "format_summary",
-           "hint_kinds", "load_config", "numbers_from_text", "plan", "run_pipeline", "set_value",
+__all__ = ["STAGES", "STAGE_TABLE", "Pipeline", "PipelineConfig", "Stage",
+           "load_config", "plan", "run_pipeline", "set_value",
            "stage_config"]

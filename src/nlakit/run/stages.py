@@ -26,19 +26,10 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from nlakit.config import hint, required
 from nlakit.errors import NLAError
 
 log = logging.getLogger(__name__)
-
-
-def hint(text: str) -> dict:
-    """A config field's metadata: its help string (the CLI shows it beside the default)."""
-    return {"help": text}
-
-
-def required(text: str):
-    """A config field without a default: the CLI makes its flag required."""
-    return field(metadata={"help": text, "required": True})
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -283,7 +274,7 @@ def reusable_explanations(eval_json: str | Path, store, config,
     """The explanations an eval.json holds for exactly the rows this audit chooses, or None
     (other rows: the audit generates its own greedy ones) -- the same rule for the CLI and the
     pipeline. Best-of-N texts cannot be generated again the same way: missing ones are an error."""
-    from nlakit.eval.evaluate import select_rows
+    from nlakit.eval.scoring import select_rows
 
     if kind not in EXPLANATION_KINDS:
         raise NLAError(f"unknown explanations kind {kind!r}: use "

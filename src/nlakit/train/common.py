@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import random
-from dataclasses import field
 from pathlib import Path
 
 import numpy as np
@@ -27,28 +26,6 @@ import torch
 
 from nlakit.errors import ConfigMismatchError, NLAError
 from nlakit.nla.checkpoint import write_dir_atomic
-
-
-def option(default, help: str):
-    """A dataclass field with its help string (the CLI shows it beside the default)."""
-    return field(default=default, metadata={"help": help})
-
-
-def check_range(owner: str, name: str, value, *, low=None, high=None, low_open=False,
-                optional=False) -> None:
-    """NLAError naming `owner.name` (and its flag) when `value` is not a number in [low, high]
-    ((low, high] with `low_open`); None passes when `optional`."""
-    if value is None and optional:
-        return
-    fix = f"set --{name.replace('_', '-')} (or `{name}:` in the config file)"
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise NLAError(f"{owner}.{name} must be a number, got {value!r}; {fix}")
-    if (low is not None and (value <= low if low_open else value < low)) or \
-            (high is not None and value > high):
-        bounds = [f"{'>' if low_open else '>='} {low}"] if low is not None else []
-        bounds += [f"<= {high}"] if high is not None else []
-        raise NLAError(f"{owner}.{name} must be {' and '.join(bounds)}, got {value!r}; {fix} to "
-                       "such a value")
 
 
 def make_trainable(model, rank: int, alpha: int | None = None):

@@ -46,9 +46,9 @@ def fingerprint(half_dir: Path) -> str:
 def load_start(role: str, half_dir: Path, store, cfg, dtype, device):
     """The AV (Verbalizer) or AR (Reconstructor) of `half_dir`, adapters merged, checked against
     the store and the run's settings; returns (it, its nla_meta)."""
-    from nlakit.nla.facade import _load_ar, _load_av
+    from nlakit.nla.facade import load_ar, load_av
 
-    half, meta = (_load_av if role == "av" else _load_ar)(half_dir, dtype, device)
+    half, meta = (load_av if role == "av" else load_ar)(half_dir, dtype, device)
     layer = meta.get("extraction", {}).get("layer")
     if int(layer) != store.layer or half.d_model != store.d_model:
         raise NLAError(f"init_from {half_dir} reads layer {layer} (d_model {half.d_model}); "

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nlakit.config import hint
 from nlakit.errors import NLAError
 from nlakit.extract.store import AR_SFT
 from nlakit.labels.core import Labeller, split_list
@@ -58,10 +59,10 @@ class VerbalizerLabeller(Labeller):
     def prepare(self) -> None:
         if self._av is None:
             from nlakit.model.load import resolve_device, resolve_dtype
-            from nlakit.nla.facade import _load_av
+            from nlakit.nla.facade import load_av
 
             dev = resolve_device(self.device)
-            self._av, meta = _load_av(self.av_dir, resolve_dtype(None, dev), dev)
+            self._av, meta = load_av(self.av_dir, resolve_dtype(None, dev), dev)
             if int(meta["extraction"]["layer"]) != self.store.layer:
                 raise NLAError(f"the AV reads layer {meta['extraction']['layer']} but the store "
                                f"holds layer {self.store.layer}")
@@ -73,7 +74,7 @@ class VerbalizerLabeller(Labeller):
         import torch
 
         from nlakit.extract.store import vectors_from_arrow
-        from nlakit.nla.verbalizer import CLOSE_TAG, OPEN_TAG
+        from nlakit.nla.prompt import CLOSE_TAG, OPEN_TAG
 
         self.prepare()
         ids = [r.row_id for r in rows]
@@ -99,16 +100,15 @@ class ARLabelConfig:
     """The pipeline's optional ``label_ar`` stage: the trained AV's explanations of the AR's
     training rows, which the AR then trains on instead of the warm-start labels."""
 
-    splits: list[str] | str = field(default_factory=lambda: [AR_SFT], metadata={
-        "help": "splits the AV explains (the AR trains on ar_sft)"})
-    max_new_tokens: int = field(default=96, metadata={"help": "explanation length cap"})
-    batch_size: int = field(default=128, metadata={
-        "help": "rows per generation batch (speed only: 128 makes 1.4-1.5x the explanations "
-                "per second of 32 on 2 CPU cores, docs/benchmarks.md)"})
-    max_rows: int | None = field(default=None, metadata={
-        "help": "at most this many rows per split"})
-    keep_unfinished: bool = field(default=True, metadata={
-        "help": "keep explanations cut at the cap (the eval reads those too); false drops them"})
+    splits: list[str] | str = field(default_factory=lambda: [AR_SFT], metadata=hint(
+        "splits the AV explains (the AR trains on ar_sft)"))
+    max_new_tokens: int = field(default=96, metadata=hint("explanation length cap"))
+    batch_size: int = field(default=128, metadata=hint(
+        "rows per generation batch (speed only: 128 makes 1.4-1.5x the explanations "
+                "per second of 32 on 2 CPU cores, docs/benchmarks.md)"))
+    max_rows: int | None = field(default=None, metadata=hint("at most this many rows per split"))
+    keep_unfinished: bool = field(default=True, metadata=hint(
+        "keep explanations cut at the cap (the eval reads those too); false drops them"))
 
     def __post_init__(self):
         self.splits = split_list(self.splits, "label_ar")

@@ -46,12 +46,15 @@ import torch
 from tqdm.auto import tqdm
 
 from nlakit import __version__, metrics
+from nlakit.config import check_range, option
 from nlakit.errors import NLAError
 from nlakit.extract.store import HELDOUT, RL, ActivationStore, vectors_from_arrow
 from nlakit.fileio import stable_hash, stable_seed, write_json
+from nlakit.model.batching import right_pad
+from nlakit.nla.prompt import Explanation
 from nlakit.nla.reconstructor import Reconstructor
-from nlakit.nla.sampling import pad_responses, response_logprobs, sample_rollouts, token_prefixes
-from nlakit.nla.verbalizer import Explanation, Verbalizer
+from nlakit.nla.sampling import response_logprobs, sample_rollouts, token_prefixes
+from nlakit.nla.verbalizer import Verbalizer
 from nlakit.train import rewards as R
 from nlakit.train.adapters import check_stackable, stack_onto_target
 from nlakit.train.common import (
@@ -59,11 +62,9 @@ from nlakit.train.common import (
     MetricsLog,
     all_finite,
     autocast,
-    check_range,
     guarded_step,
     make_accelerator,
     make_trainable,
-    option,
     recorded_config,
     resolve_mixed_precision,
     trainable_params,
@@ -465,7 +466,7 @@ class RLTrainer:
         cfg = self.cfg
         self.policy.train()
         vec_rep = vectors.repeat_interleave(cfg.group_size, 0)
-        resp, resp_mask = pad_responses([e.token_ids for e in exps], self.av.pad_id)
+        resp, resp_mask = right_pad([e.token_ids for e in exps], self.av.pad_id)
         ref_logp = self._ref_logprobs(vec_rep, resp, resp_mask)
         logp = response_logprobs(self.av_module, self.av, vec_rep, resp, resp_mask,
                                  cfg.temperature, cfg.shared_prefix)

@@ -24,29 +24,24 @@ import torch
 from tqdm.auto import tqdm
 
 from nlakit import __version__, metrics
+from nlakit.config import check_range, option
 from nlakit.errors import NLAError
 from nlakit.extract.store import AR_SFT, AV_SFT, HELDOUT, VAL
 from nlakit.fileio import stable_hash, write_json
 from nlakit.model.load import load_model, resolve_device, resolve_dtype
 from nlakit.nla.checkpoint import ar_meta, av_meta, save_ar_dir, save_av_dir
+from nlakit.nla.prompt import DEFAULT_AV_TEMPLATE, choose_marker, nice_injection_scale
 from nlakit.nla.reconstructor import DEFAULT_AR_TEMPLATE, Reconstructor
-from nlakit.nla.verbalizer import (
-    DEFAULT_AV_TEMPLATE,
-    Verbalizer,
-    choose_marker,
-    nice_injection_scale,
-)
+from nlakit.nla.verbalizer import Verbalizer
 from nlakit.train.adapters import stack_onto_target
 from nlakit.train.common import (
     Checkpoint,
     MetricsLog,
     all_finite,
     autocast,
-    check_range,
     guarded_step,
     make_accelerator,
     make_trainable,
-    option,
     recorded_config,
     resolve_mixed_precision,
     trainable_params,
@@ -147,6 +142,59 @@ class SFTConfig:
                            f"({name}.control; leave it unset for normal training)")
 
 
+def ar_loss(ar: Reconstructor, module, vectors: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """The AR's training loss: mean mse_nrm of `module` (the AR or a wrapper of it) reading
+    `texts` against `vectors`."""
+    enc = ar.encode(texts)
+    dev = ar.device
+    pred = module(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+    return metrics.mse_nrm(pred, vectors.to(dev)).mean()
+
+
+def sft_update(acc, module, loss_of, micro_batches, optimizer, params, precision: str,
+               max_grad_norm: float) -> tuple[float, float, bool]:
+    """One optimizer step of supervised training, the only one in nlakit (the SFT stages and
+    the eval's fitted baselines): each (vectors, texts) micro-batch's ``loss_of(module,
+    vectors, texts)`` under `precision`'s autocast, gradients accumulated (accelerate syncs on
+    the last), then a step clipped to `max_grad_norm`, skipped when a gradient is not finite.
+    Returns (mean loss over processes, gradient norm before clipping, stepped)."""
+    step_loss = torch.zeros((), device=acc.device)
+    for vectors, texts in micro_batches:
+        with acc.accumulate(module):
+            with autocast(precision, acc.device):
+                loss = loss_of(module, vectors, texts)
+            acc.backward(loss)  # divides by the accelerator's accumulation steps
+        step_loss += loss.detach() / len(micro_batches)
+    ok = all_finite(acc, params)
+    grad_norm = guarded_step(acc, ok, optimizer, params, max_grad_norm)
+    return float(acc.reduce(step_loss, "mean")), grad_norm, ok
+
+
+def fit_reconstructor(ar: Reconstructor, texts: list[str], vectors: torch.Tensor, budget):
+    """Train a *fresh* AR (``ar``, changed in place) on in-memory (text, vector) pairs the way
+    the train_ar stage trains the NLA's AR: the same LoRA, AdamW, seeded epoch order, autocast,
+    clipping and guarded step (`sft_update`), for `budget` (`nlakit.eval.baselines.FitBudget`:
+    the NLA's AR's own recorded settings). Returns it in eval mode. No label set, checkpoint or
+    resume: the eval's fitted baselines make their pairs at eval time."""
+    if len(texts) != vectors.shape[0] or not texts:
+        raise NLAError(f"{len(texts)} texts for {vectors.shape[0]} vectors")
+    acc = make_accelerator()
+    precision = resolve_mixed_precision(budget.mixed_precision, acc.device)
+    ar.body = make_trainable(ar.body, budget.lora_rank, budget.lora_alpha)
+    ar.head.requires_grad_(True)
+    ar.train()
+    params = trainable_params(ar)
+    optimizer = torch.optim.AdamW(params, lr=budget.lr, weight_decay=budget.weight_decay)
+    size = min(budget.batch_size, len(texts))
+    order = epoch_order(len(texts), budget.steps * size / len(texts), budget.seed)
+    for step in range(budget.steps):
+        batch = order[step * size:(step + 1) * size]
+        sft_update(acc, ar, lambda m, v, t: ar_loss(ar, m, v, t),
+                   [(vectors[batch], [texts[i] for i in batch])], optimizer, params, precision,
+                   budget.max_grad_norm)
+    return ar.eval()
+
+
 class _Task:
     """What differs between AV and AR training: the module, its loss and its evaluation."""
 
@@ -177,10 +225,7 @@ class _Task:
         if self.role == "av":
             batch = self.av.sft_batch(texts, self.cfg.max_response_tokens)
             return self.av.sft_loss(vectors, batch, model=module)
-        enc = self.ar.encode(texts)
-        dev = self.ar.device
-        pred = module(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
-        return metrics.mse_nrm(pred, vectors.to(dev)).mean()
+        return ar_loss(self.ar, module, vectors, texts)
 
     @torch.no_grad()
     def evaluate(self, rows: Rows) -> dict:
@@ -446,22 +491,15 @@ class SFTTrainer:
     def train_step(self, step: int, t0: float) -> dict:
         """Accumulate the micro-batches' gradients (accelerate syncs on the last one), then one
         guarded optimizer step. Returns the step's log record."""
-        cfg, acc = self.cfg, self.acc
-        step_loss = torch.zeros((), device=acc.device)
-        for micro in range(cfg.grad_accum):
-            rows = self.micro_batch(step, micro)
-            with acc.accumulate(self.module):
-                with autocast(self.precision, acc.device):
-                    loss = self.task.loss(self.module, torch.from_numpy(rows.vectors),
-                                          rows.texts)
-                acc.backward(loss)  # divides by grad_accum
-            step_loss += loss.detach() / cfg.grad_accum
-        ok = all_finite(acc, self.params)
-        grad_norm = guarded_step(acc, ok, self.optimizer, self.params, cfg.max_grad_norm)
+        cfg = self.cfg
+        micro = [self.micro_batch(step, m) for m in range(cfg.grad_accum)]
+        loss, grad_norm, ok = sft_update(
+            self.acc, self.module, self.task.loss,
+            [(torch.from_numpy(rows.vectors), rows.texts) for rows in micro],
+            self.optimizer, self.params, self.precision, cfg.max_grad_norm)
         if not ok:
             log.warning("step %d: non-finite gradients, update skipped", step)
-        return {"step": step + 1, "loss": float(acc.reduce(step_loss, "mean")),
-                "grad_norm": grad_norm, "skipped": not ok,
+        return {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "skipped": not ok,
                 "elapsed_s": round(time.time() - t0, 2)}
 
     def evaluate_log_save(self, step: int, record: dict) -> None:

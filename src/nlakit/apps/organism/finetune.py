@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from nlakit import __version__
 from nlakit.apps.finetuned import record_adapter_base
 from nlakit.apps.organism.chats import chat_prompt
+from nlakit.config import check_range, option
 from nlakit.errors import NLAError
 from nlakit.fileio import stable_hash, write_json
 from nlakit.model.load import load_model
@@ -31,11 +32,9 @@ from nlakit.train.common import (
     Checkpoint,
     MetricsLog,
     all_finite,
-    check_range,
     guarded_step,
     make_accelerator,
     make_trainable,
-    option,
     trainable_params,
 )
 from nlakit.train.data import epoch_order

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from nlakit.errors import NLAError
+from nlakit.model import lm_head
 
 
 def render_chat(tokenizer, messages: list[dict]) -> str:
@@ -42,16 +43,13 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 @torch.no_grad()
 def top_next_tokens(model, tokenizer, ids: list[int], k: int = 5) -> list[list[dict]]:
     """For each position t of `ids`, the target's k most likely next tokens after ids[:t+1]:
-    ``[[{"token", "id", "prob"}] * k] * len(ids)`` (one full forward pass, probabilities in
-    float32)."""
+    ``[[{"token", "id", "prob"}] * k] * len(ids)`` (one forward pass, `nlakit.model.lm_head`)."""
     if not ids:
         return []
-    t = torch.tensor([ids], device=model.device)
-    logits = model(input_ids=t, attention_mask=torch.ones_like(t), use_cache=False).logits[0]
-    probs = torch.softmax(logits.float(), dim=-1)
-    top = probs.topk(min(int(k), probs.shape[-1]), dim=-1)
+    k = min(int(k), model.get_output_embeddings().weight.shape[0])
+    values, indices = lm_head.top_next_tokens(model, [ids], k, read_at=[range(len(ids))])
     out = []
-    for p_row, i_row in zip(top.values.tolist(), top.indices.tolist()):
+    for p_row, i_row in zip(values.tolist(), indices.tolist()):
         out.append([{"token": tokenizer.decode([i]), "id": int(i), "prob": float(p)}
                     for p, i in zip(p_row, i_row)])
     return out
@@ -66,10 +64,15 @@ def score_texts(nla, texts: list[str], vectors: torch.Tensor,
                 rawvar: float | None) -> list[dict]:
     """Per text: mse_nrm, cos and fve_nrm of the AR's reading against the matching vector
     [n, d]. fve_nrm is None when no denominator (rawvar) is known."""
-    s = nla.score(texts, vectors, rawvar=rawvar if rawvar is not None else 1.0)
+    return _score_rows(nla.score(texts, vectors, rawvar=rawvar if rawvar is not None else 1.0),
+                       rawvar)
+
+
+def _score_rows(s: dict, rawvar: float | None) -> list[dict]:
+    """`NLA.score`'s tensors as JSON rows (fve_nrm None without a known rawvar)."""
     return [{"mse_nrm": _finite(s["mse_nrm"][i]), "cos": _finite(s["cos"][i]),
              "fve_nrm": _finite(s["fve_nrm"][i]) if rawvar is not None else None}
-            for i in range(len(texts))]
+            for i in range(len(s["mse_nrm"]))]
 
 
 def explain_positions(nla, ids: list[int], acts: torch.Tensor, positions: list[int], *,
@@ -91,14 +94,13 @@ def explain_positions(nla, ids: list[int], acts: torch.Tensor, positions: list[i
     for c, start in enumerate(range(0, len(positions), chunk)):
         chosen = positions[start : start + chunk]
         vecs = acts[chosen]
-        exps = nla.candidates(vecs, n, max_new_tokens=max_new_tokens,
-                              batch_size=max(1, len(chosen) * n), seed=seed + c)
-        scores = score_texts(nla, [e.text for e in exps], vecs.repeat_interleave(n, 0), rawvar)
+        best = nla.best_of(vecs, n, max_new_tokens=max_new_tokens,
+                           batch_size=max(1, len(chosen) * n), seed=seed + c,
+                           rawvar=rawvar if rawvar is not None else 1.0)
+        exps, scores = best.candidates, _score_rows(best.scores, rawvar)
         new = []
-        for i, pos in enumerate(chosen):
-            block = list(range(i * n, (i + 1) * n))
-            j = min(block, key=lambda b: scores[b]["mse_nrm"]
-                    if scores[b]["mse_nrm"] is not None else math.inf)
+        for i, (pos, j) in enumerate(zip(chosen, best.kept.tolist())):
+            block = range(i * n, (i + 1) * n)
             new.append({"position": int(pos), "token": tok.decode([ids[pos]]),
                         "explanation": exps[j].text, "complete": bool(exps[j].complete),
                         "n_tokens": int(exps[j].n_tokens), "best_of": n, **scores[j],

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
+from nlakit.config import option
 from nlakit.errors import NLAError
 
 
@@ -23,28 +24,24 @@ class RequestError(NLAError):
         return out
 
 
-def _limit(default: int, help_text: str):
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass(frozen=True)
 class ServeLimits:
     """Upper bounds on what one request may ask of the server (all inclusive). Each is also a
     flag of `nlakit serve` (``--max-text-chars`` ...)."""
 
-    max_text_chars: int = _limit(4000, "characters of a text to explain (a chat: all turns)")
-    max_tokens: int = _limit(256, "tokens of that text under the target's tokenizer")
-    max_positions: int = _limit(64, "token positions one request explains (all = every token)")
-    max_best_of: int = _limit(8, "N of best-of-N")
-    max_new_tokens: int = _limit(150, "explanation length cap a request may ask for")
-    default_new_tokens: int = _limit(96, "explanation length cap when a request names none")
-    max_explanation_chars: int = _limit(2000, "characters of an explanation sent to "
+    max_text_chars: int = option(4000, "characters of a text to explain (a chat: all turns)")
+    max_tokens: int = option(256, "tokens of that text under the target's tokenizer")
+    max_positions: int = option(64, "token positions one request explains (all = every token)")
+    max_best_of: int = option(8, "N of best-of-N")
+    max_new_tokens: int = option(150, "explanation length cap a request may ask for")
+    default_new_tokens: int = option(96, "explanation length cap when a request names none")
+    max_explanation_chars: int = option(2000, "characters of an explanation sent to "
                                               "Reconstruct or the edits")
-    max_messages: int = _limit(32, "turns of a chat")
-    max_top_k: int = _limit(20, "top next tokens shown per position")
-    max_queue: int = _limit(32, "jobs waiting in the queue; one more gets 429")
-    max_rows_per_page: int = _limit(500, "rows returned by one /api/rows call")
-    max_body_bytes: int = _limit(1_000_000, "bytes of a request body (checked before reading)")
+    max_messages: int = option(32, "turns of a chat")
+    max_top_k: int = option(20, "top next tokens shown per position")
+    max_queue: int = option(32, "jobs waiting in the queue; one more gets 429")
+    max_rows_per_page: int = option(500, "rows returned by one /api/rows call")
+    max_body_bytes: int = option(1_000_000, "bytes of a request body (checked before reading)")
 
     def __post_init__(self):
         for f in fields(self):

@@ -39,7 +39,7 @@ def tiny_viewer_nla(target, layer: int = 2, *, rawvar: float | None = None, seed
 
 def with_explanations(nla, text: str):
     """Make `nla.explain` return `text` for every vector and sample (all else real)."""
-    from nlakit.nla.verbalizer import Explanation
+    from nlakit.nla.prompt import Explanation
 
     def explain(vectors, *, n: int = 1, **_kw):
         m = int(torch.as_tensor(vectors).shape[0]) * int(n)

@@ -41,10 +41,10 @@ from nlakit.apps.steering.concepts import concept_pattern, concept_token_ids, de
 from nlakit.apps.steering.config import DEFAULT_PPL_TEXT, DEFAULT_PROMPTS, SteerConfig, SteerInputs
 from nlakit.apps.steering.hook import steer
 from nlakit.apps.steering.probes import prompt_mean_direction
-from nlakit.apps.steering.run import format_steer, run_steer, write_report
+from nlakit.apps.steering.run import run_steer, write_report
 from nlakit.apps.steering.vectors import control_directions, text_vector
 
 __all__ = ["DEFAULT_PPL_TEXT", "DEFAULT_PROMPTS", "SteerConfig", "SteerInputs", "SteerReport",
            "concept_pattern", "concept_token_ids", "control_directions",
-           "default_concept_words", "format_steer", "measure_steering", "prompt_mean_direction",
+           "default_concept_words", "measure_steering", "prompt_mean_direction",
            "run_steer", "steer", "text_vector", "write_report"]

@@ -125,10 +125,10 @@ def _directions(nla, config, steered, mean_direction) -> dict[str, torch.Tensor]
 
 def _norm_for(nla, config: SteerConfig, norm: float | None) -> float:
     if config.layer is not None and config.layer != nla.layer:
-        raise NLAError(_layer_message(config.layer, nla.layer))
+        raise NLAError(layer_message(config.layer, nla.layer))
     norm = norm or config.norm or nla.dataset_stats.get("mean_norm")
     if not norm:
-        raise NLAError(_NO_NORM)
+        raise NLAError(NO_NORM_MESSAGE)
     return float(norm)
 
 
@@ -195,11 +195,11 @@ def _row(name, s, values, dirs, base_ppl, config) -> dict:
             "ppl_ratio": values["ppl"] / base_ppl}
 
 
-def _layer_message(asked: int, layer: int) -> str:
+def layer_message(asked: int, layer: int) -> str:
     return (f"--layer {asked}: this NLA's AR rebuilds block {layer} only, so its vectors "
             f"belong there; drop --layer or use an NLA of block {asked} (a raw vector can go "
             "to any block with nlakit.steer)")
 
 
-_NO_NORM = ("this NLA records no mean activation norm (dataset_stats.mean_norm); pass --norm "
-            "or --acts")
+NO_NORM_MESSAGE = ("this NLA records no mean activation norm (dataset_stats.mean_norm); pass "
+                   "--norm or --acts")

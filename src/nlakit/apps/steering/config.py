@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nlakit.apps.steering.vectors import _text
+from nlakit.apps.steering.vectors import checked_text
+from nlakit.config import hint, required
 from nlakit.errors import NLAError
-from nlakit.run.stages import hint, required
 
 MODES = ("prompt_end", "all")
 
@@ -123,9 +123,9 @@ class SteerConfig:
     seed: int = field(default=0, metadata=hint("seed of sampling, random controls, bootstrap"))
 
     def __post_init__(self):
-        _text(self.text, "text")
+        checked_text(self.text, "text")
         if self.contrast is not None:
-            _text(self.contrast, "contrast")
+            checked_text(self.contrast, "contrast")
         self.scale = tuple(dict.fromkeys(_numbers("scale", self.scale)))  # one row per value
         if self.mode not in MODES:
             raise NLAError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -154,7 +154,7 @@ class SteerConfig:
     def held_out_text(self) -> str:
         text = DEFAULT_PPL_TEXT if self.ppl_text is None else _read_file(self.ppl_text,
                                                                          "--ppl-text")
-        return _text(text, "--ppl-text")
+        return checked_text(text, "--ppl-text")
 
 
 @dataclass

@@ -9,7 +9,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from nlakit.errors import NLAError
-from nlakit.model.arch import check_layer, d_model, decoder_layers, decoder_stack
+from nlakit.model.arch import check_layer, d_model, decoder_stack
+from nlakit.model.hooks import on_block_output
 
 
 class _AddVector:
@@ -28,15 +29,14 @@ class _AddVector:
         cache = next((a for a in (*args, *kwargs.values()) if isinstance(a, Cache)), None)
         self.offset = int(cache.get_seq_length()) if cache is not None else 0
 
-    def add(self, _module, _args, output):
-        h = output[0] if isinstance(output, tuple) else output
+    def add(self, h: torch.Tensor) -> torch.Tensor | None:
         pos = torch.arange(self.offset, self.offset + h.shape[1], device=h.device)
         on = pos >= self.start
         if not bool(on.any()):
             return None
         h = h.clone()
         h[:, on] += self.delta.to(device=h.device, dtype=h.dtype)
-        return (h, *output[1:]) if isinstance(output, tuple) else h
+        return h
 
 
 def _checked_delta(model, vector, layer, scale) -> torch.Tensor:
@@ -69,11 +69,9 @@ def steer(model, vector, layer: int, scale: float = 1.0, *, start: int = 0):
     - 1. vector: [d_model]. The hooks are removed on exit, also when the block raises."""
     delta = _checked_delta(model, vector, layer, scale)
     hook = _AddVector(delta, int(start))
-    handles = [decoder_stack(model).register_forward_pre_hook(hook.see_cache,
-                                                              with_kwargs=True)]
+    handle = decoder_stack(model).register_forward_pre_hook(hook.see_cache, with_kwargs=True)
     try:
-        handles.append(decoder_layers(model)[layer].register_forward_hook(hook.add))
-        yield hook
+        with on_block_output(model, layer, hook.add):
+            yield hook
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()

@@ -6,38 +6,10 @@ from pathlib import Path
 
 import torch
 
-from nlakit.apps.steering.bench import _NO_NORM, SteerReport, _layer_message, measure_steering
+from nlakit.apps.steering.bench import NO_NORM_MESSAGE, SteerReport, layer_message, measure_steering
 from nlakit.apps.steering.config import SteerConfig, SteerInputs
 from nlakit.errors import NLAError
-
-
-def format_steer(report: SteerReport | dict) -> str:
-    """The report as Markdown: setup, the table, the verdicts."""
-    r = report.to_dict() if isinstance(report, SteerReport) else report
-    su = r["setup"]
-
-    def cell(c):
-        return f"{c['mean']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
-
-    contrast = f" minus AR({su['contrast']!r})" if su["contrast"] else ""
-    along = (f"AR({su['text']!r}){contrast}" if su.get("vector", "AR") == "AR"
-             else "a given vector")
-    md = [f"Steering {su['model']} block {su['layer']} ({su['mode']}) along {along}; "
-          f"scale x mean norm {su['mean_norm']:.1f}; {su['prompts']} prompts; "
-          f"concept words {', '.join(su['concept_words'])} (tokens "
-          f"{', '.join(repr(t) for t in su['concept_tokens'])}); 95% bootstrap CIs over prompts.",
-          "", "| vector | scale | added norm | cos to steered | delta_logp (nats) [95% CI] | "
-          "hit_rate [95% CI] | ppl_ratio |", "|---|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-        cos = "" if row["cos_to_steered"] is None else f"{row['cos_to_steered']:+.3f}"
-        md.append(f"| {row['vector']} | {row['scale']:g} | {row['added_norm']:.1f} | {cos} | "
-                  f"{cell(row['delta_logp'])} | {cell(row['hit_rate'])} | "
-                  f"{row['ppl_ratio']:.3f} |")
-    md += ["", f"Unsteered: log P(concept tokens) {r['rows'][0]['logp']['mean']:+.3f} per "
-           f"position, perplexity {su['unsteered_ppl']:.2f}. Verdicts (paired bootstrap over "
-           "prompts, steered minus control; beats = lower bound > 0):", ""]
-    md += [f"- {v}" for v in r["verdicts"]]
-    return "\n".join(md)
+from nlakit.report.tables import format_steer
 
 
 def write_report(report: SteerReport, out: str | Path) -> tuple[Path, Path]:
@@ -69,10 +41,10 @@ def _check_before_loading(config: SteerConfig, inputs: SteerInputs, has_norm: bo
         return
     layer = meta.get("extraction", {}).get("layer")
     if config.layer is not None and layer is not None and int(layer) != config.layer:
-        raise NLAError(_layer_message(config.layer, int(layer)))
+        raise NLAError(layer_message(config.layer, int(layer)))
     stats = meta.get("nlakit", {}).get("dataset_stats", {}) or {}
     if not has_norm and not stats.get("mean_norm"):
-        raise NLAError(_NO_NORM)
+        raise NLAError(NO_NORM_MESSAGE)
 
 
 def run_steer(config: SteerConfig, inputs: SteerInputs) -> SteerReport:

@@ -8,7 +8,7 @@ import torch
 from nlakit.errors import NLAError
 
 
-def _text(text, what: str) -> str:
+def checked_text(text, what: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise NLAError(f"{what} is empty: write the explanation to steer towards, e.g. "
                        "\"The text is about the ocean.\"")
@@ -17,8 +17,9 @@ def _text(text, what: str) -> str:
 
 def text_vector(nla, text: str, contrast: str | None = None) -> torch.Tensor:
     """[d] ``AR(text)``, or ``AR(text) - AR(contrast)`` when a contrast is given (not rescaled)."""
-    texts = [_text(text, "text")] + ([_text(contrast, "contrast")] if contrast is not None
-                                     else [])
+    texts = [checked_text(text, "text")]
+    if contrast is not None:
+        texts.append(checked_text(contrast, "contrast"))
     rec = nla.reconstruct(texts).float()
     v = rec[0] - rec[1] if contrast is not None else rec[0]
     if not float(v.norm()) > 0:
