@@ -7,7 +7,7 @@ is among the model's top 3 next tokens there (the shipped NLA's explanations nam
 they read), and the mass at the first answer token (the prompt of each diff chat up to
 "<|im_start|>assistant\\n"). Writes RUN/probe.json.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/audit_game_probe.py runs/audit-game
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/audit_game_probe.py runs/audit-game
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What does best-of-N reranking buy, and do quotes get the same rerank? (issue 11)
 
-    python scripts/best_of_probe.py --nla DIR|NAME --acts STORE --split val --max-rows 240 \
+    python experiments/best_of_probe.py --nla DIR|NAME --acts STORE --split val --max-rows 240 \
         --samples 8 --temperature 1.0 --greedy-from val.jsonl --out best_of.json
 
 Samples N explanations per row, reads each with the NLA's AR and prints, for k = 1, 2, 4 .. N,
@@ -11,7 +11,8 @@ the chosen text is still a function of the activation only; but a baseline deser
 rerank: `quote_rerank` is the best, by the same AR and the same vector, of the quotes of
 --quote-lengths tokens.
 
-    python scripts/best_of_probe.py --nla OTHER --acts STORE --split val --samples-from best_of.json
+    python experiments/best_of_probe.py --nla OTHER --acts STORE --split val \
+        --samples-from best_of.json
 
 reads an earlier run's samples with another NLA's AR: the texts chosen by the first AR, scored
 by this one, say whether the rerank picked better text or only text that suits one AR.
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 from nlakit import NLA, metrics
-from nlakit.eval.evaluate import denominators, quote_text, select_rows
+from nlakit.eval.evaluate import quote_text
+from nlakit.eval.scoring import denominators, select_rows
 from nlakit.extract.store import ActivationStore
 
 

@@ -1,6 +1,6 @@
 """Does decoding stop the AV's repetition loops, and what does it buy? (issue 11)
 
-    python scripts/decoding_probe.py --nla DIR|NAME --acts STORE --split val --max-rows 240 \
+    python experiments/decoding_probe.py --nla DIR|NAME --acts STORE --split val --max-rows 240 \
         --setting plain --setting ngram3:no_repeat_ngram_size=3 \
         --setting pen1.3:repetition_penalty=1.3 --setting beams4:num_beams=4
 
@@ -8,7 +8,7 @@ For each setting: greedy explanations of the same rows, read by the NLA's AR; pr
 fve_nrm (mean, document-bootstrap CI), the fraction that closed, mean tokens, current-token
 accuracy and true-quote rate. Choose on `val`; never on heldout.
 
-    python scripts/decoding_probe.py --nla OTHER_AR_NLA --acts STORE --split val \
+    python experiments/decoding_probe.py --nla OTHER_AR_NLA --acts STORE --split val \
         --texts-from earlier.jsonl --setting other-ar
 
 reads the explanations an earlier run wrote (same rows) with another NLA's AR, without
@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from nlakit import NLA
-from nlakit.eval.evaluate import bootstrap_summary, denominators, row_metrics, select_rows
+from nlakit.eval.scoring import bootstrap_summary, denominators, row_metrics, select_rows
 from nlakit.extract.store import ActivationStore
 from nlakit.nla.claims import claim_checks
 

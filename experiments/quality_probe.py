@@ -1,6 +1,6 @@
 """How local is a layer, and how much can a label format carry? (issue 11's cheap probes)
 
-    python scripts/quality_probe.py --acts STORE --split val --max-rows 300 [--labels LABELS]
+    python experiments/quality_probe.py --acts STORE --split val --max-rows 300 [--labels LABELS]
 
 prints, on whole documents of one split (choose settings on a validation split, never on
 heldout):
@@ -17,7 +17,8 @@ import time
 import torch
 
 from nlakit.eval.baselines import reread_predictions
-from nlakit.eval.evaluate import denominators, row_metrics, select_rows, training_mean_direction
+from nlakit.eval.evaluate import training_mean_direction
+from nlakit.eval.scoring import denominators, row_metrics, select_rows
 from nlakit.extract.store import ActivationStore
 from nlakit.model.load import load_model
 from nlakit.nla.reconstructor import Reconstructor

@@ -1,6 +1,6 @@
 """Which context tokens can be read from one activation at all? A linear probe (issue 11)
 
-    python scripts/token_probe.py STORE [--offsets 5] [--classes 500] [--epochs 300]
+    python experiments/token_probe.py STORE [--offsets 5] [--classes 500] [--epochs 300]
 
 For offset k = 0 (the current token), 1 (the previous one), ...: a softmax probe from the unit
 activation to the `--classes` commonest tokens at that offset in the training splits (+ one
