@@ -20,6 +20,7 @@ from nlakit.nla.claims import (
     parse_claims,
     quote_is_true,
     truth_from_probs,
+    truth_score,
     unparsed_counts,
     verify,
 )
@@ -68,6 +69,26 @@ def test_partly_right_predictions_and_previous_tokens():
     assert v["predictions_in_top5"] == pytest.approx(2 / 3)
     assert v["prediction_prob_error"] == pytest.approx((0.08 + 0.01 + 0.009) / 3)
     assert np.isnan(v["current_token_right"]) and np.isnan(v["kind_right"])
+
+
+def test_truth_score_pays_true_claims_and_charges_false_ones():
+    right = ("Current token: ' and'.\nBefore it: ' list', ' expression'.\n"
+             "Kind of text: prose. The model expects next: ' the' (31%).\n"
+             "Ending: the expression list and")
+    assert truth_score(_verdicts(right)) == pytest.approx(1.0)
+    assert truth_score(_verdicts("")) == 0.0  # states nothing: neither paid nor charged
+    # one true field of six, nothing else stated
+    assert truth_score(_verdicts("Current token: ' and'.")) == pytest.approx(1 / 6)
+    assert truth_score(_verdicts("Current token: ' or'.")) == pytest.approx(-1 / 6)
+    # a prediction in the top 5 that is not the top 1 earns one field and loses the other
+    assert truth_score(_verdicts("The model expects next: ' returns'.")) == 0.0
+    # half the ending's words found scores 0 for that field
+    assert truth_score(_verdicts("Ending: list cat")) == pytest.approx(0.0)
+    wrong = ("Current token: ' or'.\nBefore it: ' the', ' list'.\nKind of text: code. "
+             "The model expects next: ' cat' (40%).\nEnding: cat dog")
+    assert truth_score(_verdicts(wrong)) == pytest.approx(-1.0)
+    assert truth_score(_verdicts(wrong)) < truth_score(_verdicts("")) \
+        < truth_score(_verdicts(right))
 
 
 def test_garbled_prediction_lines_parse_to_what_was_stated():

@@ -309,6 +309,41 @@ def test_contrastive_k3_full_and_failure_penalty(sft_nla, tiny_store, tmp_path):
         train_rl(sft_nla, tiny_store.path, sft_nla, _cfg())
 
 
+def test_row_truths_score_true_claims_above_false_ones(tiny_store, tiny):
+    from nlakit.train.truth import RowTruths
+
+    truths = RowTruths(tiny_store)
+    row = truths.truths([0])[0]
+    current, top = row.tokens[-1], row.top[0][0]
+    wrong = next(t for t in (" zebra", " qqq") if t != current)
+    texts = [f"Current token: {current!r}. The model expects next: {top!r}.", "",
+             f"Current token: {wrong!r}."]
+    scores = truths.scores([0], texts, group_size=3)
+    assert scores.tolist() == pytest.approx([3 / 6, 0.0, -1 / 6])
+    assert truths.truths([0])[0] is row  # the target ran once for the row
+
+
+def test_truth_reward_is_added_to_the_reconstruction_reward(sft_nla, tiny_store, tmp_path,
+                                                            monkeypatch):
+    from nlakit.train import truth
+
+    # the random tiny AV states no claims: make every sample claim the row's real current
+    # token, so the truth score is known (+1/6) and the reward must carry it
+    def scores(self, rows, texts, group_size):
+        return torch.full((len(rows) * group_size,), 1 / 6)
+
+    monkeypatch.setattr(truth.RowTruths, "scores", scores)
+    train_rl(sft_nla, tiny_store.path, tmp_path / "t", _cfg(max_steps=1, truth_reward=0.6,
+                                                             eval_rows=0), progress=False)
+    row = _updates(tmp_path / "t")[0]
+    assert row["truth_score"] == pytest.approx(1 / 6)
+    assert row["reward_mean"] == pytest.approx(row["raw_reward_mean"] + 0.1, abs=1e-5)
+    assert "truth_reward" not in trajectory(RLConfig())  # old checkpoints keep their hash
+    assert trajectory(RLConfig(truth_reward=0.6))["truth_reward"] == 0.6
+    with pytest.raises(NLAError, match="truth_reward"):
+        RLConfig(truth_reward=-1.0)
+
+
 def test_two_processes_agree_and_export(sft_nla, tiny_store, tmp_path, tiny):
     """torchrun, 2 gloo processes: each rolls out its own activations, DDP keeps replicas equal."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")

@@ -64,7 +64,7 @@ from nlakit.eval.scoring import (
     row_metrics,
     select_rows,
 )
-from nlakit.extract.store import AR_SFT, HELDOUT, TRAINING_SPLITS
+from nlakit.extract.store import AR_SFT, HELDOUT, TRAINING_SPLITS, load_target
 from nlakit.fileio import stable_seed, write_json
 
 log = logging.getLogger(__name__)
@@ -538,7 +538,7 @@ def _score_spliced(nla, store, sc: _Scores, progress: bool) -> dict:
     target = _frozen_target(nla)
     try:
         if target is None:  # e.g. --baselines-only: the store's own model
-            target = splice.load_target(store, device=str(getattr(nla.ar, "device", "cpu")))
+            target = load_target(store, device=str(getattr(nla.ar, "device", "cpu")))
         t = time.perf_counter()
         data, res = splice.spliced_eval(store, sc.rows, sc.preds, target=target,
                                         n_boot=sc.cfg.n_boot, seed=sc.cfg.seed,

@@ -42,7 +42,7 @@ from torch import nn
 
 from nlakit.config import hint, required
 from nlakit.errors import NLAError
-from nlakit.extract.store import TRAINING_SPLITS
+from nlakit.extract.store import TRAINING_SPLITS, load_target
 from nlakit.fileio import write_json
 from nlakit.model.batching import right_pad
 
@@ -233,7 +233,7 @@ def training_vectors(store, *, source: str = "tokens", splits=TRAINING_SPLITS, t
         return v, {"source": "stored rows", "splits": splits, "n": len(v)}
     if source != "tokens":
         raise NLAError(f"source must be 'rows' or 'tokens', got {source!r}")
-    from nlakit.eval.splice import load_target, reopen_corpus
+    from nlakit.eval.splice import reopen_corpus
     from nlakit.extract.extraction import tokenize_document
     from nlakit.model.arch import special_token_ids
     from nlakit.model.hooks import forward_to_layer
@@ -450,7 +450,6 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
     with fve_nrm, kl and ce_recovered next to baselines (mean_direction_train, reread_N) and,
     when given, an NLA and an eval.json's methods; writes OUT/ladder.json, ladder.md,
     ladder.png. Returns OUT/ladder.json."""
-    from nlakit.eval import splice
     from nlakit.eval.scoring import denominators, select_rows
     from nlakit.extract.store import ActivationStore
 
@@ -459,7 +458,7 @@ def run_ladder(config: LadderConfig, inputs: LadderInputs) -> Path:
     out = Path(inputs.out)
     out.mkdir(parents=True, exist_ok=True)
     store = ActivationStore(inputs.acts)
-    target = splice.load_target(store, device=inputs.device)
+    target = load_target(store, device=inputs.device)
     rows = select_rows(store, config.split, config.max_rows, config.seed)
     den = denominators(store, rows)
     eval_lines, nla_tokens = ({}, None)

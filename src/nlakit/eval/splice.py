@@ -53,7 +53,7 @@ import torch
 
 from nlakit import metrics
 from nlakit.errors import NLAError
-from nlakit.extract.store import TRAINING_SPLITS
+from nlakit.extract.store import TRAINING_SPLITS, load_target
 from nlakit.model.arch import decoder_stack
 from nlakit.model.hooks import on_block_output
 from nlakit.model.lm_head import lm_logits
@@ -496,23 +496,6 @@ def spliced_metrics(model, rows, tokens: RowTokens, predictions: Mapping[str, to
 # ---- the one call eval needs -----------------------------------------------------------------
 
 
-def load_target(store, *, device=None, dtype=None):
-    """The store's full target model (not the AR's truncated copy), checked against the
-    store's weights hash. Returns (model, tokenizer)."""
-    from nlakit.model.load import load_model
-
-    spec = store.meta.get("model", {}).get("spec")
-    if not spec:
-        raise NLAError(f"{store.path} does not record its target model")
-    model, tok = load_model(spec, device=device, dtype=dtype)
-    want = store.meta.get("model", {}).get("weights_hash")
-    got = getattr(model, "nlakit_source", {}).get("weights_hash")
-    if want and got and want != got:
-        raise NLAError(f"the store was extracted from weights {want}, but {spec!r} now loads "
-                       f"{got}; splice into the same model the store came from")
-    return model, tok
-
-
 def spliced_eval(store, rows, predictions: Mapping[str, torch.Tensor], *, target=None,
                  corpus=None, batch_docs: int = 4, n_boot: int = 1000, seed: int = 0,
                  progress: bool = False) -> tuple[dict, SpliceResult]:
@@ -551,5 +534,5 @@ def spliced_eval(store, rows, predictions: Mapping[str, torch.Tensor], *, target
 
 
 __all__ = ["ABLATION_METHOD", "SPLICE_METRICS", "TRUE_METHOD", "RowTokens", "SpliceResult",
-           "load_target", "mean_activation", "ratio_bootstrap_ci", "row_tokens",
+           "mean_activation", "ratio_bootstrap_ci", "row_tokens",
            "splice_logits", "spliced_eval", "spliced_metrics"]

@@ -208,3 +208,20 @@ def compute_store_stats(parts: Iterable[Path], d_model: int, splits: Iterable[st
     for name, a in acc.items():
         stats[name], directions[name] = a.result()
     return stats, directions
+
+
+def load_target(store, *, device=None, dtype=None):
+    """The store's full target model (not the AR's truncated copy), checked against the
+    store's weights hash. Returns (model, tokenizer)."""
+    from nlakit.model.load import load_model
+
+    spec = store.meta.get("model", {}).get("spec")
+    if not spec:
+        raise NLAError(f"{store.path} does not record its target model")
+    model, tok = load_model(spec, device=device, dtype=dtype)
+    want = store.meta.get("model", {}).get("weights_hash")
+    got = getattr(model, "nlakit_source", {}).get("weights_hash")
+    if want and got and want != got:
+        raise NLAError(f"the store was extracted from weights {want}, but {spec!r} now loads "
+                       f"{got}; use the model the store came from")
+    return model, tok

@@ -201,6 +201,23 @@ def verify(claims: Claims, truth: Truth) -> dict[str, float]:
     return out
 
 
+# the verdicts `truth_score` pays for: every field a label states that is true or false of
+# the row (prediction_prob_error and quote_true are left out: the first is a distance, the
+# second an exact-suffix test a small AV almost never passes)
+TRUTH_FIELDS = ("current_token_right", "previous_tokens_right", "kind_right",
+                "top_prediction_in_top5", "top_prediction_is_top1", "ending_words_found")
+
+
+def truth_score(verdicts: dict[str, float]) -> float:
+    """One explanation's claims as a number in [-1, 1]: each field of `TRUTH_FIELDS` scores
+    2v - 1 for its verdict v (+1 true, -1 false, 0 for half the ending's words), 0 when the
+    explanation states nothing of it, averaged over all six fields. Leaving a field out is
+    worth more than a false claim and less than a true one: the RL truth reward's incentive to
+    say less when unsure."""
+    values = [verdicts.get(k, np.nan) for k in TRUTH_FIELDS]
+    return float(sum(0.0 if np.isnan(v) else 2.0 * v - 1.0 for v in values) / len(TRUTH_FIELDS))
+
+
 def _without_bos(tokenizer, ids: list[int]) -> list[int]:
     bos = tokenizer.bos_token_id
     return ids[1:] if bos is not None and ids[:1] == [bos] else ids

@@ -6,7 +6,8 @@ One step, per process, on m activations of the store's ``rl`` split (`RLTrainer.
    batched generation with a KV cache, `rollout.sample_rollouts`), keeping the token ids;
 2. **scoring** — the *current* AR reads every explanation (one batched forward); reward =
    −mse_nrm (or −log mse_nrm, or the contrastive InfoNCE reward), −2 for a missing closing tag
-   or for hitting the length cap, optionally minus a length penalty;
+   or for hitting the length cap, optionally plus ``truth_reward`` times the claim-truth
+   score (`nlakit.train.truth`) and minus a length penalty;
 3. **AR update** — one regression step (mean mse_nrm) on (explanation, true vector), reusing
    the scoring forward: the rewards come from its detached output, so they are the AR's
    predictions *before* its update;
@@ -70,6 +71,7 @@ from nlakit.train.common import (
     trainable_params,
 )
 from nlakit.train.data import epoch_order
+from nlakit.train.truth import RowTruths
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,12 @@ class RLConfig:
                                                             "no penalty")
     length_penalty: float = option(0.0, "reward lost by a response of full length (linear in "
                                         "tokens)")
+    truth_reward: float = option(0.0, "weight of the claim-truth reward added to the "
+                                      "reconstruction reward: each checkable claim of a sample "
+                                      "(current token, tokens before it, kind, top prediction "
+                                      "in the target's top 5 and top 1, ending words) scores "
+                                      "+1 true, -1 false, 0 when left out, averaged over the 6 "
+                                      "fields (nla.claims.truth_score); 0: off")
     kl_coef: float = option(0.01, "KL coefficient (to the SFT policy)")
     kl_estimator: str = option("k1", "k1 (reward penalty) | k3 (loss term)")
     clip: float = option(0.2, "PPO ratio clip epsilon")
@@ -160,6 +168,7 @@ class RLConfig:
         check_range(name, "eval_max_new_tokens", self.eval_max_new_tokens, low=1, optional=True)
         check_range(name, "failure_reward", self.failure_reward, optional=True)
         check_range(name, "length_penalty", self.length_penalty)
+        check_range(name, "truth_reward", self.truth_reward, low=0)
         if self.reward == "contrastive" and self.batch_size < 2:
             raise NLAError("the contrastive reward needs --batch-size >= 2 (activations per "
                            f"process), got {name}.batch_size = {self.batch_size}")
@@ -169,6 +178,9 @@ EXPORT_ONLY = ("keep_adapters",)  # settings that change how the result is writt
 # Settings a checkpoint survives: steps before max_steps do not depend on it (constant learning
 # rates, a row order whose prefix is fixed, per-step seeds), so raising it extends a run.
 EXTENSIBLE_SETTINGS = ("max_steps", *EXPORT_ONLY)
+# Settings added after checkpoints were written: at this value they leave the identity out, so
+# those checkpoints keep their hash.
+NEUTRAL_SETTINGS = {"truth_reward": 0.0}
 
 
 def trajectory(cfg: RLConfig, *, extensible: bool = True) -> dict:
@@ -176,7 +188,8 @@ def trajectory(cfg: RLConfig, *, extensible: bool = True) -> dict:
     max_steps in, as checkpoints written before a run could be extended did. mixed_precision
     is not in: the identity holds what it resolves to, and only when that is bf16."""
     skip = (*(EXTENSIBLE_SETTINGS if extensible else EXPORT_ONLY), "mixed_precision")
-    return {k: v for k, v in asdict(cfg).items() if k not in skip}
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in skip and not (k in NEUTRAL_SETTINGS and v == NEUTRAL_SETTINGS[k])}
 
 
 def _default_group_size() -> int:
@@ -208,6 +221,7 @@ class Scored:
     pred: torch.Tensor
     reward: torch.Tensor  # after the length penalty and the failure reward
     raw: torch.Tensor  # the reward function's value
+    truth: torch.Tensor  # claim-truth score in [-1, 1] (zeros when truth_reward is 0)
     fve: torch.Tensor
     failed: torch.Tensor  # bool: no closing tag or hit the cap
     n_tokens: torch.Tensor
@@ -258,6 +272,7 @@ class RLTrainer:
         self.checkpoint = Checkpoint(self.train_dir, stable_hash(trajectory(cfg), "rl", *identity),
                                      what="RL", also_accept=self._legacy_hashes(identity))
         self.per_step = cfg.batch_size * self.acc.num_processes
+        self.row_truths: RowTruths | None = None  # set up by _load_data when truth_reward > 0
 
     def _legacy_hashes(self, identity: tuple) -> tuple[str, ...]:
         """Checkpoints written before a run could be extended carry a hash with max_steps in:
@@ -328,6 +343,8 @@ class RLTrainer:
             raise NLAError(f"{store.path} has {self.n_rl} rows in its rl split; need at least "
                            f"--batch-size {cfg.batch_size}")
         self.rl_vectors = store.vectors(RL)
+        if cfg.truth_reward > 0:
+            self.row_truths = RowTruths(store, device=self.acc.device)
         self.order = epoch_order(self.n_rl, cfg.max_steps * self.per_step / self.n_rl, cfg.seed)
         self.rawvar = float(store.stats("all")["rawvar"])
         self.has_heldout = cfg.eval_rows > 0 and HELDOUT in store.splits \
@@ -386,12 +403,13 @@ class RLTrainer:
         """One GRPO step on this process's activations; the step's record (all processes)."""
         times: dict[str, float] = {}
         lo = step * self.per_step + self.acc.process_index * self.cfg.batch_size
-        vectors = self.rl_vectors[self.order[lo : lo + self.cfg.batch_size]]  # [m, d]
+        rows = self.order[lo : lo + self.cfg.batch_size]
+        vectors = self.rl_vectors[rows]  # [m, d]
         bf16 = functools.partial(autocast, self.precision, self.acc.device)
         with _timed(times, "rollout"), bf16():
             exps = self.rollout(step, vectors)
         with _timed(times, "scoring"), bf16():
-            scored = self.score(step, vectors, exps)
+            scored = self.score(step, vectors, exps, [int(r) for r in rows])
         with _timed(times, "ar_update"):
             ar_loss = self.update_ar_grads(scored, vectors)
         with _timed(times, "av_update"):
@@ -417,9 +435,11 @@ class RLTrainer:
         return sample_rollouts(self.av, vectors, cfg.group_size, cfg.temperature, cfg.top_p,
                                cfg.max_new_tokens, cfg.rollout_batch_size, seed=seed)
 
-    def score(self, step: int, vectors: torch.Tensor, exps: list[Explanation]) -> Scored:
+    def score(self, step: int, vectors: torch.Tensor, exps: list[Explanation],
+              rows: list[int]) -> Scored:
         """The current AR reads every explanation (a matryoshka prefix with
-        truncate_explanations); rewards from its detached predictions."""
+        truncate_explanations); rewards from its detached predictions, plus truth_reward times
+        the claim-truth score of the whole explanation (`rows`: the rl split's row indices)."""
         cfg, acc, G = self.cfg, self.acc, self.cfg.group_size
         self.ar_module.train()
         texts = [e.text for e in exps]
@@ -436,10 +456,13 @@ class RLTrainer:
         raw = R.compute_rewards(cfg.reward, pred_d, vectors, G, cfg.contrastive_temperature)
         failed = torch.tensor([(not e.complete) or e.hit_cap for e in exps])
         n_tokens = torch.tensor([e.n_tokens for e in exps], dtype=torch.float32)
-        reward = R.length_penalty(raw, n_tokens, cfg.max_new_tokens, cfg.length_penalty)
+        truth = (self.row_truths.scores(rows, [e.text for e in exps], G)
+                 if self.row_truths is not None else torch.zeros_like(raw))
+        reward = R.length_penalty(raw + cfg.truth_reward * truth, n_tokens, cfg.max_new_tokens,
+                                  cfg.length_penalty)
         reward = R.apply_failures(reward, failed, cfg.failure_reward)  # flat -2, no length term
         fve = metrics.fve_nrm(pred_d, vectors.repeat_interleave(G, 0), self.rawvar)
-        return Scored(pred, reward, raw, fve, failed, n_tokens)
+        return Scored(pred, reward, raw, truth, fve, failed, n_tokens)
 
     def update_ar_grads(self, scored: Scored, vectors: torch.Tensor) -> torch.Tensor:
         """AR regression loss (mean mse_nrm to the true vectors) on the scoring forward;
@@ -492,6 +515,7 @@ class RLTrainer:
         scalars averaged over processes."""
         acc = self.acc
         per_sample = {"reward": scored.reward, "raw_reward": scored.raw, "fve_nrm": scored.fve,
+                      "truth": scored.truth,
                       "response_len": scored.n_tokens, "failed": scored.failed.float(),
                       "hit_cap": torch.tensor([float(e.hit_cap) for e in exps]),
                       "incomplete": torch.tensor([float(not e.complete) for e in exps]),
@@ -509,6 +533,7 @@ class RLTrainer:
             "step": step + 1, "reward_mean": float(s["reward"].mean()),
             "reward_std": float(s["reward"].std()) if n > 1 else 0.0,
             "raw_reward_mean": float(s["raw_reward"].mean()), "fve_nrm": float(s["fve_nrm"].mean()),
+            "truth_score": float(s["truth"].mean()),
             "kl": float(s["kl"].mean()), "response_len": float(s["response_len"].mean()),
             "failure_rate": float(s["failed"].mean()),
             "truncation_rate": float(s["hit_cap"].mean()),
