@@ -367,3 +367,24 @@ def test_unseen_debian_corpus_takes_one_prose_file_per_package(tmp_path):
                                                 else data)
     docs = script.debian_docs(2000, root=tmp_path)
     assert docs == {"alpha": long_a.strip(), "beta": long_b.strip()}
+
+
+# ---- export --------------------------------------------------------------------------------
+
+
+def test_export_reads_back_as_the_same_documents(tmp_path, tiny_model_dir, capsys):
+    from nlakit.fileio import file_sha256
+    from nlakit.run.cli import main
+
+    out = tmp_path / "frozen.jsonl"
+    assert main(["corpus-export", "builtin:docs", "--max-docs", "6", "--model",
+                 str(tiny_model_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 6 documents" in printed and file_sha256(out) in printed
+    original = [(d.doc_id, d.text, d.kind) for d in load_corpus("builtin:docs", max_docs=6)]
+    again = [(d.doc_id, d.text, d.kind) for d in load_corpus(str(out))]
+    assert again == original and len({i for i, _, _ in again}) == 6
+    assert main(["corpus-export", "builtin:docs", "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "frozen.txt")]) != 0
+    assert "name the file *.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "frozen.txt").exists()

@@ -20,6 +20,7 @@ from typing import Any
 
 from nlakit.corpus.documents import Corpus, Document, render_chat
 from nlakit.errors import NLAError
+from nlakit.fileio import atomic_path, file_sha256
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
@@ -143,3 +144,20 @@ def load_corpus(
                        ".jsonl, .parquet, a folder of text files, or a saved datasets folder")
     desc["max_docs"] = max_docs
     return Corpus(desc, factory, max_docs)
+
+
+def export_jsonl(corpus: Corpus, out: str | Path) -> dict:
+    """Write `corpus` as JSONL, one {"id", "text", "kind"} object per document, atomically.
+    Reading the file back (``--corpus FILE.jsonl``) gives the same documents with the same
+    ids, so the same positions and splits: the built-in corpus, which depends on the running
+    Python's standard library, frozen into a file. Returns {"path", "docs", "sha256"}."""
+    out = Path(out)
+    if out.suffix.lower() != ".jsonl":
+        raise NLAError(f"{out}: the export is JSONL; name the file *.jsonl")
+    n = 0
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for doc in corpus:
+            f.write(json.dumps({"id": doc.doc_id, "text": doc.text, "kind": doc.kind},
+                               ensure_ascii=False) + "\n")
+            n += 1
+    return {"path": str(out), "docs": n, "sha256": file_sha256(out)}

@@ -266,6 +266,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_corpus_export(args) -> int:
+    from nlakit.corpus.load import export_jsonl, load_corpus
+    from nlakit.model.load import load_model
+
+    model, tok = load_model(args.model)  # its chat template renders the chat transcripts
+    corpus = load_corpus(args.corpus, tokenizer=tok, text_field=args.text_field,
+                         max_docs=args.max_docs, chat_model=(model, tok))
+    done = export_jsonl(corpus, args.out)
+    print(f"wrote {done['docs']} documents to {done['path']} (sha256 {done['sha256']}); "
+          f"train on them with --corpus {done['path']}")
+    return 0
+
+
 def cmd_shipped(args) -> int:
     from nlakit.nla.pretrained import describe, shipped_names
 
@@ -379,6 +392,17 @@ def _add_other_commands(sub) -> None:
                         "distribution, and mark it (✓ true, ✗ false, a share for partly true)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("corpus-export", help="write a corpus (e.g. builtin, which depends on "
+                                             "this Python's stdlib) to JSONL, ids kept")
+    p.add_argument("corpus", help="a corpus spec, as extract's --corpus (builtin, a folder, ...)")
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="the target whose chat template renders chat transcripts (and which "
+                        "writes the built-in ones)")
+    p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    p.add_argument("--text-field", default="text", help="text field of a jsonl/parquet corpus")
+    p.set_defaults(func=cmd_corpus_export)
 
     p = sub.add_parser("shipped", help="the NLAs shipped in the package (load with --nla NAME)"
                                        ": their files checked, provenance and eval table")
