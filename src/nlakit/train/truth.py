@@ -22,7 +22,8 @@ class RowTruths:
     def __init__(self, store: ActivationStore, device=None):
         self.model, self.tokenizer = load_target(store, device=device)
         self.model.eval().requires_grad_(False)
-        self.prefixes = store.table(RL, columns=["prefix"]).column("prefix").to_pylist()
+        # row_id order, as `store.vectors(RL)` and so the rows RL draws
+        self.prefixes = store.table(RL, columns=["row_id", "prefix"]).column("prefix").to_pylist()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else 0
         self._cache: dict[int, Truth] = {}
