@@ -66,6 +66,7 @@ from nlakit.eval.scoring import (
 )
 from nlakit.extract.store import AR_SFT, HELDOUT, TRAINING_SPLITS, load_target
 from nlakit.fileio import stable_seed, write_json
+from nlakit.nla.hedge import check_hedge
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,9 @@ class EvalConfig(ScoringConfig):
         "each)"))
     quote_fit_steps: int | None = field(default=None, metadata=hint(
         "quote_N_fit training steps (None: the NLA's AR's own recorded budget, else 150)"))
+    hedge: float | None = field(default=None, metadata=hint(
+        "leave out the claims the AV wrote with less confidence than this (nlakit.nla.hedge; "
+        "None: the NLA's own decoding.hedge, 0 keeps every claim)"))
     spliced: bool = field(default=True, metadata=hint(
         "splice every method's prediction into the target and score kl / ce_recovered of the "
         "next-token distribution (one extra forward of the target per document)"))
@@ -222,6 +226,8 @@ class EvalConfig(ScoringConfig):
         for name in ("quote_tokens", "reread_tokens", "quote_fit_tokens"):
             setattr(self, name, token_counts(name, getattr(self, name)))
         self.check_positive("eval", "best_of")
+        if self.hedge is not None:
+            check_hedge(self.hedge, "eval.hedge")
         if self.quote_fit_steps is not None and self.quote_fit_steps < 1:
             raise NLAError(f"eval: quote_fit_steps must be >= 1, got {self.quote_fit_steps}")
 
@@ -303,7 +309,8 @@ def _score_nla(nla, sc: _Scores):
         sc.notes["nla"] = "skipped: no AV (baselines only)"
         return [], None
     exps = sc.timed("nla_generate", lambda: nla.explain(
-        v, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size))
+        v, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+        hedge=cfg.hedge))
     pred = sc.timed("nla_reconstruct", lambda: nla.reconstruct(
         [e.text for e in exps], batch_size=cfg.batch_size))
     sc.record("nla", pred, note="greedy explanation read by the AR")
@@ -317,7 +324,7 @@ def _score_best_of(nla, sc: _Scores, greedy) -> None:
     cfg, rows, n = sc.cfg, sc.rows, sc.cfg.best_of
     best = sc.timed(f"nla_best_of_{n}", lambda: nla.best_of(
         rows.vectors, n, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-        seed=cfg.seed, greedy=greedy, rawvar=sc.den.rawvar))
+        seed=cfg.seed, greedy=greedy, rawvar=sc.den.rawvar, hedge=cfg.hedge))
     sc.best_of_texts = [e.text for e in best.explanations]  # kept: `nlakit audit` reads them
     sc.record(f"nla_best_of_{n}", best.reconstructions,
               note=f"of the greedy explanation and {n - 1} samples (temperature 1), the one the "
@@ -669,7 +676,9 @@ def evaluate(nla, store, config: EvalConfig | None = None, *, labels=None,
                    "reread_tokens": list(cfg.reread_tokens),
                    "quote_fit_tokens": list(cfg.quote_fit_tokens),
                    "seed": cfg.seed, "batch_size": cfg.batch_size, "spliced": cfg.spliced,
-                   "decoding": dict(getattr(nla.av, "decoding", {}))},
+                   "decoding": {**dict(getattr(nla.av, "decoding", {})),
+                                "hedge": cfg.hedge if cfg.hedge is not None
+                                else getattr(nla.av, "hedge", 0.0)}},
         "methods": sc.methods,
         "spliced": spliced,
         "skipped": sc.notes,

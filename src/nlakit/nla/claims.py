@@ -55,17 +55,17 @@ FIELD_OF = {"current_token_right": "current_token", "previous_tokens_right": "pr
 
 # fields may share a line ("Current token: ' a'. Kind of text: prose."): a quoted value ends
 # at the quote that is followed by an optional period and then a space or the end
-_CURRENT = re.compile(r"Current token: '(.*?)'(?=\.?(?:\s|$))")
+CURRENT_RE = re.compile(r"Current token: '(.*?)'(?=\.?(?:\s|$))")
 _CURRENT_HEAD = re.compile(r"Current token:")
 _BEFORE = re.compile(r"Before it:(.*)$", re.MULTILINE)
 _KIND = re.compile(r"Kind of text:\s*([^.\n]*)")
-_PREDICTIONS = re.compile(r"expects next:(.*)$", re.MULTILINE)
-_ENDING = re.compile(r"(?:^|\s)Ending: (.*)$", re.MULTILINE)
+PREDICTIONS_RE = re.compile(r"expects next:(.*)$", re.MULTILINE)
+ENDING_RE = re.compile(r"(?:^|\s)Ending: (.*)$", re.MULTILINE)
 _ENDS_WITH = re.compile(r"The text ends with \"(.*)\"\.?\s*$", re.MULTILINE)
 _ENDING_HEAD = re.compile(r"(?:^|\s)Ending:|The text ends with", re.MULTILINE)
 # a quoted token: an apostrophe inside it only before a letter (' 's', "n't"), then an optional
 # parenthesis that is a probability only when it reads like "31%"
-_ITEM = re.compile(r"'((?:[^'\n]|'(?=[A-Za-z]))*)'[ \t]*(?:\(([^()\n]*)\))?")
+ITEM_RE = re.compile(r"'((?:[^'\n]|'(?=[A-Za-z]))*)'[ \t]*(?:\(([^()\n]*)\))?")
 _PERCENT = re.compile(r"^\s*(\d{1,3}(?:\.\d+)?)\s*%\s*$")
 
 
@@ -92,7 +92,7 @@ class Claims:
 
 def _items(segment: str) -> list[tuple[str, float | None]]:
     out = []
-    for m in _ITEM.finditer(segment):
+    for m in ITEM_RE.finditer(segment):
         p = _PERCENT.match(m.group(2) or "")
         out.append((unescape(m.group(1)), float(p.group(1)) / 100 if p else None))
     return out
@@ -103,7 +103,7 @@ def parse_claims(explanation: str) -> Claims:
     c = Claims()
     if not isinstance(explanation, str):
         return c
-    m = _CURRENT.search(explanation)
+    m = CURRENT_RE.search(explanation)
     if m:
         c.current_token = unescape(m.group(1))
     elif _CURRENT_HEAD.search(explanation):
@@ -120,13 +120,13 @@ def parse_claims(explanation: str) -> Claims:
             c.kind = kind
         else:
             c.unparsed.append("kind")
-    if m := _PREDICTIONS.search(explanation):
+    if m := PREDICTIONS_RE.search(explanation):
         items = _items(m.group(1).split("Ending:")[0])
         if items:
             c.predictions = items
         else:
             c.unparsed.append("predictions")
-    m = _ENDING.search(explanation) or _ENDS_WITH.search(explanation)
+    m = ENDING_RE.search(explanation) or _ENDS_WITH.search(explanation)
     if m:
         c.ending = unescape(m.group(1)).lstrip("…")
     elif _ENDING_HEAD.search(explanation):

@@ -22,6 +22,8 @@ from nlakit.nla.checkpoint import (
     verify_ar_tokenizer,
     verify_av_tokenizer,
 )
+from nlakit.nla.hedge import check_hedge
+from nlakit.nla.hedge import hedge as hedge_claims
 from nlakit.nla.prompt import Explanation, check_vectors
 from nlakit.nla.reconstructor import Reconstructor
 from nlakit.nla.verbalizer import Verbalizer
@@ -87,11 +89,14 @@ def load_av(av_dir: Path, dtype, device):
     marker = verify_av_tokenizer(tok, meta, str(av_dir))
     av = Verbalizer(model, tok, marker, float(meta["extraction"]["injection_scale"]),
                     meta["template"])
+    decoding = dict(meta.get("decoding", {}))
+    av.hedge = check_hedge(decoding.pop("hedge", 0.0), f"{av_dir}/nla_meta.yaml decoding.hedge")
     try:  # the checkpoint's decoding settings, validated, over the defaults
-        av.decoding = av.decoding_settings(**meta.get("decoding", {}))
+        av.decoding = av.decoding_settings(**decoding)
     except TypeError as e:
         raise NLAError(f"{av_dir}/nla_meta.yaml: unknown setting under `decoding:` ({e}); "
-                       "the known ones are no_repeat_ngram_size and repetition_penalty") from e
+                       "the known ones are no_repeat_ngram_size, repetition_penalty and "
+                       "hedge") from e
     return av, meta
 
 
@@ -330,44 +335,54 @@ class NLA:
     def explain(self, vectors, *, n: int = 1, temperature: float | None = None,
                 top_p: float = 1.0, max_new_tokens: int = 150, batch_size: int = 32,
                 seed: int | None = None, no_repeat_ngram_size: int | None = None,
-                repetition_penalty: float | None = None) -> list[Explanation]:
+                repetition_penalty: float | None = None,
+                hedge: float | None = None) -> list[Explanation]:
         """Explanations of [m, d] vectors: a flat list of m*n, vector 0's n samples first.
         temperature defaults to 0 (greedy) for n=1 and 1.0 for n>1; the decoding settings
-        default to the AV checkpoint's own (`decoding:` in its nla_meta.yaml)."""
+        default to the AV checkpoint's own (`decoding:` in its nla_meta.yaml). hedge: leave
+        out the claims the AV wrote with less than this confidence (`nlakit.nla.hedge`;
+        default the AV's own `hedge`, 0 = keep every claim)."""
         if temperature is None:
             temperature = 0.0 if n == 1 else 1.0
-        return self.av.generate(vectors, n=n, temperature=temperature, top_p=top_p,
+        exps = self.av.generate(vectors, n=n, temperature=temperature, top_p=top_p,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                                 no_repeat_ngram_size=no_repeat_ngram_size,
                                 repetition_penalty=repetition_penalty)
+        threshold = self.av.hedge if hedge is None else check_hedge(hedge, "hedge")
+        if threshold:
+            v = check_vectors(vectors, self.d_model).repeat_interleave(n, dim=0)
+            exps = hedge_claims(self.av, v, exps, threshold, batch_size)
+        return exps
 
     def candidates(self, vectors, n: int, *, temperature: float = 1.0,
                    max_new_tokens: int = 150, batch_size: int = 32, seed: int | None = None,
-                   greedy: list[Explanation] | None = None) -> list[Explanation]:
+                   greedy: list[Explanation] | None = None,
+                   hedge: float | None = None) -> list[Explanation]:
         """n candidate explanations per vector for best-of-n, row-major: the greedy one first
         (so the best of n is never worse, by the AR, than greedy decoding), then n-1 samples.
-        `greedy`: the vectors' greedy explanations when the caller already has them."""
+        `greedy`: the vectors' greedy explanations when the caller already has them; hedge as
+        in `explain`."""
         if greedy is None:
             greedy = self.explain(vectors, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, hedge=hedge)
         elif len(greedy) != len(vectors):
             raise NLAError(f"{len(greedy)} greedy explanations for {len(vectors)} vectors")
         if n == 1:
             return list(greedy)
         k = n - 1
         samples = self.explain(vectors, n=k, temperature=temperature, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, seed=seed)
+                               max_new_tokens=max_new_tokens, seed=seed, hedge=hedge)
         return [e for i, g in enumerate(greedy) for e in (g, *samples[i * k:(i + 1) * k])]
 
     def best_of(self, vectors, n: int, *, max_new_tokens: int = 150, batch_size: int = 32,
                 seed: int | None = 0, greedy: list[Explanation] | None = None,
-                rawvar: float | None = None) -> BestOf:
+                rawvar: float | None = None, hedge: float | None = None) -> BestOf:
         """Best-of-n reranking, the one implementation (eval's nla_best_of_N, `explain_text`,
         the viewer): `candidates` (greedy first, then n-1 samples at temperature 1) scored by
         the AR against the true vectors (`score`), and each vector's lowest-mse_nrm one kept."""
         v = check_vectors(vectors, self.d_model)
         exps = self.candidates(v, n, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               seed=seed, greedy=greedy)
+                               seed=seed, greedy=greedy, hedge=hedge)
         scores = self.score([e.text for e in exps], v.repeat_interleave(n, 0), rawvar=rawvar,
                             batch_size=batch_size)
         kept = metrics.best_candidates(scores["reconstruction"], v, n)

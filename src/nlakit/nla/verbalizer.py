@@ -43,6 +43,7 @@ class Verbalizer:
         # The checkpoint's own decoding settings (nla_meta.yaml `decoding:`), used unless a call
         # overrides them: a small AV can fall into repetition loops under plain greedy decoding.
         self.decoding = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+        self.hedge = 0.0  # `decoding: hedge:`: NLA.explain leaves out claims below it
 
     @property
     def d_model(self) -> int:

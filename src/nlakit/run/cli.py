@@ -292,9 +292,12 @@ def cmd_shipped(args) -> int:
 
 def cmd_explain(args) -> int:
     from nlakit.nla.facade import NLA
+    from nlakit.nla.hedge import check_hedge
 
     nla = NLA.load(args.nla, device=args.device) if args.nla else NLA.load(
         av=args.av, ar=args.ar, device=args.device)
+    if args.hedge is not None:
+        nla.av.hedge = check_hedge(args.hedge, "--hedge")
     rows = nla.explain_text(args.text, args.positions, best_of=args.best_of,
                             max_new_tokens=args.max_new_tokens, verify=args.verify)
     if args.json:
@@ -386,6 +389,9 @@ def _add_other_commands(sub) -> None:
     p.add_argument("--best-of", type=int, default=1,
                    help="sample N explanations per token and keep the AR's favourite")
     p.add_argument("--max-new-tokens", type=int, default=150, help="explanation length cap")
+    p.add_argument("--hedge", type=float, default=None,
+                   help="leave out the claims the AV wrote with less confidence than this "
+                        "probability (default: the NLA's own decoding.hedge, 0 keeps all)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (None: a GPU if any)")
     p.add_argument("--verify", action="store_true",
                    help="check each claim against the text and the target's real next-token "
