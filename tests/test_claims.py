@@ -248,3 +248,10 @@ def test_explain_verify_prints_a_mark_beside_each_claim(tiny, tmp_path, monkeypa
                  "--verify", "--json", text]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["claims"]["current_token_right"] == 1.0
+
+
+def test_rows_of_one_document_share_one_forward():
+    from nlakit.nla.claims import _prefix_groups
+
+    ids = [[1, 2, 3], [1, 2, 3, 4, 5], [7, 8], [1, 2], [1, 9]]
+    assert _prefix_groups(ids) == [[1, 0, 3], [2], [4]]

@@ -250,19 +250,37 @@ def truth_from_probs(tokenizer, ids: list[int], probs: torch.Tensor | None,
 def truths_for_prefixes(model, tokenizer, prefixes: list[str], claims: list[Claims],
                         batch_size: int = 8) -> list[Truth]:
     """The truth at each stored row: its prefix re-tokenised as extraction does, the target run
-    once per row (`model` None: no predictions are checked)."""
+    once per group of rows whose token ids all begin one longest row's ids (the rows of one
+    document, usually), read at each row's last token (`model` None: no predictions are
+    checked). The target is causal, so a row read inside a longer sequence sees what it sees
+    alone."""
     if len(prefixes) != len(claims):
         raise NLAError(f"{len(claims)} explanations for {len(prefixes)} rows")
     ids = [tokenize_text(tokenizer, p) for p in prefixes]
-    out: list[Truth] = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(ids), batch_size):
-        chunk = slice(start, start + batch_size)
-        probs = (next_token_probs(model, ids[chunk], pad) if model is not None
-                 else [None] * len(ids[chunk]))
-        for row_ids, p, prefix, c in zip(ids[chunk], probs, prefixes[chunk], claims[chunk]):
-            out.append(truth_from_probs(tokenizer, row_ids, p, c.prediction_tokens, prefix))
-    return out
+    probs: list[torch.Tensor | None] = [None] * len(ids)
+    if model is not None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        groups = _prefix_groups(ids)
+        for start in range(0, len(groups), batch_size):
+            chunk = groups[start : start + batch_size]
+            read = next_token_probs(model, [ids[g[0]] for g in chunk], pad,
+                                    read_at=[[len(ids[r]) - 1 for r in g] for g in chunk])
+            for row, p in zip((r for g in chunk for r in g), read):
+                probs[row] = p
+    return [truth_from_probs(tokenizer, row_ids, p, c.prediction_tokens, prefix)
+            for row_ids, p, prefix, c in zip(ids, probs, prefixes, claims)]
+
+
+def _prefix_groups(ids: list[list[int]]) -> list[list[int]]:
+    """Row indices grouped so that every row's ids begin its group's first (longest) row's."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(ids)), key=lambda i: -len(ids[i])):
+        home = next((g for g in groups if ids[g[0]][:len(ids[i])] == ids[i]), None)
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
+    return groups
 
 
 def claim_checks(explanations: list[str], prefixes: list[str], tokenizer, model=None,
