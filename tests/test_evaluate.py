@@ -353,6 +353,10 @@ def test_the_fitted_baseline_budget_counts_rl_s_ar_updates():
     meta["nlakit"]["provenance"]["rl"] = {"summary": {"steps": 1, "batch_size": 1,
                                                       "group_size": 2}}
     assert ar_budget(nla).steps == 5 + 3 + 11  # 162 rows round up to 11 batches of 16
-    # the shipped NLA: 2,100 SFT steps of 16, then 100 RL steps of 4 x 4 rollouts
+    # an RL run continuing another counts both
+    meta["nlakit"]["provenance"]["rl"]["previous"] = rl
+    assert ar_budget(nla).steps == 5 + 3 + 11 + 10
+    # the shipped NLA: 2,100 SFT steps of 16, then 100 RL steps of 4 x 4 rollouts (choice J),
+    # then 50 more (the truth RL)
     shipped = yaml.safe_load((SHIPPED_ROOT / "smollm2-135m" / "ar" / "nla_meta.yaml").read_text())
-    assert ar_budget(SimpleNamespace(ar_meta=shipped)).steps == 2100 + 100
+    assert ar_budget(SimpleNamespace(ar_meta=shipped)).steps == 2100 + 100 + 50

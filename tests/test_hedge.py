@@ -114,10 +114,10 @@ def test_the_hedge_threshold_loads_from_the_checkpoint_and_is_checked(tiny, tmp_
     # the checkpoint's hedge applies to explain, and a call's own overrides it
     vecs = torch.randn(2, 64)
     calls = []
-    import nlakit.nla.facade as facade
+    import nlakit.nla.hedge as hedging
 
-    real = facade.hedge_claims
-    monkeypatch.setattr(facade, "hedge_claims",
+    real = hedging.hedge
+    monkeypatch.setattr(hedging, "hedge",
                         lambda av, v, exps, t, b: calls.append(t) or real(av, v, exps, t, b))
     nla.explain(vecs, max_new_tokens=4)
     nla.explain(vecs, max_new_tokens=4, hedge=0.0)

@@ -205,6 +205,11 @@ def test_rl_logs_updates_and_exports_a_loadable_nla(sft_nla, tiny_store, tiny, t
     assert len(after.explain(torch.randn(1, 64), max_new_tokens=5)) == 1
     official = after.save(tmp_path / "official", layout="official")
     assert NLA.load(av=official / "av", ar=official / "ar").d_model == 64
+    # RL continuing this RL'd NLA keeps the earlier run on record (quote_N_fit counts both)
+    train_rl(out, tiny_store.path, tmp_path / "rl2", _cfg(max_steps=1, eval_rows=0),
+             progress=False)
+    rl2 = NLA.load(tmp_path / "rl2", target=tiny).ar_meta["nlakit"]["provenance"]["rl"]
+    assert rl2["summary"]["steps"] == 1 and rl2["previous"]["summary"]["steps"] == 3
 
 
 def test_kill_and_resume_reaches_the_same_state(sft_nla, tiny_store, tmp_path, monkeypatch):

@@ -475,13 +475,17 @@ def ar_training_splits(nla) -> tuple[str, ...]:
 
 
 def rl_ar_rows(nla) -> int:
-    """How many explanations RL's online AR updates read, over every RL run the NLA's AR holds:
+    """How many explanations RL's online AR updates read, over every RL run the NLA's AR holds
+    (each supervised training's, and the runs one RL continued):
     one update per RL step on all of that step's rollouts (steps x batch x group x processes)."""
     total = 0
     for prov in _ar_trainings(nla):
-        s = (prov.get("rl") or {}).get("summary") or {}
-        total += (int(s.get("steps") or 0) * int(s.get("batch_size") or 0)
-                  * int(s.get("group_size") or 0) * int(s.get("processes") or 1))
+        rl = prov.get("rl") or {}
+        while rl:  # an RL run continuing another keeps the earlier one as `previous`
+            s = rl.get("summary") or {}
+            total += (int(s.get("steps") or 0) * int(s.get("batch_size") or 0)
+                      * int(s.get("group_size") or 0) * int(s.get("processes") or 1))
+            rl = rl.get("previous") or {}
     return total
 
 

@@ -22,8 +22,6 @@ from nlakit.nla.checkpoint import (
     verify_ar_tokenizer,
     verify_av_tokenizer,
 )
-from nlakit.nla.hedge import check_hedge
-from nlakit.nla.hedge import hedge as hedge_claims
 from nlakit.nla.prompt import Explanation, check_vectors
 from nlakit.nla.reconstructor import Reconstructor
 from nlakit.nla.verbalizer import Verbalizer
@@ -89,6 +87,8 @@ def load_av(av_dir: Path, dtype, device):
     marker = verify_av_tokenizer(tok, meta, str(av_dir))
     av = Verbalizer(model, tok, marker, float(meta["extraction"]["injection_scale"]),
                     meta["template"])
+    from nlakit.nla.hedge import check_hedge  # lazily: it imports the claim checks
+
     decoding = dict(meta.get("decoding", {}))
     av.hedge = check_hedge(decoding.pop("hedge", 0.0), f"{av_dir}/nla_meta.yaml decoding.hedge")
     try:  # the checkpoint's decoding settings, validated, over the defaults
@@ -348,10 +348,12 @@ class NLA:
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                                 no_repeat_ngram_size=no_repeat_ngram_size,
                                 repetition_penalty=repetition_penalty)
-        threshold = self.av.hedge if hedge is None else check_hedge(hedge, "hedge")
+        from nlakit.nla import hedge as hedging  # lazily: it imports the claim checks
+
+        threshold = self.av.hedge if hedge is None else hedging.check_hedge(hedge, "hedge")
         if threshold:
             v = check_vectors(vectors, self.d_model).repeat_interleave(n, dim=0)
-            exps = hedge_claims(self.av, v, exps, threshold, batch_size)
+            exps = hedging.hedge(self.av, v, exps, threshold, batch_size)
         return exps
 
     def candidates(self, vectors, n: int, *, temperature: float = 1.0,

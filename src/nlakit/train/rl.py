@@ -653,8 +653,11 @@ def _export(nla, policy, ar: Reconstructor, av: Verbalizer, out_dir: Path,
     for meta in (av_meta, ar_meta):
         meta["stage"] = "rl"
         nl = meta.setdefault("nlakit", {})
-        nl.setdefault("provenance", {})
-        nl["provenance"] = {**nl["provenance"], **provenance}
+        old = nl.setdefault("provenance", {})
+        new = copy.deepcopy(provenance)
+        if old.get("rl"):  # RL continuing an RL'd NLA: the earlier run stays on record
+            new["rl"]["previous"] = old["rl"]
+        nl["provenance"] = {**old, **new}
     if adapters_from is None:
         model = policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
         body = ar.body.merge_and_unload() if hasattr(ar.body, "merge_and_unload") else ar.body
