@@ -172,6 +172,13 @@ def test_shipped_configs_validate(name):
     assert cfg.name == name
 
 
+def test_the_truth_rl_config_validates():
+    from nlakit.fileio import read_yaml
+
+    rl = stage_config("train_rl", read_yaml(CONFIGS / "smollm2-truth-rl.yaml"))
+    assert rl.truth_reward == 0.5 and rl.keep_adapters
+
+
 def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     from nlakit.train import rl
 

@@ -164,7 +164,7 @@ def test_the_shipped_smollm2_nla_loads_by_name_and_explains():
     assert "smollm2-135m" in shipped_names()
     manifest = verify(SHIPPED_ROOT / "smollm2-135m")
     size = sum((SHIPPED_ROOT / "smollm2-135m" / rel).stat().st_size for rel in manifest["files"])
-    assert size < 30 * 2**20
+    assert size < 40 * 2**20  # the package's budget for it: rank-32 float16 adapters, 33 MiB
     nla = NLA.load("smollm2-135m")
     assert nla.layer == 10 and nla.ar.template == "{explanation}"
     (row,) = nla.explain_text("The assignment statement evaluates the expression list and",
