@@ -138,3 +138,11 @@ def test_cuts_leave_the_rest_byte_for_byte(tok):
     spans = claim_spans(tok, exp, _probs(tok, exp, ["' a'", " b"]))
     assert hedge_text(body, spans, 0.5) == ("Kind of text: prose.\n"
                                             "Ending:  the\\n   \"finally\"  a")
+
+
+def test_the_last_item_and_blank_lines(tok):
+    body = "The model expects next: ' a' (9%), ' b' (5%).\n\nEnding: x, . y"
+    exp = _explanation(tok, body)
+    spans = claim_spans(tok, exp, _probs(tok, exp, [" b"]))
+    # the comma before the dropped last item goes; the ending and the blank line stay as written
+    assert hedge_text(body, spans, 0.5) == "The model expects next: ' a' (9%).\n\nEnding: x, . y"

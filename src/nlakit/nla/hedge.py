@@ -130,9 +130,13 @@ def hedge_text(body: str, spans: list[ClaimSpan], threshold: float) -> str:
     for a, b in sorted(cuts, reverse=True):
         if b >= len(text) or text[b] == "\n":  # the cut ends its line: so does what it left
             a = len(text[:a].rstrip(" "))
-        text = text[:a] + text[_junction(text, a, b):]
-    text = re.sub(r",\s*\.", ".", text)  # the last item went: "' the' (31%), ." -> "' the' (31%)."
-    return "\n".join(line for line in text.split("\n") if line.strip())
+        b = _junction(text, a, b)
+        if (a == 0 or text[a - 1] == "\n") and (b >= len(text) or text[b] == "\n"):
+            a, b = (a, b + 1) if b < len(text) else (max(a - 1, 0), b)  # a whole line went
+        text = text[:a] + text[b:]
+    # the last item went: "' the' (31%), ." -> "' the' (31%)." (on the prediction line only)
+    return "\n".join(re.sub(r",\s*\.(\s*)$", r".\1", line) if "expects next:" in line else line
+                     for line in text.split("\n"))
 
 
 def _junction(text: str, a: int, b: int) -> int:
