@@ -146,14 +146,20 @@ def load_corpus(
     return Corpus(desc, factory, max_docs)
 
 
+def check_export_path(out: str | Path) -> Path:
+    """The export's path, refused unless it names a .jsonl file."""
+    out = Path(out)
+    if out.suffix.lower() != ".jsonl":
+        raise NLAError(f"{out}: the export is JSONL; name the file *.jsonl")
+    return out
+
+
 def export_jsonl(corpus: Corpus, out: str | Path) -> dict:
     """Write `corpus` as JSONL, one {"id", "text", "kind"} object per document, atomically.
     Reading the file back (``--corpus FILE.jsonl``) gives the same documents with the same
     ids, so the same positions and splits: the built-in corpus, which depends on the running
     Python's standard library, frozen into a file. Returns {"path", "docs", "sha256"}."""
-    out = Path(out)
-    if out.suffix.lower() != ".jsonl":
-        raise NLAError(f"{out}: the export is JSONL; name the file *.jsonl")
+    out = check_export_path(out)
     n = 0
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for doc in corpus:

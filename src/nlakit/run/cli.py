@@ -267,9 +267,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_corpus_export(args) -> int:
-    from nlakit.corpus.load import export_jsonl, load_corpus
+    from nlakit.corpus.load import check_export_path, export_jsonl, load_corpus
     from nlakit.model.load import load_model
 
+    check_export_path(args.out)  # before loading the model
     model, tok = load_model(args.model)  # its chat template renders the chat transcripts
     corpus = load_corpus(args.corpus, tokenizer=tok, text_field=args.text_field,
                          max_docs=args.max_docs, chat_model=(model, tok))

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from nlakit.extract.extraction import tokenize_text
 from nlakit.extract.store import RL, ActivationStore, load_target
-from nlakit.model.lm_head import next_token_probs
-from nlakit.nla.claims import Truth, parse_claims, truth_from_probs, truth_score, verify
+from nlakit.nla.claims import Claims, Truth, parse_claims, truth_score, truths_for_prefixes, verify
 
 
 class RowTruths:
@@ -24,20 +22,16 @@ class RowTruths:
         self.model.eval().requires_grad_(False)
         # row_id order, as `store.vectors(RL)` and so the rows RL draws
         self.prefixes = store.table(RL, columns=["row_id", "prefix"]).column("prefix").to_pylist()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
-            else 0
         self._cache: dict[int, Truth] = {}
 
     @torch.no_grad()
     def truths(self, rows: list[int]) -> list[Truth]:
-        """The truth of each rl row index (one target forward for the rows not seen yet)."""
+        """The truth of each rl row index (the target runs for the rows not seen yet)."""
         new = [r for r in dict.fromkeys(rows) if r not in self._cache]
-        if new:
-            ids = [tokenize_text(self.tokenizer, self.prefixes[r]) for r in new]
-            probs = next_token_probs(self.model, ids, self.pad_id)
-            for r, row_ids, p in zip(new, ids, probs):
-                self._cache[r] = truth_from_probs(self.tokenizer, row_ids, p, [],
-                                                  self.prefixes[r])
+        if new:  # no stated tokens to price: the top 5 is what the reward checks
+            found = truths_for_prefixes(self.model, self.tokenizer,
+                                        [self.prefixes[r] for r in new], [Claims()] * len(new))
+            self._cache.update(zip(new, found))
         return [self._cache[r] for r in rows]
 
     def scores(self, rows: list[int], texts: list[str], group_size: int) -> torch.Tensor:
